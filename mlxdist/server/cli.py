@@ -1,12 +1,81 @@
-"""CLI for `mlxdist serve` (stub: replaced by the issue that builds it)."""
+"""CLI for `mlxdist serve`: load a model (one process, N local ranks, or a cluster) and
+serve it over the OpenAI API."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+from typing import Any
 
 import click
 
 from mlxdist.errors import UserError
 
 
-@click.command("serve", context_settings={"ignore_unknown_options": True})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def serve_command(args: tuple[str, ...]) -> None:
-    """Not built yet."""
-    raise UserError("`mlxdist serve` is not built yet")
+def open_engine_for(model: str, local: int | None, nodes: str | None, progress=print, **opts: Any):
+    """The engine for MODEL: `demo` is the built-in demo model; `--nodes` asks the
+    cluster package; otherwise one process (or `--local N` ranks) on this machine."""
+    if model == "demo":
+        from mlxdist.demo_model import prepare_demo_model
+
+        path = prepare_demo_model(progress=progress)
+    else:
+        path = Path(model).expanduser()
+        if not path.is_dir():
+            raise UserError(f"{model}: no such model directory (convert one with `mlxdist quantize`, "
+                            "or give an mlx-lm model directory, or `demo`)")
+    if nodes:
+        try:
+            from mlxdist.cluster.engine import open_cluster_engine  # type: ignore[import-not-found]
+        except ImportError:
+            raise UserError("--nodes needs the cluster package (mlxdist.cluster.engine), which this build "
+                            "does not have; use --local N to run ranks on this machine")
+        return open_cluster_engine(path, nodes=nodes, **opts)
+    try:
+        from mlxdist.runtime.engine import open_engine  # type: ignore[import-not-found]
+    except ImportError:
+        raise UserError("this build has no runtime engine (mlxdist.runtime.engine)")
+    ranks = local or 1
+    if ranks < 1:
+        raise UserError("--local must be at least 1")
+    progress(f"loading {path} on {ranks} rank{'s' if ranks > 1 else ''} ...")
+    return open_engine(str(path), ranks=ranks, **opts)
+
+
+@click.command("serve")
+@click.argument("model")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8080, show_default=True, type=int, help="Port to listen on.")
+@click.option("--local", type=int, default=None, help="Run N ranks on this machine.")
+@click.option("--nodes", default=None, help="'auto' (discover with mDNS) or a comma-separated list of nodes.")
+@click.option("--api-key", default=None, envvar="MLXDIST_API_KEY", help="Require this bearer key.")
+@click.option("--max-queue", default=64, show_default=True, type=int,
+              help="Requests that may wait for a slot; more get 429.")
+@click.option("--quiet", is_flag=True, help="Do not log each request.")
+def serve_command(model: str, host: str, port: int, local: int | None, nodes: str | None,
+                  api_key: str | None, max_queue: int, quiet: bool) -> None:
+    """Serve MODEL (a converted model directory, an mlx-lm directory, or `demo`) over an
+    OpenAI-compatible HTTP API."""
+    from mlxdist.server.app import ApiServer
+
+    if local is not None and nodes:
+        raise UserError("give --local or --nodes, not both")
+    progress = lambda msg: click.echo(msg, err=True)  # noqa: E731
+    engine = open_engine_for(model, local, nodes, progress=progress)
+    try:
+        try:
+            server = ApiServer(engine, host, port, api_key=api_key, max_queue=max_queue, quiet=quiet)
+        except OSError as e:
+            raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}")
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        progress(f"serving {engine.model_name} at {server.url}/v1 (context {engine.context_length} tokens, "
+                 f"{engine.max_concurrent} at once){' with an API key' if api_key else ''}; Ctrl-C stops")
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            progress("stopping")
+        finally:
+            server.httpd.server_close()
+    finally:
+        engine.close()
