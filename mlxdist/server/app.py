@@ -52,7 +52,8 @@ class ApiServer:
         return f"http://{host}:{port}"
 
     def start(self) -> "ApiServer":
-        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True, name="api-server")
+        self._thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True,
+                                        name="api-server")
         self._thread.start()
         return self
 
