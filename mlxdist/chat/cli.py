@@ -1,12 +1,50 @@
-"""CLI for `mlxdist chat` (stub: replaced by the issue that builds it)."""
+"""CLI for `mlxdist chat`: a terminal chat against a running server (--url) or against a
+model loaded here (MODEL, served in-process on a private port)."""
+
+from __future__ import annotations
 
 import click
 
 from mlxdist.errors import UserError
 
 
-@click.command("chat", context_settings={"ignore_unknown_options": True})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def chat_command(args: tuple[str, ...]) -> None:
-    """Not built yet."""
-    raise UserError("`mlxdist chat` is not built yet")
+@click.command("chat")
+@click.argument("model", required=False)
+@click.option("--url", default=None, help="A server's URL (default http://127.0.0.1:8080 when no MODEL).")
+@click.option("--api-key", default=None, envvar="MLXDIST_API_KEY", help="Bearer key for the server.")
+@click.option("--local", type=int, default=None, help="With MODEL: run N ranks on this machine.")
+@click.option("--system", "system", default=None, help="System prompt.")
+@click.option("--temperature", default=0.6, show_default=True, type=float)
+@click.option("--top-p", default=0.95, show_default=True, type=float)
+@click.option("--max-tokens", default=None, type=int, help="Cap on each answer's length.")
+def chat_command(model: str | None, url: str | None, api_key: str | None, local: int | None, system: str | None,
+                 temperature: float, top_p: float, max_tokens: int | None) -> None:
+    """Chat in the terminal with a server (--url) or with MODEL loaded here."""
+    from mlxdist.chat.client import ChatClient, ChatError
+    from mlxdist.chat.repl import Repl, default_history_file
+
+    if model and url:
+        raise UserError("give a MODEL or --url, not both")
+    server = engine = None
+    if model:
+        from mlxdist.server.app import ApiServer
+        from mlxdist.server.cli import open_engine_for
+
+        engine = open_engine_for(model, local, None, progress=lambda m: click.echo(m, err=True))
+        server = ApiServer(engine, "127.0.0.1", 0, quiet=True).start()
+        url = server.url
+    client = ChatClient(url or "http://127.0.0.1:8080", api_key)
+    try:
+        try:
+            name = client.model()
+        except ChatError as e:
+            raise UserError(f"the server at {client.url} refused: {e}")
+        params = {"model": name, "temperature": temperature, "top_p": top_p}
+        if max_tokens:
+            params["max_tokens"] = max_tokens
+        Repl(client, params, history_file=default_history_file(), system=system).run()
+    finally:
+        if server is not None:
+            server.shutdown()
+        if engine is not None:
+            engine.close()

@@ -1,0 +1,246 @@
+"""The terminal chat loop: stream answers, show reasoning dimmed and fold it away once the
+answer comes, keep history with readline, and a few slash commands."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, TextIO
+
+from mlxdist.chat.client import Answer, ChatClient, ChatError, note
+
+DIM, RESET, BOLD = "\033[2m", "\033[0m", "\033[1m"
+HELP = """commands:
+  /reset          forget the conversation (keeps the system prompt)
+  /system [TEXT]  set the system prompt (no TEXT: remove it)
+  /save FILE      save the conversation as JSON
+  /load FILE      load a conversation saved with /save
+  /stats          timings of the last answer and of this session
+  /think          show the last answer's reasoning in full
+  /help           this text
+Ctrl-C stops an answer; Ctrl-D (or /quit) leaves."""
+
+
+@dataclass
+class Session:
+    system: str | None = None
+    messages: list[dict[str, str]] = field(default_factory=list)
+    last: Answer | None = None
+    answers: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+
+    def payload(self) -> list[dict[str, str]]:
+        return ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
+
+
+class Repl:
+    def __init__(self, client: ChatClient, params: dict[str, Any], out: TextIO = sys.stdout,
+                 history_file: Path | None = None, system: str | None = None) -> None:
+        self.client, self.params, self.out = client, params, out
+        self.tty = out.isatty()
+        self.session = Session(system=system)
+        self.history_file = history_file
+
+    # ---- output ---------------------------------------------------------------------------
+
+    def write(self, text: str, style: str = "") -> None:
+        if style and self.tty:
+            text = style + text + RESET
+        self.out.write(text)
+        self.out.flush()
+
+    def info(self, text: str) -> None:
+        self.write(text + "\n", DIM)
+
+    # ---- the loop -------------------------------------------------------------------------
+
+    def run(self, read: Callable[[str], str] = input) -> None:
+        self._load_history()
+        self.info(f"chatting with {self.params.get('model', '?')} at {self.client.url}; /help for commands")
+        try:
+            while True:
+                try:
+                    line = read(">>> ")
+                except KeyboardInterrupt:
+                    self.write("\n")
+                    continue
+                except EOFError:
+                    self.write("\n")
+                    return
+                line = line.strip()
+                if not line:
+                    continue
+                if line.startswith("/"):
+                    if not self.command(line):
+                        return
+                    continue
+                self.ask(line)
+        finally:
+            self._save_history()
+
+    def ask(self, question: str) -> None:
+        s = self.session
+        s.messages.append({"role": "user", "content": question})
+        answer = Answer()
+        view = _ReasoningView(self)
+        interrupted = False
+        try:
+            for d in self.client.stream_chat(s.payload(), **self.params):
+                note(answer, d)
+                if d.reasoning:
+                    view.add(d.reasoning)
+                if d.content:
+                    view.fold(answer)
+                    self.write(d.content)
+        except KeyboardInterrupt:
+            interrupted = True
+            self.client.close()  # the server sees the connection close and cancels
+        except ChatError as e:
+            view.fold(answer)
+            self.write(f"\nerror: {e}\n")
+            s.messages.pop()
+            return
+        answer.ended = time.monotonic()
+        view.fold(answer)
+        if interrupted:
+            self.write(" [stopped]", DIM)
+        self.write("\n")
+        s.last, s.answers = answer, s.answers + 1
+        s.tokens += answer.completion_tokens
+        if answer.first_token is not None:
+            s.seconds += answer.ended - answer.first_token
+        # the reasoning is not sent back to the model (DeepSeek's rule for R1)
+        s.messages.append({"role": "assistant", "content": answer.content})
+        self.info(_timings(answer))
+
+    # ---- commands -------------------------------------------------------------------------
+
+    def command(self, line: str) -> bool:
+        """Run one slash command; False means leave."""
+        name, _, arg = line.partition(" ")
+        arg = arg.strip()
+        s = self.session
+        if name in ("/quit", "/exit"):
+            return False
+        if name == "/help":
+            self.info(HELP)
+        elif name == "/reset":
+            s.messages.clear()
+            self.info("conversation forgotten")
+        elif name == "/system":
+            s.system = arg or None
+            self.info(f"system prompt set: {arg}" if arg else "system prompt removed")
+        elif name == "/save":
+            if not arg:
+                return self._usage("/save FILE")
+            try:
+                tmp = Path(arg + ".tmp")
+                tmp.write_text(json.dumps({"system": s.system, "messages": s.messages}, indent=1))
+                tmp.replace(arg)
+                self.info(f"saved {len(s.messages)} messages to {arg}")
+            except OSError as e:
+                self.info(f"cannot save: {e}")
+        elif name == "/load":
+            if not arg:
+                return self._usage("/load FILE")
+            try:
+                data = json.loads(Path(arg).read_text())
+                s.system, s.messages = data.get("system"), list(data["messages"])
+                self.info(f"loaded {len(s.messages)} messages from {arg}")
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                self.info(f"cannot load {arg}: {e}")
+        elif name == "/stats":
+            if s.last is not None:
+                self.info("last answer: " + _timings(s.last))
+            rate = f", {s.tokens / s.seconds:.1f} tok/s" if s.seconds else ""
+            self.info(f"session: {s.answers} answers, {s.tokens} tokens{rate}, {len(s.messages)} messages")
+        elif name == "/think":
+            if s.last is not None and s.last.reasoning:
+                self.write(s.last.reasoning.strip() + "\n", DIM)
+            else:
+                self.info("the last answer had no reasoning")
+        else:
+            self.info(f"unknown command {name}; /help lists them")
+        return True
+
+    def _usage(self, text: str) -> bool:
+        self.info(f"usage: {text}")
+        return True
+
+    # ---- readline -------------------------------------------------------------------------
+
+    def _load_history(self) -> None:
+        try:
+            import readline
+        except ImportError:
+            return
+        if self.history_file and self.history_file.exists():
+            try:
+                readline.read_history_file(str(self.history_file))
+            except OSError:
+                pass
+
+    def _save_history(self) -> None:
+        try:
+            import readline
+        except ImportError:
+            return
+        if self.history_file:
+            try:
+                readline.set_history_length(1000)
+                readline.write_history_file(str(self.history_file))
+            except OSError:
+                pass
+
+
+class _ReasoningView:
+    """Reasoning streams dimmed; when the answer starts (or ends) it is folded into one
+    line: on a terminal the dimmed lines are erased, elsewhere they are left as they are."""
+
+    def __init__(self, repl: Repl) -> None:
+        self.repl, self.text, self.folded = repl, "", False
+
+    def add(self, piece: str) -> None:
+        if not self.text:  # dim from here until folded (per-piece codes would split words)
+            self.repl.write((DIM if self.repl.tty else "") + "thinking: ")
+        self.text += piece
+        self.repl.write(piece)
+
+    def fold(self, answer: Answer) -> None:
+        if self.folded or not self.text:
+            return
+        self.folded = True
+        if self.repl.tty:
+            self.repl.write(RESET)
+        seconds = (answer.reasoning_done or time.monotonic()) - (answer.first_token or answer.started)
+        summary = f"[thought for {seconds:.1f} s, {len(self.text.split())} words; /think shows it]"
+        cols, rows = shutil.get_terminal_size()
+        lines = sum(max(1, math.ceil(len(part) / cols)) for part in ("thinking: " + self.text).split("\n"))
+        if self.repl.tty and lines < rows:
+            up = f"\033[{lines - 1}A" if lines > 1 else ""
+            self.repl.write(f"\r{up}\033[J")
+        else:
+            self.repl.write("\n")
+        self.repl.write(summary + "\n", DIM)
+
+
+def _timings(a: Answer) -> str:
+    parts = [f"{a.completion_tokens} tokens"]
+    if a.tokens_per_second is not None:
+        parts.append(f"{a.tokens_per_second:.1f} tok/s")
+    if a.ttft is not None:
+        parts.append(f"first token {a.ttft:.2f} s")
+    if a.finish_reason == "length":
+        parts.append("cut at max tokens")
+    return ", ".join(parts)
+
+
+def default_history_file() -> Path:
+    return Path(os.environ.get("MLXDIST_CHAT_HISTORY", Path.home() / ".mlxdist_chat_history"))
