@@ -32,13 +32,13 @@ def demo_command(question: str, ranks: int, max_tokens: int) -> None:
         from mlxdist.runtime.engine import open_engine
     except ImportError:
         raise UserError("this build has no runtime engine (mlxdist.runtime.engine)")
+    progress(f"starting a {ranks}-rank local cluster (one process per rank, ring backend over 127.0.0.1) ...")
     t0 = time.monotonic()
     engine = open_engine(str(model), ranks=ranks)
     try:
         server = ApiServer(engine, "127.0.0.1", 0, quiet=True).start()
         try:
-            progress(f"{ranks}-rank local cluster up in {time.monotonic() - t0:.1f} s, OpenAI API at "
-                     f"{server.url}/v1; asking: {question}")
+            progress(f"up in {time.monotonic() - t0:.1f} s, OpenAI API at {server.url}/v1; asking: {question}")
             client = ChatClient(server.url)
             answer = Answer()
             try:
