@@ -16,10 +16,12 @@ from mlxdist.errors import UserError
 def open_engine_for(model: str, local: int | None, nodes: str | None, progress=print, **opts: Any):
     """The engine for MODEL: `demo` is the built-in demo model; `--nodes` asks the
     cluster package; otherwise one process (or `--local N` ranks) on this machine."""
+    if local is not None and local < 1:
+        raise UserError("--local must be at least 1")
     if model == "demo":
         from mlxdist.demo_model import prepare_demo_model
 
-        path = prepare_demo_model(progress=progress)
+        path = prepare_demo_model(stages=local or 1, progress=progress)
     else:
         path = Path(model).expanduser()
         if not path.is_dir():
@@ -27,18 +29,17 @@ def open_engine_for(model: str, local: int | None, nodes: str | None, progress=p
                             "or give an mlx-lm model directory, or `demo`)")
     if nodes:
         try:
-            from mlxdist.cluster.engine import open_cluster_engine  # type: ignore[import-not-found]
+            # the cluster package's hook: discover/place/deliver/launch, return an Engine
+            from mlxdist.cluster.coordinator import open_cluster_engine  # type: ignore[attr-defined]
         except ImportError:
-            raise UserError("--nodes needs the cluster package (mlxdist.cluster.engine), which this build "
-                            "does not have; use --local N to run ranks on this machine")
+            raise UserError("--nodes needs mlxdist.cluster.coordinator.open_cluster_engine, which this build "
+                            "does not have yet; use --local N to run ranks on this machine")
         return open_cluster_engine(path, nodes=nodes, **opts)
     try:
         from mlxdist.runtime.engine import open_engine  # type: ignore[import-not-found]
     except ImportError:
         raise UserError("this build has no runtime engine (mlxdist.runtime.engine)")
     ranks = local or 1
-    if ranks < 1:
-        raise UserError("--local must be at least 1")
     progress(f"loading {path} on {ranks} rank{'s' if ranks > 1 else ''} ...")
     return open_engine(str(path), ranks=ranks, **opts)
 

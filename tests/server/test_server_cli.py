@@ -1,0 +1,36 @@
+"""`mlxdist serve` / `chat` / `demo` mistakes give one-line errors, never tracebacks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_mlxdist(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "mlxdist", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, stdin=subprocess.DEVNULL)
+
+
+def one_line_error(r, text: str) -> None:
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("mlxdist: error: ") and text in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_serve_missing_model_dir(tmp_path):
+    one_line_error(run_mlxdist("serve", str(tmp_path / "nope"), timeout=60), "no such model directory")
+
+
+def test_serve_bad_options(tmp_path):
+    one_line_error(run_mlxdist("serve", str(tmp_path), "--local", "0", timeout=60), "--local must be at least 1")
+    one_line_error(run_mlxdist("serve", str(tmp_path), "--local", "2", "--nodes", "auto", timeout=60),
+                   "not both")
+
+
+def test_chat_model_and_url(tmp_path):
+    one_line_error(run_mlxdist("chat", str(tmp_path), "--url", "http://x", timeout=60), "not both")
