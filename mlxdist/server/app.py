@@ -262,7 +262,13 @@ class _Handler(BaseHTTPRequestHandler):
                            type="rate_limit_error", code="rate_limit_exceeded")
         try:
             app.metrics.tokens(prompt=sum(len(p) for p in prompts))
-            gen = Generation(engine, requests)
+            try:
+                gen = Generation(engine, requests)
+            except ValueError as e:  # the engine refused the request itself
+                raise ApiError(400, str(e))
+            except RuntimeError as e:  # closed, or a rank failed
+                raise ApiError(503, f"the model is not available: {e}", type="server_error",
+                               code="engine_unavailable")
             try:
                 states = [ChoiceState(i, len(p), ReasoningSplitter(starts_inside) if chat else None)
                           for i, p in enumerate(prompts)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -44,18 +45,16 @@ def test_eight_clients_each_get_their_own_answer(make_server):
 def test_client_leaving_mid_stream_frees_its_slot(make_server):
     engine = FakeEngine(delay=0.2, max_concurrent=1)
     server = make_server(engine)
-    host, port = server.httpd.server_address[:2]
-    conn = http.client.HTTPConnection(host, port, timeout=10)
     body = {"model": "fake", "messages": [{"role": "user", "content": "a long question"}], "stream": True}
-    conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
-    r = conn.getresponse()
-    assert r.status == 200
-    first = r.fp.readline()  # the chunk size line of the first event
-    assert first
+    sock = socket.create_connection(server.httpd.server_address[:2], timeout=10)
+    raw = json.dumps(body).encode()
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(raw), raw))
+    got = b""
+    while got.count(b"data:") < 2:  # the role chunk and a first token
+        got += sock.recv(4096)
     assert metric(server, "mlxdist_active_requests") == 1
     t0 = time.monotonic()
-    conn.sock.close()
-    conn.close()
+    sock.close()
     while metric(server, "mlxdist_active_requests") and time.monotonic() - t0 < 5:
         time.sleep(0.02)
     assert metric(server, "mlxdist_active_requests") == 0
