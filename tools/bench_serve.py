@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from mlxdist.chat.client import ChatClient, ChatError  # noqa: E402
+from mlxdist.errors import UserError  # noqa: E402
 
 QUESTIONS = ["Name a colour.", "Count to five.", "Say hello.", "Name a fruit.", "Name an animal.",
              "Name a city.", "Name a number.", "Name a planet."]
@@ -43,16 +44,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 600) -> str:
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
+    """Both servers answer GET /health once loaded (mlx_lm.server's /v1/models scans the
+    Hugging Face cache, so it is not used; requests leave `model` out: both servers then
+    use the one they serve)."""
     client = ChatClient(url)
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}")
         try:
-            return client.model()
+            if client.get_json("/health").get("status") == "ok":
+                return
         except Exception:
-            time.sleep(0.5)
+            pass
+        time.sleep(0.5)
     raise RuntimeError("server did not come up")
 
 
@@ -71,18 +77,18 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def one_request(url: str, model: str, question: str, max_tokens: int) -> dict:
-    answer = ChatClient(url).ask([{"role": "user", "content": question}], model=model, temperature=0.0,
-                                 max_tokens=max_tokens)
+def one_request(url: str, question: str, max_tokens: int) -> dict:
+    answer = ChatClient(url, timeout=300).ask([{"role": "user", "content": question}], temperature=0.0,
+                                              max_tokens=max_tokens)
     return {"ttft": answer.ttft, "tokens": answer.completion_tokens, "tok_s": answer.tokens_per_second,
             "start": answer.started, "end": answer.ended}
 
 
-def measure(url: str, model: str, clients: int, max_tokens: int) -> dict:
-    one_request(url, model, "Warm up.", 4)
+def measure(url: str, clients: int, max_tokens: int) -> dict:
+    one_request(url, "Warm up.", 4)
     t0 = time.monotonic()
     with ThreadPoolExecutor(clients) as pool:
-        results = list(pool.map(lambda i: one_request(url, model, QUESTIONS[i % len(QUESTIONS)], max_tokens),
+        results = list(pool.map(lambda i: one_request(url, QUESTIONS[i % len(QUESTIONS)], max_tokens),
                                  range(clients)))
     wall = time.monotonic() - t0
     ttfts = [r["ttft"] for r in results if r["ttft"] is not None]
@@ -97,9 +103,9 @@ def run_server(name: str, cmd: list[str], port: int, args, env: dict | None = No
     url = f"http://127.0.0.1:{port}"
     proc = start(cmd, env)
     try:
-        model = wait_ready(url, proc)
-        return {"server": name, "runs": [measure(url, model, c, args.max_tokens) for c in args.clients]}
-    except (RuntimeError, ChatError, OSError) as e:
+        wait_ready(url, proc)
+        return {"server": name, "runs": [measure(url, c, args.max_tokens) for c in args.clients]}
+    except (RuntimeError, ChatError, OSError, UserError) as e:
         err = proc.stderr.read()[-800:] if proc.poll() is not None and proc.stderr else ""
         return {"server": name, "error": f"{e} {err}".strip()}
     finally:
