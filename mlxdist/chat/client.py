@@ -62,6 +62,7 @@ class ChatClient:
             self.base = self.base[:-3]
         self.api_key, self.timeout = api_key, timeout
         self.conn: http.client.HTTPConnection | None = None
+        self.resp: http.client.HTTPResponse | None = None
 
     @property
     def url(self) -> str:
@@ -93,7 +94,7 @@ class ChatClient:
             except (ValueError, KeyError, TypeError):
                 message = raw.decode(errors="replace")[:200]
             raise ChatError(f"HTTP {resp.status}: {message}")
-        self.conn = conn
+        self.conn, self.resp = conn, resp
         return resp
 
     def get_json(self, path: str) -> Any:
@@ -113,23 +114,28 @@ class ChatClient:
         body = {"messages": messages, "stream": True, "stream_options": {"include_usage": True}, **params}
         resp = self._request("POST", "/v1/chat/completions", body)
         try:
-            for line in resp:
-                line = line.strip()
-                if not line.startswith(b"data:"):
-                    continue
-                data = line[5:].strip()
-                if data == b"[DONE]":
-                    return
-                obj = json.loads(data)
-                if "error" in obj:
-                    raise ChatError(obj["error"].get("message", "error"))
-                if obj.get("usage"):
-                    yield Delta(usage=obj["usage"])
-                for choice in obj.get("choices", []):
-                    d = choice.get("delta") or {}
-                    yield Delta(d.get("reasoning_content") or "", d.get("content") or "", choice.get("finish_reason"))
+            yield from self._events(resp)
+        except (OSError, http.client.HTTPException, ValueError) as e:
+            raise ChatError(f"the connection to {self.url} broke: {e}") from None
         finally:
             self.close()
+
+    def _events(self, resp: http.client.HTTPResponse) -> Iterator[Delta]:
+        for line in resp:
+            line = line.strip()
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                return
+            obj = json.loads(data)
+            if "error" in obj:
+                raise ChatError(obj["error"].get("message", "error"))
+            if obj.get("usage"):
+                yield Delta(usage=obj["usage"])
+            for choice in obj.get("choices", []):
+                d = choice.get("delta") or {}
+                yield Delta(d.get("reasoning_content") or "", d.get("content") or "", choice.get("finish_reason"))
 
     def ask(self, messages: list[dict[str, str]], **params: Any) -> Answer:
         """Stream a whole answer and time it."""
@@ -140,6 +146,14 @@ class ChatClient:
         return answer
 
     def close(self) -> None:
+        """Drop the connection for real: the response's file object holds the socket open
+        too, so both are closed (the server sees EOF and cancels the request)."""
+        if self.resp is not None:
+            try:
+                self.resp.close()
+            except Exception:
+                pass
+            self.resp = None
         if self.conn is not None:
             try:
                 if self.conn.sock is not None:
