@@ -114,8 +114,12 @@ class WorkerGroupBackend:
                 msg = {"t": "error", "rank": rank, "msg": f"bad control frame: {e}"}
             if msg is None:
                 if not self.closing:
-                    time.sleep(0.2)  # let the exit code arrive for a clearer message
-                    code = self.launcher.poll().get(rank)
+                    code = None
+                    for _ in range(10):  # let the exit code arrive for a clearer message
+                        code = self.launcher.poll().get(rank)
+                        if code is not None:
+                            break
+                        time.sleep(0.05)
                     how = f"exited with code {code}" if code and code > 0 else (
                         f"was killed by signal {-code}" if code and code < 0 else "closed its control connection")
                     self._fail(f"rank {rank} on {self.hosts[rank]} {how}")
@@ -129,7 +133,10 @@ class WorkerGroupBackend:
                     self.ready.add(rank)
                     self._cond.notify_all()
             elif t == "error":
-                self._fail(f"rank {rank} on {self.hosts[rank]} failed: {msg.get('msg')}")
+                # A dead peer makes its neighbours' ring calls fail too: give the dead
+                # rank's own report a moment to arrive, so the message names the cause.
+                text = f"rank {rank} on {self.hosts[rank]} failed: {msg.get('msg')}"
+                threading.Timer(1.0, self._fail, args=(text,)).start()
             elif t in ("token", "end"):
                 self._on_event(msg)
 
