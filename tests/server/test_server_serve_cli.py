@@ -1,0 +1,100 @@
+"""`mlxdist serve MODEL --local 2 --api-key K` as a user runs it: it answers the openai
+client (key required), and SIGTERM/Ctrl-C stops it with every rank process gone."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import openai
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+pytest.importorskip("mlxdist.runtime.engine", reason="the runtime engine is not merged yet")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_health(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        assert proc.poll() is None, proc.stderr.read()
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if json.load(r)["status"] == "ok":
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise AssertionError("server did not come up")
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """PIDs whose command line mentions `text` (the rank workers name the model path)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if text in (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    pids.append(int(d.name))
+            except OSError:
+                pass
+    return pids
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_serve_local_two_ranks_with_key(tmp_path, sig):
+    sys.path.insert(0, str(ROOT / "tools"))
+    from tiny_models import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "tiny", arch="llama", layers=2, seed=1)
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "mlxdist", "serve", str(model), "--port", str(port),
+                             "--local", "2", "--api-key", "k3y", "--quiet"], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_health(url, proc)
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url + "/v1", api_key="nope", max_retries=0).models.list()
+        c = openai.OpenAI(base_url=url + "/v1", api_key="k3y", max_retries=0, timeout=60)
+        r = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                      max_tokens=4, temperature=0)
+        assert r.usage.completion_tokens >= 1 and r.choices[0].finish_reason in ("stop", "length")
+        if Path("/proc/self/cmdline").exists():
+            assert len(processes_mentioning(str(model))) >= 2  # the server and its ranks
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode in (0, 130), err
+        assert "Traceback" not in err
+        t0 = time.monotonic()
+        while group_alive(proc.pid) and time.monotonic() - t0 < 10:
+            time.sleep(0.1)
+        assert not group_alive(proc.pid)  # no rank process left behind
+        if Path("/proc/self/cmdline").exists():
+            assert processes_mentioning(str(model)) == []
+    finally:
+        if proc.poll() is None or group_alive(proc.pid):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
