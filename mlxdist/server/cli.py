@@ -3,10 +3,11 @@ serve it over the OpenAI API."""
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import click
 
@@ -34,14 +35,27 @@ def open_engine_for(model: str, local: int | None, nodes: str | None, progress=p
         except ImportError:
             raise UserError("--nodes needs mlxdist.cluster.coordinator.open_cluster_engine, which this build "
                             "does not have yet; use --local N to run ranks on this machine")
-        return open_cluster_engine(path, nodes=nodes, **opts)
+        return start_engine(open_cluster_engine, path, nodes=nodes, **opts)
     try:
         from mlxdist.runtime.engine import open_engine  # type: ignore[import-not-found]
     except ImportError:
         raise UserError("this build has no runtime engine (mlxdist.runtime.engine)")
     ranks = local or 1
     progress(f"loading {path} on {ranks} rank{'s' if ranks > 1 else ''} ...")
-    return open_engine(str(path), ranks=ranks, **opts)
+    return start_engine(open_engine, str(path), ranks=ranks, **opts)
+
+
+def start_engine(opener: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+    """A model that fails to start (a rank dies, a shard is refused) is reported in one
+    line; MLXDIST_DEBUG=1 keeps the traceback."""
+    try:
+        return opener(*args, **kw)
+    except UserError:
+        raise
+    except Exception as e:
+        if os.environ.get("MLXDIST_DEBUG"):
+            raise
+        raise UserError(f"the model did not start: {type(e).__name__}: {e}") from e
 
 
 @click.command("serve")
