@@ -302,9 +302,7 @@ class _Handler(BaseHTTPRequestHandler):
         errors = [s.error for s in states if s.finish_reason == "error"]
         if errors:
             raise ApiError(500, f"generation failed: {errors[0]}", type="server_error")
-        usage = protocol.usage(sum(s.prompt_tokens for s in states) // max(1, params.n) if chat else
-                               sum(s.prompt_tokens for s in states[::params.n]),
-                               sum(s.completion_tokens for s in states))
+        usage = _usage(states, params.n)
         if chat:
             obj = {"id": protocol.new_id("chatcmpl"), "object": "chat.completion",
                    "choices": [chat_message(s, params.logprobs) for s in states]}
@@ -350,8 +348,7 @@ class _Handler(BaseHTTPRequestHandler):
                 if c or lps or event.finish_reason:
                     send([completion_chunk_choice(state.index, c, state.finish_reason if event.finish_reason else None, lps)])
         if params.include_usage:
-            prompt = states[0].prompt_tokens if chat else sum(s.prompt_tokens for s in states[::params.n])
-            send([], usage=protocol.usage(prompt, sum(s.completion_tokens for s in states)))
+            send([], usage=_usage(states, params.n))
         self._chunk(b"data: [DONE]\n\n")
         self._chunk(b"")
 
@@ -362,6 +359,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
         except OSError:
             raise ClientGone
+
+
+def _usage(states: list[ChoiceState], n: int) -> dict[str, int]:
+    """Each prompt counts once, however many choices it has (they come in runs of n)."""
+    return protocol.usage(sum(s.prompt_tokens for s in states[::n]), sum(s.completion_tokens for s in states))
 
 
 def _decode(engine: Engine, tokens: list[int]) -> str:
