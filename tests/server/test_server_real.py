@@ -147,3 +147,32 @@ def test_disconnect_mid_stream_frees_the_slot(two_ranks, reference):
     assert two_ranks.engine.stats().get("requests_active", 0) == 0
     # the freed slot serves the next request, with the right answer
     assert ask(two_ranks, "hello", stream=False) == reference([{"role": "user", "content": "hello"}])
+
+
+def test_r1_style_template_puts_the_output_in_reasoning(tiny_llama, tmp_path):
+    """A chat template that ends the prompt inside `<think>` (as R1's does): with a real
+    tokenizer, the answer so far is reasoning, exactly mlx-lm's text for the same prompt."""
+    import shutil
+
+    from mlx_lm import load, stream_generate
+
+    r1 = tmp_path / "r1-style"
+    shutil.copytree(tiny_llama, r1)
+    template = (r1 / "chat_template.jinja").read_text()
+    (r1 / "chat_template.jinja").write_text(template.replace("<|assistant|>{% endif %}",
+                                                             "<|assistant|><think>{% endif %}"))
+    model, tokenizer = load(str(r1))
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "why?"}], add_generation_prompt=True)
+    assert tokenizer.decode(prompt).endswith("<think>")
+    want = "".join(x.text for x in stream_generate(model, tokenizer, prompt, max_tokens=MAX_TOKENS))
+    assert "</think>" not in want and want.strip()
+
+    server, engine = serve(r1, 1)
+    try:
+        r = client(server).chat.completions.create(model="r1-style", messages=[{"role": "user", "content": "why?"}],
+                                                   temperature=0, max_tokens=MAX_TOKENS)
+    finally:
+        server.shutdown()
+        engine.close()
+    assert r.choices[0].message.reasoning_content == want.lstrip()
+    assert r.choices[0].message.content == ""
