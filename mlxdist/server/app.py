@@ -261,7 +261,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise ApiError(429, "the server is busy: too many requests waiting; try again shortly",
                            type="rate_limit_error", code="rate_limit_exceeded")
         try:
-            app.metrics.tokens(prompt=sum(len(p) for p in prompts))
+            app.metrics.tokens(prompt=sum(len(p) for p in prompts[::params.n]))
             try:
                 gen = Generation(engine, requests)
             except ValueError as e:  # the engine refused the request itself
