@@ -83,6 +83,8 @@ def serve_command(model: str, host: str, port: int, local: int | None, nodes: st
             server = ApiServer(engine, host, port, api_key=api_key, max_queue=max_queue, quiet=quiet)
         except OSError as e:
             raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}")
+        if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
+            progress(f"warning: listening on {host} without --api-key: anyone who can reach it can use it")
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         progress(f"serving {engine.model_name} at {server.url}/v1 (context {engine.context_length} tokens, "
                  f"{engine.max_concurrent} at once){' with an API key' if api_key else ''}; Ctrl-C stops")
