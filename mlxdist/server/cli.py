@@ -45,6 +45,24 @@ def open_engine_for(model: str, local: int | None, nodes: str | None, progress=p
     return start_engine(open_engine, str(path), ranks=ranks, **opts)
 
 
+def _stop_on_sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # the same orderly stop as Ctrl-C
+
+
+def in_process(local: int | None, nodes: str | None) -> bool:
+    return (local or 1) == 1 and not nodes
+
+
+def leave_in_process() -> None:
+    """Exit now, skipping the interpreter's teardown. Workaround: after an in-process engine
+    (ranks=1) has run, MLX aborts at interpreter exit ("terminate called without an active
+    exception", status 134) even though the engine closed and joined its thread. Only
+    called once everything is closed and flushed; remove when the runtime no longer aborts."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def start_engine(opener: Callable[..., Any], *args: Any, **kw: Any) -> Any:
     """A model that fails to start (a rank dies, a shard is refused) is reported in one
     line; MLXDIST_DEBUG=1 keeps the traceback."""
@@ -85,7 +103,7 @@ def serve_command(model: str, host: str, port: int, local: int | None, nodes: st
             raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}")
         if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
             progress(f"warning: listening on {host} without --api-key: anyone who can reach it can use it")
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        signal.signal(signal.SIGTERM, _stop_on_sigterm)
         progress(f"serving {engine.model_name} at {server.url}/v1 (context {engine.context_length} tokens, "
                  f"{engine.max_concurrent} at once){' with an API key' if api_key else ''}; Ctrl-C stops")
         try:
@@ -96,3 +114,5 @@ def serve_command(model: str, host: str, port: int, local: int | None, nodes: st
             server.httpd.server_close()
     finally:
         engine.close()
+    if in_process(local, nodes):
+        leave_in_process()
