@@ -56,8 +56,10 @@ def in_process(local: int | None, nodes: str | None) -> bool:
 def leave_in_process() -> None:
     """Exit now, skipping the interpreter's teardown. Workaround: after an in-process engine
     (ranks=1) has run, MLX aborts at interpreter exit ("terminate called without an active
-    exception", status 134) even though the engine closed and joined its thread. Only
-    called once everything is closed and flushed; remove when the runtime no longer aborts."""
+    exception", status 134): InProcessBackend.close() joins its thread but keeps `coord`
+    (and so the stage's MLX arrays) alive until interpreter teardown; setting
+    `self.coord = None` after the join fixes it there. Only called once everything is
+    closed and flushed; remove when the runtime has that fix."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
