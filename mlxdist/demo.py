@@ -20,7 +20,7 @@ DEFAULT_QUESTION = "What is the capital of France? Answer in one sentence."
 def demo_command(question: str, ranks: int, max_tokens: int) -> None:
     """Convert the demo model, serve it on a local cluster, and print one chat answer."""
     from mlxdist.chat.client import Answer, ChatClient, ChatError, note
-    from mlxdist.demo_model import prepare_demo_model
+    from mlxdist.demo_model import DEMO_NAME, prepare_demo_model
     from mlxdist.server.app import ApiServer
 
     if ranks < 1:
@@ -35,7 +35,7 @@ def demo_command(question: str, ranks: int, max_tokens: int) -> None:
     from mlxdist.server.cli import in_process, leave_in_process, start_engine
     progress(f"starting a {ranks}-rank local cluster (one process per rank, ring backend over 127.0.0.1) ...")
     t0 = time.monotonic()
-    engine = start_engine(open_engine, str(model), ranks=ranks)
+    engine = start_engine(open_engine, str(model), ranks=ranks, model_name=DEMO_NAME)
     try:
         server = ApiServer(engine, "127.0.0.1", 0, quiet=True).start()
         try:

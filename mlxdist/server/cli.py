@@ -21,8 +21,10 @@ def open_engine_for(model: str, local: int | None, nodes: str | None, progress=p
         raise UserError("--local must be at least 1")
     if model == "demo":
         from mlxdist.demo_model import prepare_demo_model
+        from mlxdist.demo_model import DEMO_NAME
 
         path = prepare_demo_model(stages=local or 1, progress=progress)
+        opts.setdefault("model_name", DEMO_NAME)
     else:
         path = Path(model).expanduser()
         if not path.is_dir():
