@@ -20,8 +20,7 @@ def open_engine_for(model: str, local: int | None, nodes: str | None, progress=p
     if local is not None and local < 1:
         raise UserError("--local must be at least 1")
     if model == "demo":
-        from mlxdist.demo_model import prepare_demo_model
-        from mlxdist.demo_model import DEMO_NAME
+        from mlxdist.demo_model import DEMO_NAME, prepare_demo_model
 
         path = prepare_demo_model(stages=local or 1, progress=progress)
         opts.setdefault("model_name", DEMO_NAME)
