@@ -101,6 +101,9 @@ class WorkerGroupBackend:
             return
         try:
             self.chans[0].send(cmd)
+            if cmd["t"] in ("add", "stop"):  # parked followers wait for one wake per such command
+                for rank in range(1, self.n):
+                    self.chans[rank].send({"t": "wake"})
         except OSError:
             pass  # the reader notices the lost connection and reports it
 
@@ -184,10 +187,7 @@ class WorkerGroupBackend:
         if self.closing:
             return
         if self.failure is None:
-            try:
-                self.chans[0].send({"t": "stop"})
-            except (OSError, KeyError):
-                pass
+            self.send({"t": "stop"})
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline and any(c is None for c in self.launcher.poll().values()):
                 time.sleep(0.05)

@@ -30,7 +30,7 @@ from mlxdist.runtime.api import SamplingParams
 from mlxdist.runtime.sampling import SlotSampler, encode_params
 from mlxdist.runtime.stage import Stage
 from mlxdist.runtime.wire import (
-    DTYPES, FLAG_SAMPLE, OP_ACK, OP_FORWARD, OP_FREE, OP_SETUP, OP_STOP, OP_TOKEN, RingLink,
+    DTYPES, FLAG_SAMPLE, OP_ACK, OP_FORWARD, OP_FREE, OP_PARK, OP_SETUP, OP_STOP, OP_TOKEN, RingLink,
     dtype_code, header, read_token, token_header,
 )
 
@@ -64,8 +64,11 @@ class StageRunner:
         return h
 
 
-def follower_loop(runner: StageRunner, link: RingLink, hidden_size: int) -> None:
-    """Ranks 1..N-1: receive, compute, pass on, until STOP."""
+def follower_loop(runner: StageRunner, link: RingLink, hidden_size: int,
+                  wait_for_wake: Callable[[int], None] = lambda kicks: None) -> None:
+    """Ranks 1..N-1: receive, compute, pass on, until STOP. On PARK (rank 0 has nothing to
+    do) the rank waits for the engine's wake-up instead of sitting in a ring recv, which
+    the ring backend serves by polling a core."""
     last = runner.stage.spec.is_last
     while True:
         h = link.recv_header()
@@ -86,6 +89,9 @@ def follower_loop(runner: StageRunner, link: RingLink, hidden_size: int) -> None
                 mx.async_eval(link.send(token_header(slot, token, logprob, tag)))
             else:
                 mx.async_eval(link.send(header(OP_ACK, slot, tag=tag)), out)
+        elif op == OP_PARK:
+            mx.eval(link.send(header(OP_ACK, slot, tag=tag)) if last else link.send(mx.array(h)))
+            wait_for_wake(tag)
         elif op in (OP_FREE, OP_STOP):
             runner.free(slot)
             mx.eval(link.send(header(OP_ACK, slot, tag=tag)) if last else link.send(mx.array(h)))
@@ -149,11 +155,19 @@ class Coordinator:
         self.inflight: deque[_InFlight] = deque()
         self.stopping = False
         self._rr = 0
+        self.kicks = 0  # "add" and "stop" commands seen: the engine wakes parked ranks per each
+        self.parked = True  # followers start waiting for a wake-up
 
     # -- the loop ---------------------------------------------------------------------
     def run(self) -> None:
         while True:
-            self._drain_commands(block=not self.inflight and not self._has_work())
+            idle = not self.inflight and not self._has_work()
+            if idle and not self.parked and self.link is not None and not self.stopping:
+                self.parked = True
+                mx.async_eval(self.link.send(header(OP_PARK, 0, tag=self.kicks)))
+                self.inflight.append(_InFlight(None, OP_PARK))
+                continue
+            self._drain_commands(block=idle)
             if self.stopping and not self.inflight and not self.seqs:
                 self._shutdown_ring()
                 return
@@ -176,6 +190,9 @@ class Coordinator:
 
     def _command(self, cmd: dict) -> None:
         t = cmd["t"]
+        if t in ("add", "stop"):
+            self.kicks += 1
+            self.parked = False
         if t == "add":
             self.waiting.append(cmd)
         elif t == "cancel":

@@ -15,8 +15,8 @@ import mlx.core as mx
 import numpy as np
 
 HEADER_WORDS = 8
-OP_SETUP, OP_FORWARD, OP_FREE, OP_STOP, OP_TOKEN, OP_ACK = 1, 2, 3, 4, 5, 6
-OP_NAMES = {1: "setup", 2: "forward", 3: "free", 4: "stop", 5: "token", 6: "ack"}
+OP_SETUP, OP_FORWARD, OP_FREE, OP_STOP, OP_TOKEN, OP_ACK, OP_PARK = 1, 2, 3, 4, 5, 6, 7
+OP_NAMES = {1: "setup", 2: "forward", 3: "free", 4: "stop", 5: "token", 6: "ack", 7: "park"}
 FLAG_SAMPLE = 1  # run the head and sample after this chunk
 
 DTYPES = [mx.float32, mx.float16, mx.bfloat16, mx.int32]

@@ -111,9 +111,23 @@ def run(a: argparse.Namespace, chan: Channel) -> None:
         chan.send({"t": "ready", "rank": a.rank})
         coord.run()
     else:
-        threading.Thread(target=_reader, args=(chan, lambda m: None), daemon=True).start()
+        wakes = threading.Condition()
+        count = [0]
+
+        def on_command(msg: dict) -> None:
+            if msg.get("t") == "wake":
+                with wakes:
+                    count[0] += 1
+                    wakes.notify_all()
+
+        def wait_for_wake(kicks: int) -> None:
+            with wakes:
+                wakes.wait_for(lambda: count[0] > kicks)
+
+        threading.Thread(target=_reader, args=(chan, on_command), daemon=True).start()
         chan.send({"t": "ready", "rank": a.rank})
-        follower_loop(runner, link, int(stage.config["hidden_size"]))
+        wait_for_wake(0)  # start parked: the first request's wake-up starts the loop
+        follower_loop(runner, link, int(stage.config["hidden_size"]), wait_for_wake)
 
 
 if __name__ == "__main__":
