@@ -70,6 +70,7 @@ class Engine:
         self.max_concurrent = max_concurrent
         self._backend = backend
         self._lock = threading.Lock()
+        self._events_lock = threading.RLock()  # one request's text is touched by one thread at a time
         self._ids = itertools.count(1)
         self._requests: dict[int, _Request] = {}
         self._closed = False
@@ -143,9 +144,10 @@ class Engine:
         if self._closed:
             return
         self._closed = True
-        for r in list(self._requests.values()):
-            if not r.done:
-                self._finish(r, TokenEvent(None, "", finish_reason="cancelled"))
+        with self._events_lock:
+            for r in list(self._requests.values()):
+                if not r.done:
+                    self._finish(r, TokenEvent(None, "", finish_reason="cancelled"))
         self._backend.close()
 
     def __enter__(self) -> "Engine":
@@ -156,12 +158,20 @@ class Engine:
 
     # -- events from the pipeline -------------------------------------------------------
     def _cancel(self, req_id: int) -> None:
+        with self._events_lock:
+            self._cancel_locked(req_id)
+
+    def _cancel_locked(self, req_id: int) -> None:
         r = self._requests.get(req_id)
         if r is not None and not r.done:
             self._finish(r, TokenEvent(None, self._flush(r), finish_reason="cancelled"))
             self._backend.send({"t": "cancel", "id": req_id})
 
     def _on_event(self, ev: dict) -> None:
+        with self._events_lock:
+            self._on_event_locked(ev)
+
+    def _on_event_locked(self, ev: dict) -> None:
         r = self._requests.get(ev.get("id", -1))
         if r is None:
             return
@@ -214,10 +224,11 @@ class Engine:
         r.events.put(ev)
 
     def _on_failure(self, message: str) -> None:
-        self._failed = message
-        for r in list(self._requests.values()):
-            if not r.done:
-                self._finish(r, TokenEvent(None, "", finish_reason="error", error=message))
+        with self._events_lock:
+            self._failed = message
+            for r in list(self._requests.values()):
+                if not r.done:
+                    self._finish(r, TokenEvent(None, "", finish_reason="error", error=message))
 
     @property
     def failure(self) -> str | None:
