@@ -62,13 +62,12 @@ class RequestHandleImpl:
 
 class Engine:
     def __init__(self, model_path: Path, tokenizer: Any, backend: Any, context_length: int,
-                 max_concurrent: int, model_name: str | None = None):
+                 max_concurrent: int, model_name: str | None = None, opts: dict | None = None):
         self.model_path = model_path
         self.model_name = model_name or model_path.name
         self.tokenizer = tokenizer
         self.context_length = context_length
         self.max_concurrent = max_concurrent
-        self._backend = backend
         self._lock = threading.Lock()
         self._events_lock = threading.RLock()  # one request's text is touched by one thread at a time
         self._ids = itertools.count(1)
@@ -77,7 +76,14 @@ class Engine:
         self._failed: str | None = None
         self._stats = {"requests": 0, "tokens": 0, "started": time.monotonic()}
         self._eos = set(tokenizer.eos_token_ids or ())
-        backend.start(self._on_event, self._on_failure)
+        self._opts = dict(opts or {})
+        self._attach(backend)
+
+    def _attach(self, backend: Any) -> None:
+        """Events from a backend count only while it is the current one."""
+        self._backend = backend
+        backend.start(lambda ev: self._on_event(ev) if self._backend is backend else None,
+                      lambda msg: self._group_failed(msg) if self._backend is backend else None)
 
     # -- the interface ------------------------------------------------------------------
     def submit(self, request: GenerationRequest) -> RequestHandleImpl:
@@ -100,16 +106,19 @@ class Engine:
         if request.max_tokens <= 0:
             self._finish(r, TokenEvent(None, "", finish_reason="length"))
             return RequestHandleImpl(self, r)
-        s = request.sampling
+        self._send_add(r, list(request.prompt_tokens), request.max_tokens)
+        return RequestHandleImpl(self, r)
+
+    def _send_add(self, r: _Request, prompt: list[int], max_tokens: int) -> None:
+        s, request = r.req.sampling, r.req
         self._backend.send({
-            "t": "add", "id": r.req_id, "prompt": list(request.prompt_tokens),
-            "max_tokens": request.max_tokens, "seed": seed, "logprobs": request.logprobs,
+            "t": "add", "id": r.req_id, "prompt": prompt,
+            "max_tokens": max_tokens, "seed": r.seed, "logprobs": request.logprobs,
             "stop_ids": sorted(self._eos | set(request.stop_token_ids)),
             "params": {"temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k,
                        "min_p": s.min_p, "repetition_penalty": s.repetition_penalty,
                        "repetition_context": s.repetition_context, "seed": None},
         })
-        return RequestHandleImpl(self, r)
 
     def generate(self, prompt: str | list[int], max_tokens: int = 64, **sampling: Any) -> list[int]:
         """Convenience: one request, all its tokens."""
@@ -223,6 +232,38 @@ class Engine:
         r.done = True
         r.events.put(ev)
 
+    def _group_failed(self, message: str) -> None:
+        hook = self._opts.get("on_failure")
+        if hook is None:
+            self.fail(message)
+        else:
+            threading.Thread(target=hook, args=(self, message), daemon=True).start()
+
+    def regroup(self, model_path: str | os.PathLike | None = None, ranks: int | None = None,
+                split: Sequence[int] | None = None, **opts: Any) -> None:
+        """Re-placement hook: stop the current group, start a new one (other ranks, split
+        or launcher; `opts` as open_engine's), and carry every unfinished request over by
+        re-prefilling its prompt plus the tokens generated so far. Its client sees a pause.
+        Greedy requests continue with exactly the tokens an uninterrupted run gives."""
+        from mlxdist.runtime.source import resolve_source
+
+        self._backend.close()
+        self._opts.update(opts)
+        n = ranks or len(getattr(self._backend, "hosts", [None]))
+        source = resolve_source(Path(model_path or self.model_path), n, split)
+        backend = make_backend(source, n, self._opts)
+        with self._events_lock:
+            self._failed = None
+            self._attach(backend)
+            for r in list(self._requests.values()):
+                if not r.done:
+                    self._send_add(r, list(r.req.prompt_tokens) + r.generated,
+                                   r.req.max_tokens - len(r.generated))
+
+    def fail(self, message: str) -> None:
+        """End every open request with `message`; later submits raise it."""
+        self._on_failure(message)
+
     def _on_failure(self, message: str) -> None:
         with self._events_lock:
             self._failed = message
@@ -257,32 +298,38 @@ def _held_back(text: str, stops: Sequence[str], sent: int) -> int:
     return hold
 
 
+def make_backend(source: Any, ranks: int, opts: dict[str, Any]) -> Any:
+    max_concurrent = int(opts.get("max_concurrent", 8))
+    prefill_step = int(opts.get("prefill_step", 2048))
+    if ranks == 1 and opts.get("in_process", True) and opts.get("launcher") is None:
+        from mlxdist.runtime.local import InProcessBackend
+
+        return InProcessBackend(source, max_concurrent, prefill_step)
+    from mlxdist.runtime.group import WorkerGroupBackend
+
+    return WorkerGroupBackend(source, max_concurrent=max_concurrent, prefill_step=prefill_step,
+                              backend=opts.get("backend", "ring"), launcher=opts.get("launcher"),
+                              heartbeat_timeout_s=float(opts.get("heartbeat_timeout_s", 5.0)),
+                              startup_timeout_s=float(opts.get("startup_timeout_s", 300.0)))
+
+
 def open_engine(model_path: str | os.PathLike, ranks: int = 1, split: Sequence[int] | None = None,
                 **opts: Any) -> Engine:
     """Load a model (an mlx-lm directory or a shard directory) over `ranks` stages.
 
     opts: max_concurrent (slots, default 8), prefill_step (2048, as mlx-lm), backend
     ("ring"), launcher (a Launcher; default: local processes), heartbeat_timeout_s (5),
-    startup_timeout_s (300), model_name, in_process (ranks=1 only; default True)."""
+    startup_timeout_s (300), model_name, in_process (ranks=1 only; default True),
+    on_failure (callable(engine, message): called in its own thread instead of ending the
+    requests with the error, e.g. to `engine.regroup(...)` on the nodes left, or
+    `engine.fail(message)`)."""
     from mlxdist.runtime.source import resolve_source
 
     source = resolve_source(Path(model_path), ranks, split)
     tokenizer = source.load_tokenizer()
-    max_concurrent = int(opts.get("max_concurrent", 8))
-    prefill_step = int(opts.get("prefill_step", 2048))
-    if ranks == 1 and opts.get("in_process", True) and opts.get("launcher") is None:
-        from mlxdist.runtime.local import InProcessBackend
-
-        backend: Any = InProcessBackend(source, max_concurrent, prefill_step)
-    else:
-        from mlxdist.runtime.group import WorkerGroupBackend
-
-        backend = WorkerGroupBackend(source, max_concurrent=max_concurrent, prefill_step=prefill_step,
-                                     backend=opts.get("backend", "ring"), launcher=opts.get("launcher"),
-                                     heartbeat_timeout_s=float(opts.get("heartbeat_timeout_s", 5.0)),
-                                     startup_timeout_s=float(opts.get("startup_timeout_s", 300.0)))
-    return Engine(source.root, tokenizer, backend, source.context_length, max_concurrent,
-                  opts.get("model_name"))
+    backend = make_backend(source, ranks, opts)
+    return Engine(source.root, tokenizer, backend, source.context_length,
+                  int(opts.get("max_concurrent", 8)), opts.get("model_name"), opts)
 
 
-__all__ = ["Engine", "open_engine", "RequestHandleImpl", "UserError"]
+__all__ = ["Engine", "open_engine", "make_backend", "RequestHandleImpl", "UserError"]

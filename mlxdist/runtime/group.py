@@ -32,7 +32,9 @@ class WorkerGroupBackend:
         self.launcher = launcher or LocalLauncher()
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.session = secrets.token_hex(8)
-        self.listener = socket.create_server((self.launcher.control_host, 0))
+        # the address workers dial may differ from the one to listen on (e.g. 0.0.0.0)
+        bind = getattr(self.launcher, "control_bind", self.launcher.control_host)
+        self.listener = socket.create_server((bind, 0))
         control = f"{self.launcher.control_host}:{self.listener.getsockname()[1]}"
         hosts = self.launcher.hosts(self.n)
         hostfile = self.launcher.ring_addresses(self.n)

@@ -28,6 +28,7 @@ def _seeded(path):
     ("llama", [2, 1, 1, 2]),
     ("deepseek_v3", [1, 5]),        # boundary inside the dense prefix (layers 0-1 dense)
     ("deepseek_v3", [3, 1, 2]),     # boundaries in the MoE part
+    ("deepseek_v3", [1, 1, 3, 1]),  # both, on 4 ranks
     ("llama_q4", [1, 3]),
 ])
 def test_ranks_match_single_process(tiny_models, arch, split):
