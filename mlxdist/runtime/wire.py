@@ -11,6 +11,10 @@ jaccl backends allow; the last stage's reply to rank 0 is the ring's wrap-around
 
 from __future__ import annotations
 
+import os
+import select
+import socket
+
 import mlx.core as mx
 import numpy as np
 
@@ -41,14 +45,41 @@ def read_token(h: np.ndarray) -> tuple[int, float]:
     return int(h[5]), float(np.array([h[6]], np.int32).view(np.float32)[0])
 
 
-class RingLink:
-    """send to the next rank, receive from the previous one."""
+def inbound_ring_sockets(my_ports: set[int]) -> list[socket.socket]:
+    """The ring backend's sockets that carry data from the previous rank: the connections
+    it accepted on this rank's own hostfile ports. (Duplicates; used only to wait.)"""
+    found = []
+    for name in os.listdir("/proc/self/fd") if os.path.isdir("/proc/self/fd") else []:
+        try:
+            fd = int(name)
+            if not os.path.exists(f"/proc/self/fd/{name}") or "socket" not in os.readlink(f"/proc/self/fd/{name}"):
+                continue
+            s = socket.fromfd(fd, socket.AF_INET, socket.SOCK_STREAM)
+        except (OSError, ValueError):
+            continue
+        try:
+            if s.getsockname()[1] in my_ports and s.getpeername():
+                found.append(s)
+                continue
+        except OSError:
+            pass
+        s.close()
+    return found
 
-    def __init__(self, group: mx.distributed.Group):
+
+class RingLink:
+    """send to the next rank, receive from the previous one.
+
+    The ring backend serves a pending recv by polling its socket in a loop, a whole core
+    per waiting rank. Given the inbound sockets (`wait_on`), the link first waits for data
+    with select(), which sleeps, and only then posts the recv."""
+
+    def __init__(self, group: mx.distributed.Group, wait_on: list[socket.socket] | None = None):
         self.group = group
         self.rank, self.size = group.rank(), group.size()
         self.next, self.prev = (self.rank + 1) % self.size, (self.rank - 1) % self.size
         self.bytes_sent = 0
+        self.wait_on = wait_on or []
 
     def send(self, head: mx.array, payload: mx.array | None = None) -> list[mx.array]:
         """Lazy sends; the caller evaluates them (asynchronously) with whatever else."""
@@ -62,6 +93,8 @@ class RingLink:
         return out
 
     def recv_header(self) -> np.ndarray:
+        if self.wait_on:
+            select.select(self.wait_on, [], [])
         h = mx.distributed.recv((HEADER_WORDS,), mx.int32, self.prev, group=self.group)
         mx.eval(h)  # the header says what comes next: this wait is the data's own
         return np.array(h)
