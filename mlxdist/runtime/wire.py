@@ -49,19 +49,17 @@ def inbound_ring_sockets(my_ports: set[int]) -> list[socket.socket]:
     """The ring backend's sockets that carry data from the previous rank: the connections
     it accepted on this rank's own hostfile ports. (Duplicates; used only to wait.)"""
     found = []
-    for name in os.listdir("/proc/self/fd") if os.path.isdir("/proc/self/fd") else []:
+    fd_dir = "/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"  # Linux, macOS
+    for name in os.listdir(fd_dir):
         try:
-            fd = int(name)
-            if not os.path.exists(f"/proc/self/fd/{name}") or "socket" not in os.readlink(f"/proc/self/fd/{name}"):
-                continue
-            s = socket.fromfd(fd, socket.AF_INET, socket.SOCK_STREAM)
+            s = socket.fromfd(int(name), socket.AF_INET, socket.SOCK_STREAM)
         except (OSError, ValueError):
             continue
         try:
             if s.getsockname()[1] in my_ports and s.getpeername():
                 found.append(s)
                 continue
-        except OSError:
+        except (OSError, IndexError, TypeError):  # not a connected TCP socket
             pass
         s.close()
     return found
