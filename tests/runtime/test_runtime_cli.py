@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from runtime_helpers import run_cli
+from runtime_helpers import run_cli, tiny_models  # noqa: F401 (fixture)
 
 from mlxdist.runtime.engine import open_engine
 

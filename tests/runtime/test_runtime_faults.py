@@ -8,6 +8,7 @@ import signal
 import time
 
 import pytest
+from runtime_helpers import reference_tokens, tiny_models  # noqa: F401 (fixture)
 
 from mlxdist.runtime.api import GenerationRequest
 from mlxdist.runtime.engine import open_engine
@@ -60,7 +61,6 @@ def test_lost_rank_is_reported_and_everything_ends(tiny_models, sig, rank, words
 def test_regroup_hook_carries_requests_over(tiny_models):
     """The re-placement hook: on a lost rank, a new group on fewer ranks re-prefills the
     request (prompt + tokens so far) and it finishes with the uninterrupted run's tokens."""
-    from runtime_helpers import reference_tokens
 
     path = tiny_models["llama"]
     prompt = list(b"carry on")
