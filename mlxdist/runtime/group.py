@@ -188,12 +188,14 @@ class WorkerGroupBackend:
     def close(self) -> None:
         if self.closing:
             return
-        if self.failure is None:
+        failed = self.failure is not None
+        if not failed:
             self.send({"t": "stop"})
+        self.closing = True  # from here on, workers leaving is what we asked for
+        if not failed:
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline and any(c is None for c in self.launcher.poll().values()):
                 time.sleep(0.05)
-        self.closing = True
         self.launcher.terminate()
         self.listener.close()
         for c in self.chans.values():
