@@ -193,11 +193,12 @@ class Engine:
         if ev["t"] != "token" or r.done:
             return
         token, logprob = int(ev["tok"]), float(ev["lp"])
+        top = tuple((int(i), float(v)) for i, v in ev.get("top", ()))
         r.generated.append(token)
         self._stats["tokens"] += 1
         req = r.req
         if token in self._eos or token in req.stop_token_ids:
-            self._finish(r, TokenEvent(token, self._flush(r), logprob, "stop"))
+            self._finish(r, TokenEvent(token, self._flush(r), logprob, "stop", top_logprobs=top))
             self._backend.send({"t": "cancel", "id": r.req_id})
             return
         r.detok.add_token(token)
@@ -205,14 +206,14 @@ class Engine:
         hit = _find_stop(r.text, req.stop_strings, r.sent)
         if hit is not None:
             r.text = r.text[:hit]
-            self._finish(r, TokenEvent(token, self._take(r, len(r.text)), logprob, "stop"))
+            self._finish(r, TokenEvent(token, self._take(r, len(r.text)), logprob, "stop", top_logprobs=top))
             self._backend.send({"t": "cancel", "id": r.req_id})
             return
         if len(r.generated) >= req.max_tokens:
-            self._finish(r, TokenEvent(token, self._flush(r), logprob, "length"))
+            self._finish(r, TokenEvent(token, self._flush(r), logprob, "length", top_logprobs=top))
             return
         safe = len(r.text) - _held_back(r.text, req.stop_strings, r.sent)
-        r.events.put(TokenEvent(token, self._take(r, safe), logprob))
+        r.events.put(TokenEvent(token, self._take(r, safe), logprob, top_logprobs=top))
 
     def _flush(self, r: _Request) -> str:
         r.detok.finalize()

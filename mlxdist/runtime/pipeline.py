@@ -27,7 +27,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlxdist.runtime.api import SamplingParams
-from mlxdist.runtime.sampling import SlotSampler, encode_params
+from mlxdist.runtime.sampling import SlotSampler, decode_top, encode_params
 from mlxdist.runtime.stage import Stage
 from mlxdist.runtime.wire import (
     DTYPES, FLAG_SAMPLE, OP_ACK, OP_FORWARD, OP_FREE, OP_PARK, OP_SETUP, OP_STOP, OP_TOKEN, RingLink,
@@ -85,8 +85,9 @@ def follower_loop(runner: StageRunner, link: RingLink, hidden_size: int,
             if not last:
                 mx.async_eval(link.send(mx.array(h), out))
             elif flags & FLAG_SAMPLE:
-                token, logprob = out
-                mx.async_eval(link.send(token_header(slot, token, logprob, tag)))
+                token, logprob, top = out
+                n_top = 0 if top is None else top.size // 2
+                mx.async_eval(link.send(token_header(slot, token, logprob, tag, n_top), top))
             else:
                 mx.async_eval(link.send(header(OP_ACK, slot, tag=tag)), out)
         elif op == OP_PARK:
@@ -272,7 +273,7 @@ class Coordinator:
         x = mx.array(tokens, dtype=mx.int32)[None]
         if self.link is None:
             out = self.runner.forward(s.slot, x, sample)
-            mx.async_eval(out)
+            mx.async_eval([o for o in out if o is not None])
             self.inflight.append(_InFlight(s, OP_FORWARD, sample, large, out))
             return
         h = self.runner.forward(s.slot, x, False)
@@ -302,8 +303,9 @@ class Coordinator:
         if self.link is None:
             if not f.sample:
                 return
-            token_arr, lp_arr = f.local
+            token_arr, lp_arr, top_arr = f.local
             token, logprob = int(token_arr.item()), float(lp_arr.item())
+            top = decode_top(np.array(top_arr)) if top_arr is not None else None
         else:
             h = self.link.recv_header()
             if int(h[0]) not in (OP_TOKEN, OP_ACK):
@@ -311,6 +313,11 @@ class Coordinator:
             if int(h[0]) != OP_TOKEN:
                 return
             token, logprob = read_token(h)
+            top = None
+            if int(h[2]) > 0:
+                words = self.link.recv_payload((2 * int(h[2]),), mx.int32)
+                mx.eval(words)
+                top = decode_top(np.array(words))
             self.stats["bytes_sent"] = self.link.bytes_sent
         s = f.seq
         self.stats["steps"] += 1
@@ -320,7 +327,10 @@ class Coordinator:
         s.generated += 1
         s.last_token = token
         self.stats["tokens"] += 1
-        self.emit({"t": "token", "id": s.req_id, "tok": token, "lp": logprob})
+        ev = {"t": "token", "id": s.req_id, "tok": token, "lp": logprob}
+        if top is not None:
+            ev["top"] = [[i, v] for i, v in top]
+        self.emit(ev)
         if s.generated >= s.max_tokens or token in s.stop_ids:
             s.finished = True
 

@@ -34,9 +34,10 @@ def header(op: int, slot: int, n: int = 0, flags: int = 0, dtype: int = 0, tag: 
     return mx.array([op, slot, n, flags, dtype, 0, 0, tag], dtype=mx.int32)
 
 
-def token_header(slot: int, token: mx.array, logprob: mx.array, tag: int) -> mx.array:
-    """The last stage's reply, built on the device so that sending it needs no host sync."""
-    head = mx.array([OP_TOKEN, slot, 1, 0, 0], dtype=mx.int32)
+def token_header(slot: int, token: mx.array, logprob: mx.array, tag: int, n_top: int = 0) -> mx.array:
+    """The last stage's reply, built on the device so that sending it needs no host sync.
+    `n` (word 2) is the number of top-logprob pairs in the int32 [2n] payload that follows."""
+    head = mx.array([OP_TOKEN, slot, n_top, 0, 0], dtype=mx.int32)
     return mx.concatenate([head, token.astype(mx.int32), logprob.astype(mx.float32).view(mx.int32),
                            mx.array([tag], dtype=mx.int32)])
 

@@ -105,3 +105,17 @@ def write_shard_dir(model_dir: Path, out: Path, bounds: list[tuple[int, int]]) -
                    for k, bd in enumerate(bounds)],
         "tensors": manifest_tensors}))
     return out
+
+
+def reference_top_logprobs(path: Path, prompt: list[int], max_tokens: int, k: int) -> list[list[tuple[int, float]]]:
+    """Per greedy step, the k most likely tokens and their logprobs, from mlx-lm."""
+    import mlx.core as mx
+    from mlx_lm import load
+    from mlx_lm.generate import generate_step
+
+    model, _ = load(str(path))
+    out = []
+    for _, logprobs in generate_step(mx.array(prompt), model, max_tokens=max_tokens):
+        ids = mx.argsort(-logprobs)[:k].tolist()
+        out.append([(i, logprobs[i].item()) for i in ids])
+    return out

@@ -58,3 +58,17 @@ def test_chunked_prefill_across_ranks(tiny_models):
     path = tiny_models["deepseek_v3"]
     with open_engine(path, ranks=2, split=[2, 4], prefill_step=5) as eng:
         assert eng.generate(PROMPT, max_tokens=5) == reference_tokens(path, PROMPT, 5, prefill_step=5)
+
+
+def test_top_logprobs_match_mlx_lm(tiny_models):
+    from runtime_helpers import reference_top_logprobs
+
+    path = tiny_models["llama"]
+    ref = reference_top_logprobs(path, PROMPT, 4, 3)
+    for ranks in (1, 2):
+        with open_engine(path, ranks=ranks, split=[4, 2] if ranks == 2 else None) as eng:
+            events = list(eng.submit(GenerationRequest(tuple(PROMPT), 4, logprobs=3)))
+        for ev, want in zip(events, ref):
+            assert [i for i, _ in ev.top_logprobs] == [i for i, _ in want]
+            assert all(abs(a - b) < 1e-5 for (_, a), (_, b) in zip(ev.top_logprobs, want))
+            assert ev.top_logprobs[0][0] == ev.token and abs(ev.logprob - want[0][1]) < 1e-5
