@@ -116,7 +116,7 @@ class Sequence:
     setup_sent: bool = False
     generated: int = 0
     last_token: int | None = None
-    awaiting: bool = False  # a sampling step is in the ring
+    awaiting: int = 0  # sampling steps of this sequence in the ring (1, or 2 when chained)
     finished: bool = False
     freed: bool = False
 
@@ -128,6 +128,7 @@ class _InFlight:
     sample: bool = False
     large: bool = False
     local: Any = None  # single-stage: the lazy result
+    reply: mx.array | None = None  # its reply's recv, when already posted (chained step)
 
 
 Emit = Callable[[dict], None]
@@ -174,6 +175,7 @@ class Coordinator:
                 return
             while len(self.inflight) < self.max_inflight and self._inject_one():
                 pass
+            self._chain_next_step()
             if self.inflight:
                 self._receive_one()
 
@@ -266,8 +268,31 @@ class Coordinator:
             tokens, s.pos = s.prompt[s.pos:], len(s.prompt)
         else:
             tokens = [s.last_token]
-        s.awaiting = True
+        s.awaiting += 1
         self._forward(s, tokens, sample=True, large=len(tokens) > 1)
+
+    def _chain_next_step(self) -> None:
+        """One stream alone in the ring: queue its next step now, fed by the token still on
+        its way (the posted recv of the reply), so that building rank 0's graph is off the
+        critical path and no host round trip sits between two steps. Only where ranks
+        poll (with select() the recv must not be posted before data is there), without
+        top logprobs (their reply size varies), and never past max_tokens. If the token
+        turns out to end the sequence, the chained step's reply is dropped and FREE follows."""
+        if (self.link is None or self.link.wait_on or len(self.inflight) != 1 or self.stopping):
+            return
+        f = self.inflight[0]
+        s = f.seq
+        if (s is None or not f.sample or f.reply is not None or s.finished or s.logprobs
+                or s.awaiting != 1 or s.generated + 2 > s.max_tokens):
+            return
+        f.reply = self.link.recv_header_lazy()
+        x = f.reply[5:6].reshape(1, 1)
+        h = self.runner.forward(s.slot, x, False)
+        head = header(OP_FORWARD, s.slot, 1, FLAG_SAMPLE, dtype_code(h.dtype))
+        mx.async_eval(self.link.send(head, h))
+        s.awaiting += 1
+        self.stats["chained"] = self.stats.get("chained", 0) + 1
+        self.inflight.append(_InFlight(s, OP_FORWARD, True, False))
 
     def _forward(self, s: Sequence, tokens: list[int], sample: bool, large: bool) -> None:
         x = mx.array(tokens, dtype=mx.int32)[None]
@@ -307,7 +332,11 @@ class Coordinator:
             token, logprob = int(token_arr.item()), float(lp_arr.item())
             top = decode_top(np.array(top_arr)) if top_arr is not None else None
         else:
-            h = self.link.recv_header()
+            if f.reply is not None:
+                mx.eval(f.reply)
+                h = np.array(f.reply)
+            else:
+                h = self.link.recv_header()
             if int(h[0]) not in (OP_TOKEN, OP_ACK):
                 raise RuntimeError(f"rank 0 got unexpected op {int(h[0])} from the last stage")
             if int(h[0]) != OP_TOKEN:
@@ -323,7 +352,7 @@ class Coordinator:
         self.stats["steps"] += 1
         if s is None or s.finished:
             return
-        s.awaiting = False
+        s.awaiting -= 1
         s.generated += 1
         s.last_token = token
         self.stats["tokens"] += 1

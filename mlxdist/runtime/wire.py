@@ -98,5 +98,9 @@ class RingLink:
         mx.eval(h)  # the header says what comes next: this wait is the data's own
         return np.array(h)
 
+    def recv_header_lazy(self) -> mx.array:
+        """The next header's recv, posted but not waited for."""
+        return mx.distributed.recv((HEADER_WORDS,), mx.int32, self.prev, group=self.group)
+
     def recv_payload(self, shape: tuple[int, ...], dtype: mx.Dtype) -> mx.array:
         return mx.distributed.recv(shape, dtype, self.prev, group=self.group)

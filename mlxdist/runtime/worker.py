@@ -112,6 +112,7 @@ def run(a: argparse.Namespace, chan: Channel) -> None:
         threading.Thread(target=_reader, args=(chan, coord.commands.put), daemon=True).start()
         chan.send({"t": "ready", "rank": a.rank})
         coord.run()
+        print(f"rank 0: done, {coord.stats}", file=sys.stderr, flush=True)
     else:
         wakes = threading.Condition()
         count = [0]

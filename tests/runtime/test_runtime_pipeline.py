@@ -72,3 +72,21 @@ def test_top_logprobs_match_mlx_lm(tiny_models):
             assert [i for i, _ in ev.top_logprobs] == [i for i, _ in want]
             assert all(abs(a - b) < 1e-5 for (_, a), (_, b) in zip(ev.top_logprobs, want))
             assert ev.top_logprobs[0][0] == ev.token and abs(ev.logprob - want[0][1]) < 1e-5
+
+
+def test_chained_steps_when_ranks_poll(tiny_models, monkeypatch):
+    """With polling ranks (cores to spare; forced here) a lone stream's next step is queued
+    before its token is back: still token-exact, stops exactly at max_tokens and stop ids."""
+    monkeypatch.setenv("MLXDIST_RING_SELECT", "0")
+    path = tiny_models["deepseek_v3"]
+    ref = reference_tokens(path, PROMPT, N_TOK)
+    seeded = _seeded(path)
+    with open_engine(path, ranks=3, split=[1, 3, 2]) as eng:
+        assert eng.generate(PROMPT, max_tokens=N_TOK) == ref
+        assert eng.generate(PROMPT, max_tokens=1) == ref[:1]
+        assert eng.submit(GenerationRequest(tuple(PROMPT), N_TOK, SAMPLING)).tokens() == seeded
+        stop_at = ref[3]
+        events = list(eng.submit(GenerationRequest(tuple(PROMPT), N_TOK, stop_token_ids=(stop_at,))))
+        assert [e.token for e in events] == ref[:ref.index(stop_at) + 1]
+        assert events[-1].finish_reason == "stop"
+        assert eng.generate(PROMPT, max_tokens=N_TOK) == ref  # the slot was freed cleanly
