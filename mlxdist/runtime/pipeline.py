@@ -129,6 +129,7 @@ class _InFlight:
     large: bool = False
     local: Any = None  # single-stage: the lazy result
     reply: mx.array | None = None  # its reply's recv, when already posted (chained step)
+    chained: bool = False  # the sequence's next step is already queued behind this one
 
 
 Emit = Callable[[dict], None]
@@ -272,27 +273,36 @@ class Coordinator:
         self._forward(s, tokens, sample=True, large=len(tokens) > 1)
 
     def _chain_next_step(self) -> None:
-        """One stream alone in the ring: queue its next step now, fed by the token still on
-        its way (the posted recv of the reply), so that building rank 0's graph is off the
-        critical path and no host round trip sits between two steps. Only where ranks
-        poll (with select() the recv must not be posted before data is there), without
-        top logprobs (their reply size varies), and never past max_tokens. If the token
-        turns out to end the sequence, the chained step's reply is dropped and FREE follows."""
-        if (self.link is None or self.link.wait_on or len(self.inflight) != 1 or self.stopping):
+        """One stream alone: queue its next step now, fed by the token that is still being
+        computed (single stage: the lazy sampled array, as mlx-lm's generate_step does; a
+        ring: the posted recv of the reply), so that building rank 0's graph is off the
+        critical path and no host round trip sits between two steps. In a ring only where
+        ranks poll (with select() the recv must not be posted before data is there) and
+        without top logprobs (their reply size varies); never past max_tokens. If the token
+        turns out to end the sequence, the chained step's result is dropped and FREE follows."""
+        if len(self.inflight) != 1 or self.stopping:
             return
         f = self.inflight[0]
         s = f.seq
-        if (s is None or not f.sample or f.reply is not None or s.finished or s.logprobs
-                or s.awaiting != 1 or s.generated + 2 > s.max_tokens):
+        if (s is None or not f.sample or f.chained or s.finished or s.awaiting != 1
+                or s.generated + 2 > s.max_tokens):
             return
-        f.reply = self.link.recv_header_lazy()
-        x = f.reply[5:6].reshape(1, 1)
-        h = self.runner.forward(s.slot, x, False)
-        head = header(OP_FORWARD, s.slot, 1, FLAG_SAMPLE, dtype_code(h.dtype))
-        mx.async_eval(self.link.send(head, h))
+        if self.link is None:
+            out = self.runner.forward(s.slot, f.local[0].reshape(1, 1), True)
+            mx.async_eval([o for o in out if o is not None])
+            nxt = _InFlight(s, OP_FORWARD, True, False, out)
+        else:
+            if self.link.wait_on or s.logprobs:
+                return
+            f.reply = self.link.recv_header_lazy()
+            h = self.runner.forward(s.slot, f.reply[5:6].reshape(1, 1), False)
+            head = header(OP_FORWARD, s.slot, 1, FLAG_SAMPLE, dtype_code(h.dtype))
+            mx.async_eval(self.link.send(head, h))
+            nxt = _InFlight(s, OP_FORWARD, True, False)
+        f.chained = True
         s.awaiting += 1
         self.stats["chained"] = self.stats.get("chained", 0) + 1
-        self.inflight.append(_InFlight(s, OP_FORWARD, True, False))
+        self.inflight.append(nxt)
 
     def _forward(self, s: Sequence, tokens: list[int], sample: bool, large: bool) -> None:
         x = mx.array(tokens, dtype=mx.int32)[None]
