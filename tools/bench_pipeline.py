@@ -171,8 +171,9 @@ def main() -> None:
         str(r): (r - 1) * (HEADER_WORDS * 4 + hidden * act_bytes) + HEADER_WORDS * 4 for r in (1, 2, 3, 4)}
     res["note"] = (f"all ranks share {os.cpu_count()} cores: a token passes the stages one after the "
                    "other, so 1 stream on N ranks costs 1 rank's compute plus N hand-offs; N streams "
-                   "can only fill N stages when each rank has its own cores, which this machine does "
-                   "not have, so aggregate gains here show overlap of host work, not N x compute.")
+                   "fill N stages only when each rank has its own cores. With more ranks than cores "
+                   "the workers sleep in select() instead of polling the ring (MLXDIST_RING_SELECT), "
+                   "which costs a wake-up per message; bytes_per_token is from the message layout.")
     print(json.dumps(res, indent=1))
 
 

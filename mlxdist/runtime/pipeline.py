@@ -200,7 +200,9 @@ class Coordinator:
         if t == "add":
             self.waiting.append(cmd)
         elif t == "cancel":
-            self.waiting = deque(c for c in self.waiting if c["id"] != cmd["id"])
+            if any(c["id"] == cmd["id"] for c in self.waiting):  # never admitted: done at once
+                self.waiting = deque(c for c in self.waiting if c["id"] != cmd["id"])
+                self.emit({"t": "end", "id": cmd["id"]})
             for s in self.seqs.values():
                 if s.req_id == cmd["id"]:
                     s.finished = True
