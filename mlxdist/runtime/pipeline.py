@@ -18,7 +18,9 @@ block until the neighbour receives, and a ring of blocked senders would deadlock
 
 from __future__ import annotations
 
+import os
 import queue
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -64,14 +66,38 @@ class StageRunner:
         return h
 
 
+class StepProfile:
+    """With MLXDIST_PROFILE=DIR, a follower appends one line per message to DIR/rank<R>.tsv:
+    op, tokens, seconds waiting for the header, seconds building and queueing the step,
+    and, with MLXDIST_PROFILE_SYNC=1, seconds until its compute is done (that sync changes
+    the timing it measures: it splits compute from waiting), then the start time."""
+
+    def __init__(self, rank: int):
+        d = os.environ.get("MLXDIST_PROFILE")
+        self.sync = os.environ.get("MLXDIST_PROFILE_SYNC") == "1"
+        self.file = open(os.path.join(d, f"rank{rank}.tsv"), "a", buffering=1) if d else None
+
+    def row(self, op: int, n: int, t0: float, t1: float, outputs: Any) -> None:
+        if self.file is None:
+            return
+        t2 = t3 = time.perf_counter()
+        if self.sync:
+            mx.eval(outputs)
+            t3 = time.perf_counter()
+        self.file.write(f"{op}\t{n}\t{t1 - t0:.6f}\t{t2 - t1:.6f}\t{t3 - t2:.6f}\t{t0:.6f}\n")
+
+
 def follower_loop(runner: StageRunner, link: RingLink, hidden_size: int,
                   wait_for_wake: Callable[[int], None] = lambda kicks: None) -> None:
     """Ranks 1..N-1: receive, compute, pass on, until STOP. On PARK (rank 0 has nothing to
     do) the rank waits for the engine's wake-up instead of sitting in a ring recv, which
     the ring backend serves by polling a core."""
     last = runner.stage.spec.is_last
+    prof = StepProfile(link.rank)
     while True:
+        t0 = time.perf_counter()
         h = link.recv_header()
+        t1 = time.perf_counter()
         op, slot, n, flags, dt, tag = (int(v) for v in (h[0], h[1], h[2], h[3], h[4], h[7]))
         if op == OP_SETUP:
             words = link.recv_payload((n,), mx.int32)
@@ -90,6 +116,7 @@ def follower_loop(runner: StageRunner, link: RingLink, hidden_size: int,
                 mx.async_eval(link.send(token_header(slot, token, logprob, tag, n_top), top))
             else:
                 mx.async_eval(link.send(header(OP_ACK, slot, tag=tag)), out)
+            prof.row(op, n, t0, t1, [o for o in out if o is not None] if isinstance(out, tuple) else out)
         elif op == OP_PARK:
             mx.eval(link.send(header(OP_ACK, slot, tag=tag)) if last else link.send(mx.array(h)))
             wait_for_wake(tag)
@@ -344,11 +371,13 @@ class Coordinator:
             token, logprob = int(token_arr.item()), float(lp_arr.item())
             top = decode_top(np.array(top_arr)) if top_arr is not None else None
         else:
+            t_wait = time.perf_counter()
             if f.reply is not None:
                 mx.eval(f.reply)
                 h = np.array(f.reply)
             else:
                 h = self.link.recv_header()
+            self.stats["wait_s"] = self.stats.get("wait_s", 0.0) + time.perf_counter() - t_wait
             if int(h[0]) not in (OP_TOKEN, OP_ACK):
                 raise RuntimeError(f"rank 0 got unexpected op {int(h[0])} from the last stage")
             if int(h[0]) != OP_TOKEN:
