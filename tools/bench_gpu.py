@@ -199,6 +199,20 @@ def row_ours(model_dir: Path, ranks: int, tokens: int, concurrency: list[int]) -
     return out
 
 
+def profile_summary(d: Path) -> dict:
+    """Medians over decode messages (one token) per rank, from MLXDIST_PROFILE files:
+    waiting for the header, building and queueing the step, and (sync mode) compute."""
+    out = {}
+    for f in sorted(d.glob("rank*.tsv")):
+        rows = [line.split("\t") for line in f.read_text().splitlines()]
+        rows = [[float(x) for x in r] for r in rows if r[0] == "2" and r[1] == "1"]
+        if rows:
+            out[f.stem] = {name: statistics.median(r[i] for r in rows) * 1e3
+                           for i, name in ((2, "wait_ms"), (3, "build_ms"), (4, "compute_ms"))}
+            out[f.stem]["messages"] = len(rows)
+    return out
+
+
 def mlxlm_pipe_rank(model_dir: Path, tokens: int) -> None:
     import mlx.core as mx
     from mlx_lm.generate import generate_step
@@ -326,7 +340,21 @@ def main() -> None:
         log("ours 1"); res["mlxdist_1rank"] = _sub(["ours", *common, "--ranks", "1", "--concurrency", a.concurrency], one)
         if a.gpus >= 2:
             log("handoff"); res["handoff"] = _two_ranks(["handoff-rank"])
+            prof = Path(a.workdir) / "profile"
             log("ours 2"); res["mlxdist_2rank"] = _sub(["ours", *common, "--ranks", "2", "--concurrency", a.concurrency])
+            # where the time goes: one decode step per stage, timestamps only, then with a
+            # sync after each stage's compute; and the design before chaining (depth 1)
+            for variant, env in (("profile", {}), ("profile_sync", {"MLXDIST_PROFILE_SYNC": "1"}),
+                                 ("chain1", {"MLXDIST_CHAIN_DEPTH": "1"})):
+                vdir = prof / variant
+                vdir.mkdir(parents=True, exist_ok=True)
+                for f in vdir.glob("*.tsv"):
+                    f.unlink()
+                log("ours 2", variant)
+                row = _sub(["ours", *common, "--ranks", "2", "--concurrency", "1"],
+                           {"MLXDIST_PROFILE": str(vdir), **env})
+                row["profile"] = profile_summary(vdir)
+                res[f"mlxdist_2rank_{variant}"] = row
             log("mlxlm pipe"); res["mlxlm_pipe_2gpu"] = _two_ranks(["mlxlm-pipe-rank", *common])
         base = res["mlxlm_1gpu"].get("ms_per_token")
         if base:

@@ -42,6 +42,9 @@ class TokenEvent:
     logprob: float | None = None
     finish_reason: str | None = None
     error: str | None = None
+    # the request's `logprobs` most likely tokens at this step, as (token, logprob), most
+    # likely first; empty when not asked for
+    top_logprobs: tuple[tuple[int, float], ...] = ()
 
 
 class RequestHandle(Protocol):

@@ -62,21 +62,28 @@ class RequestHandleImpl:
 
 class Engine:
     def __init__(self, model_path: Path, tokenizer: Any, backend: Any, context_length: int,
-                 max_concurrent: int, model_name: str | None = None):
+                 max_concurrent: int, model_name: str | None = None, opts: dict | None = None):
         self.model_path = model_path
         self.model_name = model_name or model_path.name
         self.tokenizer = tokenizer
         self.context_length = context_length
         self.max_concurrent = max_concurrent
-        self._backend = backend
         self._lock = threading.Lock()
+        self._events_lock = threading.RLock()  # one request's text is touched by one thread at a time
         self._ids = itertools.count(1)
         self._requests: dict[int, _Request] = {}
         self._closed = False
         self._failed: str | None = None
         self._stats = {"requests": 0, "tokens": 0, "started": time.monotonic()}
         self._eos = set(tokenizer.eos_token_ids or ())
-        backend.start(self._on_event, self._on_failure)
+        self._opts = dict(opts or {})
+        self._attach(backend)
+
+    def _attach(self, backend: Any) -> None:
+        """Events from a backend count only while it is the current one."""
+        self._backend = backend
+        backend.start(lambda ev: self._on_event(ev) if self._backend is backend else None,
+                      lambda msg: self._group_failed(msg) if self._backend is backend else None)
 
     # -- the interface ------------------------------------------------------------------
     def submit(self, request: GenerationRequest) -> RequestHandleImpl:
@@ -99,16 +106,19 @@ class Engine:
         if request.max_tokens <= 0:
             self._finish(r, TokenEvent(None, "", finish_reason="length"))
             return RequestHandleImpl(self, r)
-        s = request.sampling
+        self._send_add(r, list(request.prompt_tokens), request.max_tokens)
+        return RequestHandleImpl(self, r)
+
+    def _send_add(self, r: _Request, prompt: list[int], max_tokens: int) -> None:
+        s, request = r.req.sampling, r.req
         self._backend.send({
-            "t": "add", "id": r.req_id, "prompt": list(request.prompt_tokens),
-            "max_tokens": request.max_tokens, "seed": seed, "logprobs": request.logprobs,
+            "t": "add", "id": r.req_id, "prompt": prompt,
+            "max_tokens": max_tokens, "seed": r.seed, "logprobs": request.logprobs,
             "stop_ids": sorted(self._eos | set(request.stop_token_ids)),
             "params": {"temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k,
                        "min_p": s.min_p, "repetition_penalty": s.repetition_penalty,
                        "repetition_context": s.repetition_context, "seed": None},
         })
-        return RequestHandleImpl(self, r)
 
     def generate(self, prompt: str | list[int], max_tokens: int = 64, **sampling: Any) -> list[int]:
         """Convenience: one request, all its tokens."""
@@ -143,9 +153,10 @@ class Engine:
         if self._closed:
             return
         self._closed = True
-        for r in list(self._requests.values()):
-            if not r.done:
-                self._finish(r, TokenEvent(None, "", finish_reason="cancelled"))
+        with self._events_lock:
+            for r in list(self._requests.values()):
+                if not r.done:
+                    self._finish(r, TokenEvent(None, "", finish_reason="cancelled"))
         self._backend.close()
 
     def __enter__(self) -> "Engine":
@@ -156,12 +167,20 @@ class Engine:
 
     # -- events from the pipeline -------------------------------------------------------
     def _cancel(self, req_id: int) -> None:
+        with self._events_lock:
+            self._cancel_locked(req_id)
+
+    def _cancel_locked(self, req_id: int) -> None:
         r = self._requests.get(req_id)
         if r is not None and not r.done:
             self._finish(r, TokenEvent(None, self._flush(r), finish_reason="cancelled"))
             self._backend.send({"t": "cancel", "id": req_id})
 
     def _on_event(self, ev: dict) -> None:
+        with self._events_lock:
+            self._on_event_locked(ev)
+
+    def _on_event_locked(self, ev: dict) -> None:
         r = self._requests.get(ev.get("id", -1))
         if r is None:
             return
@@ -174,11 +193,12 @@ class Engine:
         if ev["t"] != "token" or r.done:
             return
         token, logprob = int(ev["tok"]), float(ev["lp"])
+        top = tuple((int(i), float(v)) for i, v in ev.get("top", ()))
         r.generated.append(token)
         self._stats["tokens"] += 1
         req = r.req
         if token in self._eos or token in req.stop_token_ids:
-            self._finish(r, TokenEvent(token, self._flush(r), logprob, "stop"))
+            self._finish(r, TokenEvent(token, self._flush(r), logprob, "stop", top_logprobs=top))
             self._backend.send({"t": "cancel", "id": r.req_id})
             return
         r.detok.add_token(token)
@@ -186,14 +206,14 @@ class Engine:
         hit = _find_stop(r.text, req.stop_strings, r.sent)
         if hit is not None:
             r.text = r.text[:hit]
-            self._finish(r, TokenEvent(token, self._take(r, len(r.text)), logprob, "stop"))
+            self._finish(r, TokenEvent(token, self._take(r, len(r.text)), logprob, "stop", top_logprobs=top))
             self._backend.send({"t": "cancel", "id": r.req_id})
             return
         if len(r.generated) >= req.max_tokens:
-            self._finish(r, TokenEvent(token, self._flush(r), logprob, "length"))
+            self._finish(r, TokenEvent(token, self._flush(r), logprob, "length", top_logprobs=top))
             return
         safe = len(r.text) - _held_back(r.text, req.stop_strings, r.sent)
-        r.events.put(TokenEvent(token, self._take(r, safe), logprob))
+        r.events.put(TokenEvent(token, self._take(r, safe), logprob, top_logprobs=top))
 
     def _flush(self, r: _Request) -> str:
         r.detok.finalize()
@@ -213,11 +233,44 @@ class Engine:
         r.done = True
         r.events.put(ev)
 
+    def _group_failed(self, message: str) -> None:
+        hook = self._opts.get("on_failure")
+        if hook is None:
+            self.fail(message)
+        else:
+            threading.Thread(target=hook, args=(self, message), daemon=True).start()
+
+    def regroup(self, model_path: str | os.PathLike | None = None, ranks: int | None = None,
+                split: Sequence[int] | None = None, **opts: Any) -> None:
+        """Re-placement hook: stop the current group, start a new one (other ranks, split
+        or launcher; `opts` as open_engine's), and carry every unfinished request over by
+        re-prefilling its prompt plus the tokens generated so far. Its client sees a pause.
+        Greedy requests continue with exactly the tokens an uninterrupted run gives."""
+        from mlxdist.runtime.source import resolve_source
+
+        self._backend.close()
+        self._opts.update(opts)
+        n = ranks or len(getattr(self._backend, "hosts", [None]))
+        source = resolve_source(Path(model_path or self.model_path), n, split)
+        backend = make_backend(source, n, self._opts)
+        with self._events_lock:
+            self._failed = None
+            self._attach(backend)
+            for r in list(self._requests.values()):
+                if not r.done:
+                    self._send_add(r, list(r.req.prompt_tokens) + r.generated,
+                                   r.req.max_tokens - len(r.generated))
+
+    def fail(self, message: str) -> None:
+        """End every open request with `message`; later submits raise it."""
+        self._on_failure(message)
+
     def _on_failure(self, message: str) -> None:
-        self._failed = message
-        for r in list(self._requests.values()):
-            if not r.done:
-                self._finish(r, TokenEvent(None, "", finish_reason="error", error=message))
+        with self._events_lock:
+            self._failed = message
+            for r in list(self._requests.values()):
+                if not r.done:
+                    self._finish(r, TokenEvent(None, "", finish_reason="error", error=message))
 
     @property
     def failure(self) -> str | None:
@@ -246,32 +299,38 @@ def _held_back(text: str, stops: Sequence[str], sent: int) -> int:
     return hold
 
 
+def make_backend(source: Any, ranks: int, opts: dict[str, Any]) -> Any:
+    max_concurrent = int(opts.get("max_concurrent", 8))
+    prefill_step = int(opts.get("prefill_step", 2048))
+    if ranks == 1 and opts.get("in_process", True) and opts.get("launcher") is None:
+        from mlxdist.runtime.local import InProcessBackend
+
+        return InProcessBackend(source, max_concurrent, prefill_step)
+    from mlxdist.runtime.group import WorkerGroupBackend
+
+    return WorkerGroupBackend(source, max_concurrent=max_concurrent, prefill_step=prefill_step,
+                              backend=opts.get("backend", "ring"), launcher=opts.get("launcher"),
+                              heartbeat_timeout_s=float(opts.get("heartbeat_timeout_s", 5.0)),
+                              startup_timeout_s=float(opts.get("startup_timeout_s", 300.0)))
+
+
 def open_engine(model_path: str | os.PathLike, ranks: int = 1, split: Sequence[int] | None = None,
                 **opts: Any) -> Engine:
     """Load a model (an mlx-lm directory or a shard directory) over `ranks` stages.
 
     opts: max_concurrent (slots, default 8), prefill_step (2048, as mlx-lm), backend
     ("ring"), launcher (a Launcher; default: local processes), heartbeat_timeout_s (5),
-    startup_timeout_s (300), model_name, in_process (ranks=1 only; default True)."""
+    startup_timeout_s (300), model_name, in_process (ranks=1 only; default True),
+    on_failure (callable(engine, message): called in its own thread instead of ending the
+    requests with the error, e.g. to `engine.regroup(...)` on the nodes left, or
+    `engine.fail(message)`)."""
     from mlxdist.runtime.source import resolve_source
 
     source = resolve_source(Path(model_path), ranks, split)
     tokenizer = source.load_tokenizer()
-    max_concurrent = int(opts.get("max_concurrent", 8))
-    prefill_step = int(opts.get("prefill_step", 2048))
-    if ranks == 1 and opts.get("in_process", True) and opts.get("launcher") is None:
-        from mlxdist.runtime.local import InProcessBackend
-
-        backend: Any = InProcessBackend(source, max_concurrent, prefill_step)
-    else:
-        from mlxdist.runtime.group import WorkerGroupBackend
-
-        backend = WorkerGroupBackend(source, max_concurrent=max_concurrent, prefill_step=prefill_step,
-                                     backend=opts.get("backend", "ring"), launcher=opts.get("launcher"),
-                                     heartbeat_timeout_s=float(opts.get("heartbeat_timeout_s", 5.0)),
-                                     startup_timeout_s=float(opts.get("startup_timeout_s", 300.0)))
-    return Engine(source.root, tokenizer, backend, source.context_length, max_concurrent,
-                  opts.get("model_name"))
+    backend = make_backend(source, ranks, opts)
+    return Engine(source.root, tokenizer, backend, source.context_length,
+                  int(opts.get("max_concurrent", 8)), opts.get("model_name"), opts)
 
 
-__all__ = ["Engine", "open_engine", "RequestHandleImpl", "UserError"]
+__all__ = ["Engine", "open_engine", "make_backend", "RequestHandleImpl", "UserError"]

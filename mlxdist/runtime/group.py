@@ -32,7 +32,9 @@ class WorkerGroupBackend:
         self.launcher = launcher or LocalLauncher()
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.session = secrets.token_hex(8)
-        self.listener = socket.create_server((self.launcher.control_host, 0))
+        # the address workers dial may differ from the one to listen on (e.g. 0.0.0.0)
+        bind = getattr(self.launcher, "control_bind", self.launcher.control_host)
+        self.listener = socket.create_server((bind, 0))
         control = f"{self.launcher.control_host}:{self.listener.getsockname()[1]}"
         hosts = self.launcher.hosts(self.n)
         hostfile = self.launcher.ring_addresses(self.n)
@@ -101,6 +103,9 @@ class WorkerGroupBackend:
             return
         try:
             self.chans[0].send(cmd)
+            if cmd["t"] in ("add", "stop"):  # parked followers wait for one wake per such command
+                for rank in range(1, self.n):
+                    self.chans[rank].send({"t": "wake"})
         except OSError:
             pass  # the reader notices the lost connection and reports it
 
@@ -183,15 +188,14 @@ class WorkerGroupBackend:
     def close(self) -> None:
         if self.closing:
             return
-        if self.failure is None:
-            try:
-                self.chans[0].send({"t": "stop"})
-            except (OSError, KeyError):
-                pass
+        failed = self.failure is not None
+        if not failed:
+            self.send({"t": "stop"})
+        self.closing = True  # from here on, workers leaving is what we asked for
+        if not failed:
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline and any(c is None for c in self.launcher.poll().values()):
                 time.sleep(0.05)
-        self.closing = True
         self.launcher.terminate()
         self.listener.close()
         for c in self.chans.values():

@@ -49,6 +49,7 @@ class WorkerSpec:
 
 class Launcher(Protocol):
     control_host: str  # address the workers use to reach the engine's control server
+    # optional: control_bind (address the engine listens on; default control_host)
 
     def ring_addresses(self, ranks: int) -> list[list[str]]: ...
     def hosts(self, ranks: int) -> list[str]: ...

@@ -23,6 +23,7 @@ class InProcessBackend:
         self._loaded = threading.Event()
         self._started = threading.Event()
         self._coord_ready = threading.Event()
+        self._stopped = threading.Event()
         self._load_error: BaseException | None = None
         self._callbacks: tuple[Callable[[dict], None], Callable[[str], None]] | None = None
         self.thread = threading.Thread(target=self._body, name="mlxdist-coordinator", daemon=True)
@@ -40,6 +41,16 @@ class InProcessBackend:
                           presanitized=self.plan.shard)
 
     def _body(self) -> None:
+        try:
+            self._serve()
+        finally:
+            # MLX 0.32 aborts the process at exit ("terminate called without an active
+            # exception") once a thread that ran a model with KV caches has ended; a thread
+            # that never ends is harmless. So the daemon thread stays, idle, after its work.
+            self._stopped.set()
+            threading.Event().wait()
+
+    def _serve(self) -> None:
         try:
             stage = self._load()
         except BaseException as e:
@@ -74,6 +85,6 @@ class InProcessBackend:
     def close(self) -> None:
         if self.coord is not None:
             self.coord.commands.put({"t": "stop"})
-            self.thread.join(timeout=30)
+            self._stopped.wait(timeout=30)
         else:
             self._started.set()

@@ -18,7 +18,9 @@ block until the neighbour receives, and a ring of blocked senders would deadlock
 
 from __future__ import annotations
 
+import os
 import queue
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -27,10 +29,10 @@ import mlx.core as mx
 import numpy as np
 
 from mlxdist.runtime.api import SamplingParams
-from mlxdist.runtime.sampling import SlotSampler, encode_params
+from mlxdist.runtime.sampling import SlotSampler, decode_top, encode_params
 from mlxdist.runtime.stage import Stage
 from mlxdist.runtime.wire import (
-    DTYPES, FLAG_SAMPLE, OP_ACK, OP_FORWARD, OP_FREE, OP_SETUP, OP_STOP, OP_TOKEN, RingLink,
+    DTYPES, FLAG_SAMPLE, OP_ACK, OP_FORWARD, OP_FREE, OP_PARK, OP_SETUP, OP_STOP, OP_TOKEN, RingLink,
     dtype_code, header, read_token, token_header,
 )
 
@@ -64,11 +66,38 @@ class StageRunner:
         return h
 
 
-def follower_loop(runner: StageRunner, link: RingLink, hidden_size: int) -> None:
-    """Ranks 1..N-1: receive, compute, pass on, until STOP."""
+class StepProfile:
+    """With MLXDIST_PROFILE=DIR, a follower appends one line per message to DIR/rank<R>.tsv:
+    op, tokens, seconds waiting for the header, seconds building and queueing the step,
+    and, with MLXDIST_PROFILE_SYNC=1, seconds until its compute is done (that sync changes
+    the timing it measures: it splits compute from waiting), then the start time."""
+
+    def __init__(self, rank: int):
+        d = os.environ.get("MLXDIST_PROFILE")
+        self.sync = os.environ.get("MLXDIST_PROFILE_SYNC") == "1"
+        self.file = open(os.path.join(d, f"rank{rank}.tsv"), "a", buffering=1) if d else None
+
+    def row(self, op: int, n: int, t0: float, t1: float, outputs: Any) -> None:
+        if self.file is None:
+            return
+        t2 = t3 = time.perf_counter()
+        if self.sync:
+            mx.eval(outputs)
+            t3 = time.perf_counter()
+        self.file.write(f"{op}\t{n}\t{t1 - t0:.6f}\t{t2 - t1:.6f}\t{t3 - t2:.6f}\t{t0:.6f}\n")
+
+
+def follower_loop(runner: StageRunner, link: RingLink, hidden_size: int,
+                  wait_for_wake: Callable[[int], None] = lambda kicks: None) -> None:
+    """Ranks 1..N-1: receive, compute, pass on, until STOP. On PARK (rank 0 has nothing to
+    do) the rank waits for the engine's wake-up instead of sitting in a ring recv, which
+    the ring backend serves by polling a core."""
     last = runner.stage.spec.is_last
+    prof = StepProfile(link.rank)
     while True:
+        t0 = time.perf_counter()
         h = link.recv_header()
+        t1 = time.perf_counter()
         op, slot, n, flags, dt, tag = (int(v) for v in (h[0], h[1], h[2], h[3], h[4], h[7]))
         if op == OP_SETUP:
             words = link.recv_payload((n,), mx.int32)
@@ -82,10 +111,15 @@ def follower_loop(runner: StageRunner, link: RingLink, hidden_size: int) -> None
             if not last:
                 mx.async_eval(link.send(mx.array(h), out))
             elif flags & FLAG_SAMPLE:
-                token, logprob = out
-                mx.async_eval(link.send(token_header(slot, token, logprob, tag)))
+                token, logprob, top = out
+                n_top = 0 if top is None else top.size // 2
+                mx.async_eval(link.send(token_header(slot, token, logprob, tag, n_top), top))
             else:
                 mx.async_eval(link.send(header(OP_ACK, slot, tag=tag)), out)
+            prof.row(op, n, t0, t1, [o for o in out if o is not None] if isinstance(out, tuple) else out)
+        elif op == OP_PARK:
+            mx.eval(link.send(header(OP_ACK, slot, tag=tag)) if last else link.send(mx.array(h)))
+            wait_for_wake(tag)
         elif op in (OP_FREE, OP_STOP):
             runner.free(slot)
             mx.eval(link.send(header(OP_ACK, slot, tag=tag)) if last else link.send(mx.array(h)))
@@ -109,7 +143,7 @@ class Sequence:
     setup_sent: bool = False
     generated: int = 0
     last_token: int | None = None
-    awaiting: bool = False  # a sampling step is in the ring
+    awaiting: int = 0  # sampling steps of this sequence in the ring (1, or 2 when chained)
     finished: bool = False
     freed: bool = False
 
@@ -121,6 +155,8 @@ class _InFlight:
     sample: bool = False
     large: bool = False
     local: Any = None  # single-stage: the lazy result
+    reply: mx.array | None = None  # its reply's recv, when already posted (chained step)
+    chained: bool = False  # the sequence's next step is already queued behind this one
 
 
 Emit = Callable[[dict], None]
@@ -149,16 +185,25 @@ class Coordinator:
         self.inflight: deque[_InFlight] = deque()
         self.stopping = False
         self._rr = 0
+        self.kicks = 0  # "add" and "stop" commands seen: the engine wakes parked ranks per each
+        self.parked = True  # followers start waiting for a wake-up
 
     # -- the loop ---------------------------------------------------------------------
     def run(self) -> None:
         while True:
-            self._drain_commands(block=not self.inflight and not self._has_work())
+            idle = not self.inflight and not self._has_work()
+            if idle and not self.parked and self.link is not None and not self.stopping:
+                self.parked = True
+                mx.async_eval(self.link.send(header(OP_PARK, 0, tag=self.kicks)))
+                self.inflight.append(_InFlight(None, OP_PARK))
+                continue
+            self._drain_commands(block=idle)
             if self.stopping and not self.inflight and not self.seqs:
                 self._shutdown_ring()
                 return
             while len(self.inflight) < self.max_inflight and self._inject_one():
                 pass
+            self._chain_next_step()
             if self.inflight:
                 self._receive_one()
 
@@ -176,10 +221,15 @@ class Coordinator:
 
     def _command(self, cmd: dict) -> None:
         t = cmd["t"]
+        if t in ("add", "stop"):
+            self.kicks += 1
+            self.parked = False
         if t == "add":
             self.waiting.append(cmd)
         elif t == "cancel":
-            self.waiting = deque(c for c in self.waiting if c["id"] != cmd["id"])
+            if any(c["id"] == cmd["id"] for c in self.waiting):  # never admitted: done at once
+                self.waiting = deque(c for c in self.waiting if c["id"] != cmd["id"])
+                self.emit({"t": "end", "id": cmd["id"]})
             for s in self.seqs.values():
                 if s.req_id == cmd["id"]:
                     s.finished = True
@@ -248,14 +298,46 @@ class Coordinator:
             tokens, s.pos = s.prompt[s.pos:], len(s.prompt)
         else:
             tokens = [s.last_token]
-        s.awaiting = True
+        s.awaiting += 1
         self._forward(s, tokens, sample=True, large=len(tokens) > 1)
+
+    def _chain_next_step(self) -> None:
+        """One stream alone: queue its next step now, fed by the token that is still being
+        computed (single stage: the lazy sampled array, as mlx-lm's generate_step does; a
+        ring: the posted recv of the reply), so that building rank 0's graph is off the
+        critical path and no host round trip sits between two steps. In a ring only where
+        ranks poll (with select() the recv must not be posted before data is there) and
+        without top logprobs (their reply size varies); never past max_tokens. If the token
+        turns out to end the sequence, the chained step's result is dropped and FREE follows."""
+        if len(self.inflight) != 1 or self.stopping:
+            return
+        f = self.inflight[0]
+        s = f.seq
+        if (s is None or not f.sample or f.chained or s.finished or s.awaiting != 1
+                or s.generated + 2 > s.max_tokens):
+            return
+        if self.link is None:
+            out = self.runner.forward(s.slot, f.local[0].reshape(1, 1), True)
+            mx.async_eval([o for o in out if o is not None])
+            nxt = _InFlight(s, OP_FORWARD, True, False, out)
+        else:
+            if self.link.wait_on or s.logprobs:
+                return
+            f.reply = self.link.recv_header_lazy()
+            h = self.runner.forward(s.slot, f.reply[5:6].reshape(1, 1), False)
+            head = header(OP_FORWARD, s.slot, 1, FLAG_SAMPLE, dtype_code(h.dtype))
+            mx.async_eval(self.link.send(head, h))
+            nxt = _InFlight(s, OP_FORWARD, True, False)
+        f.chained = True
+        s.awaiting += 1
+        self.stats["chained"] = self.stats.get("chained", 0) + 1
+        self.inflight.append(nxt)
 
     def _forward(self, s: Sequence, tokens: list[int], sample: bool, large: bool) -> None:
         x = mx.array(tokens, dtype=mx.int32)[None]
         if self.link is None:
             out = self.runner.forward(s.slot, x, sample)
-            mx.async_eval(out)
+            mx.async_eval([o for o in out if o is not None])
             self.inflight.append(_InFlight(s, OP_FORWARD, sample, large, out))
             return
         h = self.runner.forward(s.slot, x, False)
@@ -285,25 +367,40 @@ class Coordinator:
         if self.link is None:
             if not f.sample:
                 return
-            token_arr, lp_arr = f.local
+            token_arr, lp_arr, top_arr = f.local
             token, logprob = int(token_arr.item()), float(lp_arr.item())
+            top = decode_top(np.array(top_arr)) if top_arr is not None else None
         else:
-            h = self.link.recv_header()
+            t_wait = time.perf_counter()
+            if f.reply is not None:
+                mx.eval(f.reply)
+                h = np.array(f.reply)
+            else:
+                h = self.link.recv_header()
+            self.stats["wait_s"] = self.stats.get("wait_s", 0.0) + time.perf_counter() - t_wait
             if int(h[0]) not in (OP_TOKEN, OP_ACK):
                 raise RuntimeError(f"rank 0 got unexpected op {int(h[0])} from the last stage")
             if int(h[0]) != OP_TOKEN:
                 return
             token, logprob = read_token(h)
+            top = None
+            if int(h[2]) > 0:
+                words = self.link.recv_payload((2 * int(h[2]),), mx.int32)
+                mx.eval(words)
+                top = decode_top(np.array(words))
             self.stats["bytes_sent"] = self.link.bytes_sent
         s = f.seq
         self.stats["steps"] += 1
         if s is None or s.finished:
             return
-        s.awaiting = False
+        s.awaiting -= 1
         s.generated += 1
         s.last_token = token
         self.stats["tokens"] += 1
-        self.emit({"t": "token", "id": s.req_id, "tok": token, "lp": logprob})
+        ev = {"t": "token", "id": s.req_id, "tok": token, "lp": logprob}
+        if top is not None:
+            ev["top"] = [[i, v] for i, v in top]
+        self.emit(ev)
         if s.generated >= s.max_tokens or token in s.stop_ids:
             s.finished = True
 

@@ -17,6 +17,7 @@ import numpy as np
 from mlxdist.runtime.api import SamplingParams
 
 PARAM_WORDS = 10  # int32 words before the prompt tail in a SETUP payload
+MAX_TOP_LOGPROBS = 20
 
 
 def encode_params(p: SamplingParams, seed: int, logprobs: int, prompt: list[int]) -> np.ndarray:
@@ -39,6 +40,7 @@ class SlotSampler:
     repetition_context: int
     key: mx.array
     history: mx.array  # int32 tokens the repetition penalty sees (kept on device)
+    top_k_logprobs: int = 0  # how many of the most likely tokens to report per step
 
     @classmethod
     def decode(cls, words: np.ndarray) -> "SlotSampler":
@@ -48,10 +50,12 @@ class SlotSampler:
         n_tail = int(w[9])
         return cls(temperature=float(f[0]), top_p=float(f[1]), top_k=int(w[2]), min_p=float(f[2]),
                    repetition_penalty=float(f[3]), repetition_context=int(w[5]),
-                   key=mx.random.key(seed), history=mx.array(w[PARAM_WORDS:PARAM_WORDS + n_tail]))
+                   key=mx.random.key(seed), history=mx.array(w[PARAM_WORDS:PARAM_WORDS + n_tail]),
+                   top_k_logprobs=min(int(w[8]), MAX_TOP_LOGPROBS))
 
-    def sample(self, logits: mx.array) -> tuple[mx.array, mx.array]:
-        """logits [1, V] -> (token [1] int32, its logprob [1] float32). Lazy."""
+    def sample(self, logits: mx.array) -> tuple[mx.array, mx.array, mx.array | None]:
+        """logits [1, V] -> (token [1] int32, its logprob [1] float32, and when asked the
+        top-k as int32 [2k]: ids then logprobs bit-cast, most likely first). Lazy."""
         from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_repetition_penalty
 
         if self.repetition_penalty != 1.0 and self.repetition_context > 0:
@@ -74,4 +78,15 @@ class SlotSampler:
         token = token.astype(mx.int32)
         if self.repetition_penalty != 1.0:
             self.history = mx.concatenate([self.history, token])[-self.repetition_context:]
-        return token, mx.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0].astype(mx.float32)
+        chosen = mx.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0].astype(mx.float32)
+        top = None
+        if self.top_k_logprobs > 0:
+            k = min(self.top_k_logprobs, logprobs.shape[-1])
+            ids = mx.argsort(-logprobs[0])[:k].astype(mx.int32)
+            top = mx.concatenate([ids, logprobs[0][ids].astype(mx.float32).view(mx.int32)])
+        return token, chosen, top
+
+
+def decode_top(words: np.ndarray) -> list[tuple[int, float]]:
+    k = len(words) // 2
+    return list(zip((int(i) for i in words[:k]), (float(v) for v in words[k:].astype(np.int32).view(np.float32))))

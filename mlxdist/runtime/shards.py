@@ -1,9 +1,10 @@
 """Refuse a stage whose shard disagrees with the plan, before any compute.
 
-Checks, from docs/shard-format.md: stage.json names the planned layer range; every tensor
-the manifest gives this stage is in the stage's safetensors file with the manifest's shape
-and dtype and no others; each tensor's bytes hash to the manifest's sha256. Only the
-safetensors header and raw bytes are read (no MLX), in 1 MiB blocks.
+Checks, from docs/shard-format.md: stage.json names the planned layer range; the stage's
+safetensors file holds every tensor the manifest gives this stage and nothing the manifest
+does not list, each with the manifest's shape, and each tensor's bytes hash to the
+manifest's sha256. Only the safetensors header and raw bytes are read (no MLX), in 1 MiB
+blocks.
 """
 
 from __future__ import annotations
@@ -30,6 +31,18 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
     return head, 8 + n
 
 
+def _entries(manifest: dict) -> list[dict]:
+    tensors = manifest.get("tensors", {})
+    if isinstance(tensors, dict):  # the doc's {name: {...}}
+        return [{"name": n, **t} for n, t in tensors.items()]
+    return list(tensors)
+
+
+def _stages_of(t: dict) -> set[int]:
+    # "stages" lists every stage storing a copy (the tied embedding); "stage" the owner
+    return {int(s) for s in t.get("stages", [])} | {int(t.get("stage", -1))}
+
+
 def verify_stage(root: Path, plan: StagePlan, check_hashes: bool = True) -> None:
     stage_dir = plan.model_dir
     try:
@@ -40,21 +53,23 @@ def verify_stage(root: Path, plan: StagePlan, check_hashes: bool = True) -> None
     if list(stage_json.get("layers", [])) != [plan.start, plan.end]:
         raise ShardMismatch(f"stage {stage_dir} holds layers {stage_json.get('layers')}, "
                             f"the plan gives rank {plan.rank} layers [{plan.start}, {plan.end}]")
-    tensors = manifest.get("tensors", {})
-    if isinstance(tensors, dict):  # the doc's {name: {...}}; the converter writes a list
-        tensors = [{"name": n, **t} for n, t in tensors.items()]
-    wanted = {t["name"]: t for t in tensors if int(t.get("stage", -1)) == int(stage_json.get("stage", -2))}
+    entries = _entries(manifest)
+    stage_no = int(stage_json.get("stage", -2))
+    wanted = {t["name"]: t for t in entries if stage_no in _stages_of(t)}
+    known = {t["name"]: t for t in entries}
     path = stage_dir / "weights.safetensors"
     if not path.exists():
         raise ShardMismatch(f"stage {stage_dir}: weights.safetensors is missing")
     head, data_start = read_safetensors_header(path)
-    if wanted and set(head) != set(wanted):
-        extra, missing = sorted(set(head) - set(wanted)), sorted(set(wanted) - set(head))
+    extra, missing = sorted(set(head) - set(known)), sorted(set(wanted) - set(head))
+    if entries and (extra or missing):
         raise ShardMismatch(f"stage {stage_dir}: tensors differ from the manifest "
                             f"(missing {missing[:3]}, unexpected {extra[:3]})")
     with open(path, "rb") as f:
-        for name, t in wanted.items():
-            info = head[name]
+        for name, info in head.items():
+            t = known.get(name)
+            if t is None:
+                continue
             if list(info["shape"]) != list(t["shape"]):
                 raise ShardMismatch(f"stage {stage_dir}: {name} has shape {info['shape']}, "
                                     f"manifest says {t['shape']}")

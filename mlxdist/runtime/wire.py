@@ -11,12 +11,16 @@ jaccl backends allow; the last stage's reply to rank 0 is the ring's wrap-around
 
 from __future__ import annotations
 
+import os
+import select
+import socket
+
 import mlx.core as mx
 import numpy as np
 
 HEADER_WORDS = 8
-OP_SETUP, OP_FORWARD, OP_FREE, OP_STOP, OP_TOKEN, OP_ACK = 1, 2, 3, 4, 5, 6
-OP_NAMES = {1: "setup", 2: "forward", 3: "free", 4: "stop", 5: "token", 6: "ack"}
+OP_SETUP, OP_FORWARD, OP_FREE, OP_STOP, OP_TOKEN, OP_ACK, OP_PARK = 1, 2, 3, 4, 5, 6, 7
+OP_NAMES = {1: "setup", 2: "forward", 3: "free", 4: "stop", 5: "token", 6: "ack", 7: "park"}
 FLAG_SAMPLE = 1  # run the head and sample after this chunk
 
 DTYPES = [mx.float32, mx.float16, mx.bfloat16, mx.int32]
@@ -30,9 +34,10 @@ def header(op: int, slot: int, n: int = 0, flags: int = 0, dtype: int = 0, tag: 
     return mx.array([op, slot, n, flags, dtype, 0, 0, tag], dtype=mx.int32)
 
 
-def token_header(slot: int, token: mx.array, logprob: mx.array, tag: int) -> mx.array:
-    """The last stage's reply, built on the device so that sending it needs no host sync."""
-    head = mx.array([OP_TOKEN, slot, 1, 0, 0], dtype=mx.int32)
+def token_header(slot: int, token: mx.array, logprob: mx.array, tag: int, n_top: int = 0) -> mx.array:
+    """The last stage's reply, built on the device so that sending it needs no host sync.
+    `n` (word 2) is the number of top-logprob pairs in the int32 [2n] payload that follows."""
+    head = mx.array([OP_TOKEN, slot, n_top, 0, 0], dtype=mx.int32)
     return mx.concatenate([head, token.astype(mx.int32), logprob.astype(mx.float32).view(mx.int32),
                            mx.array([tag], dtype=mx.int32)])
 
@@ -41,14 +46,39 @@ def read_token(h: np.ndarray) -> tuple[int, float]:
     return int(h[5]), float(np.array([h[6]], np.int32).view(np.float32)[0])
 
 
-class RingLink:
-    """send to the next rank, receive from the previous one."""
+def inbound_ring_sockets(my_ports: set[int]) -> list[socket.socket]:
+    """The ring backend's sockets that carry data from the previous rank: the connections
+    it accepted on this rank's own hostfile ports. (Duplicates; used only to wait.)"""
+    found = []
+    fd_dir = "/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"  # Linux, macOS
+    for name in os.listdir(fd_dir):
+        try:
+            s = socket.fromfd(int(name), socket.AF_INET, socket.SOCK_STREAM)
+        except (OSError, ValueError):
+            continue
+        try:
+            if s.getsockname()[1] in my_ports and s.getpeername():
+                found.append(s)
+                continue
+        except (OSError, IndexError, TypeError):  # not a connected TCP socket
+            pass
+        s.close()
+    return found
 
-    def __init__(self, group: mx.distributed.Group):
+
+class RingLink:
+    """send to the next rank, receive from the previous one.
+
+    The ring backend serves a pending recv by polling its socket in a loop, a whole core
+    per waiting rank. Given the inbound sockets (`wait_on`), the link first waits for data
+    with select(), which sleeps, and only then posts the recv."""
+
+    def __init__(self, group: mx.distributed.Group, wait_on: list[socket.socket] | None = None):
         self.group = group
         self.rank, self.size = group.rank(), group.size()
         self.next, self.prev = (self.rank + 1) % self.size, (self.rank - 1) % self.size
         self.bytes_sent = 0
+        self.wait_on = wait_on or []
 
     def send(self, head: mx.array, payload: mx.array | None = None) -> list[mx.array]:
         """Lazy sends; the caller evaluates them (asynchronously) with whatever else."""
@@ -62,9 +92,15 @@ class RingLink:
         return out
 
     def recv_header(self) -> np.ndarray:
+        if self.wait_on:
+            select.select(self.wait_on, [], [])
         h = mx.distributed.recv((HEADER_WORDS,), mx.int32, self.prev, group=self.group)
         mx.eval(h)  # the header says what comes next: this wait is the data's own
         return np.array(h)
+
+    def recv_header_lazy(self) -> mx.array:
+        """The next header's recv, posted but not waited for."""
+        return mx.distributed.recv((HEADER_WORDS,), mx.int32, self.prev, group=self.group)
 
     def recv_payload(self, shape: tuple[int, ...], dtype: mx.Dtype) -> mx.array:
         return mx.distributed.recv(shape, dtype, self.prev, group=self.group)

@@ -1,14 +1,42 @@
-"""Helpers shared by the runtime tests (a plain module: both conftest.py files would be
-imported as `conftest`)."""
+"""Helpers and fixtures shared by the runtime tests (import the fixtures you use)."""
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tools"))
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny_models() -> dict[str, Path]:
+    from tiny_models import make_tiny_model
+
+    root = Path(tempfile.mkdtemp(prefix="mlxdist-tiny-"))
+    atexit.register(shutil.rmtree, root, True)
+    return {
+        "llama": make_tiny_model(root / "llama", "llama", layers=6),
+        "deepseek_v3": make_tiny_model(root / "deepseek_v3", "deepseek_v3", layers=6),
+        "qwen3": make_tiny_model(root / "qwen3", "qwen3", layers=4),
+        "qwen3_moe": make_tiny_model(root / "qwen3_moe", "qwen3_moe", layers=4),
+        "llama_q4": make_tiny_model(root / "llama_q4", "llama", layers=4, bits=4, seed=1),
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_models() -> dict[str, Path]:
+    """Tiny random models, written once per test process (a plain module, not a
+    conftest.py: tests/conftest.py is imported as `conftest` by other tests)."""
+    return _tiny_models()
 
 
 def reference_tokens(path: Path, prompt: list[int], max_tokens: int, prefill_step: int = 2048) -> list[int]:
@@ -76,4 +104,18 @@ def write_shard_dir(model_dir: Path, out: Path, bounds: list[tuple[int, int]]) -
         "stages": [{"stage": k, "layers": list(bd), "files": [f"stages/{k}/weights.safetensors"]}
                    for k, bd in enumerate(bounds)],
         "tensors": manifest_tensors}))
+    return out
+
+
+def reference_top_logprobs(path: Path, prompt: list[int], max_tokens: int, k: int) -> list[list[tuple[int, float]]]:
+    """Per greedy step, the k most likely tokens and their logprobs, from mlx-lm."""
+    import mlx.core as mx
+    from mlx_lm import load
+    from mlx_lm.generate import generate_step
+
+    model, _ = load(str(path))
+    out = []
+    for _, logprobs in generate_step(mx.array(prompt), model, max_tokens=max_tokens):
+        ids = mx.argsort(-logprobs)[:k].tolist()
+        out.append([(i, logprobs[i].item()) for i in ids])
     return out

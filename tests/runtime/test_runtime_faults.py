@@ -8,6 +8,7 @@ import signal
 import time
 
 import pytest
+from runtime_helpers import reference_tokens, tiny_models  # noqa: F401 (fixture)
 
 from mlxdist.runtime.api import GenerationRequest
 from mlxdist.runtime.engine import open_engine
@@ -55,3 +56,26 @@ def test_lost_rank_is_reported_and_everything_ends(tiny_models, sig, rank, words
     while time.monotonic() < deadline and any(_alive(p) for p in pids.values()):
         time.sleep(0.1)
     assert not [p for p in pids.values() if _alive(p)]
+
+
+def test_regroup_hook_carries_requests_over(tiny_models):
+    """The re-placement hook: on a lost rank, a new group on fewer ranks re-prefills the
+    request (prompt + tokens so far) and it finishes with the uninterrupted run's tokens."""
+
+    path = tiny_models["llama"]
+    prompt = list(b"carry on")
+    ref = reference_tokens(path, prompt, 200)
+    eng = open_engine(path, ranks=3, split=[2, 2, 2], heartbeat_timeout_s=3.0,
+                      on_failure=lambda e, msg: e.regroup(ranks=2, split=[3, 3]))
+    try:
+        pid = eng._backend.launcher.procs[1].pid
+        events = iter(eng.submit(GenerationRequest(tuple(prompt), 200)))
+        got = [next(events).token for _ in range(5)]
+        os.kill(pid, signal.SIGKILL)
+        (state,) = eng.in_flight_state()  # killed mid-generation, not after
+        assert len(state["generated"]) < 200
+        got += [ev.token for ev in events if ev.token is not None]
+        assert got == ref
+        assert len(eng._backend.hosts) == 2 and eng.failure is None
+    finally:
+        eng.close()

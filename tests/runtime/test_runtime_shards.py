@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from runtime_helpers import reference_tokens, write_shard_dir
+from runtime_helpers import reference_tokens, tiny_models, write_shard_dir  # noqa: F401 (fixture)
 
 from mlxdist.errors import UserError
 from mlxdist.runtime.engine import open_engine
