@@ -32,7 +32,7 @@ def demo_command(question: str, ranks: int, max_tokens: int) -> None:
         from mlxdist.runtime.engine import open_engine
     except ImportError:
         raise UserError("this build has no runtime engine (mlxdist.runtime.engine)")
-    from mlxdist.server.cli import in_process, leave_in_process, start_engine
+    from mlxdist.server.cli import start_engine
     progress(f"starting a {ranks}-rank local cluster (one process per rank, ring backend over 127.0.0.1) ...")
     t0 = time.monotonic()
     engine = start_engine(open_engine, str(model), ranks=ranks, model_name=DEMO_NAME)
@@ -58,5 +58,3 @@ def demo_command(question: str, ranks: int, max_tokens: int) -> None:
             server.shutdown()
     finally:
         engine.close()
-    if in_process(ranks, None):
-        leave_in_process()

@@ -22,7 +22,6 @@ def chat_command(model: str | None, url: str | None, api_key: str | None, local:
     """Chat in the terminal with a server (--url) or with MODEL loaded here."""
     from mlxdist.chat.client import ChatClient, ChatError
     from mlxdist.chat.repl import Repl, default_history_file
-    from mlxdist.server.cli import in_process, leave_in_process
 
     if model and url:
         raise UserError("give a MODEL or --url, not both")
@@ -49,5 +48,3 @@ def chat_command(model: str | None, url: str | None, api_key: str | None, local:
             server.shutdown()
         if engine is not None:
             engine.close()
-    if engine is not None and in_process(local, None):
-        leave_in_process()

@@ -50,22 +50,6 @@ def _stop_on_sigterm(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt  # the same orderly stop as Ctrl-C
 
 
-def in_process(local: int | None, nodes: str | None) -> bool:
-    return (local or 1) == 1 and not nodes
-
-
-def leave_in_process() -> None:
-    """Exit now, skipping the interpreter's teardown. Workaround: after an in-process engine
-    (ranks=1) has run, MLX aborts at interpreter exit ("terminate called without an active
-    exception", status 134): InProcessBackend.close() joins its thread but keeps `coord`
-    (and so the stage's MLX arrays) alive until interpreter teardown; setting
-    `self.coord = None` after the join fixes it there. Only called once everything is
-    closed and flushed; remove when the runtime has that fix."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
 def start_engine(opener: Callable[..., Any], *args: Any, **kw: Any) -> Any:
     """A model that fails to start (a rank dies, a shard is refused) is reported in one
     line; MLXDIST_DEBUG=1 keeps the traceback."""
@@ -117,5 +101,3 @@ def serve_command(model: str, host: str, port: int, local: int | None, nodes: st
             server.httpd.server_close()
     finally:
         engine.close()
-    if in_process(local, nodes):
-        leave_in_process()
