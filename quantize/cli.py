@@ -15,16 +15,18 @@ import click
 @click.option("--stages", type=int, default=None, help="Cut the layers into N stages of even size")
 @click.option("--plan", "plan", type=click.Path(dir_okay=False), default=None,
               help="Cut as a placement plan says (JSON with stages[].layers)")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default=None,
+              help="dtype of unquantized parameters and scales [default: config.json's torch_dtype]")
 @click.option("--keep-mtp", is_flag=True, help="Keep DeepSeek's multi-token-prediction layer")
 @click.option("--quiet", is_flag=True, help="No progress output")
 def quantize_command(src: str, out: str, bits: int | None, group_size: int | None, recipe: str,
-                     stages: int | None, plan: str | None, keep_mtp: bool, quiet: bool) -> None:
+                     stages: int | None, plan: str | None, dtype: str | None, keep_mtp: bool, quiet: bool) -> None:
     """Convert SRC (a Hugging Face directory, a .gguf file or a hub repo id) into
     quantized MLX weights in OUT, one directory per pipeline stage. Rerun the same
     command after an interruption to resume."""
     from quantize.convert import convert
 
     path = convert(src, out, bits=bits, group_size=group_size, recipe=recipe, stages=stages,
-                   plan=plan, keep_mtp=keep_mtp, progress=not quiet)
+                   plan=plan, keep_mtp=keep_mtp, progress=not quiet, dtype=dtype)
     if not quiet:
         click.echo(f"quantize: done: {path}", err=True)

@@ -12,11 +12,12 @@ import hashlib
 import json
 import os
 import shutil
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from mlxdist.errors import UserError
-from quantize.groups import Group, Planner
+from quantize.groups import COMPUTE_DTYPES, Group, Planner
 from quantize.model_info import model_info
 from quantize.produce import produce
 from quantize.progress import Progress
@@ -80,16 +81,21 @@ def _quant_config(groups: list[Group], bits: int, group_size: int, num_layers: i
 
 def convert(src: str | Path, out: str | Path, bits: int | None = None, group_size: int | None = None,
             recipe: str = "uniform", stages: int | None = None, plan: str | Path | None = None,
-            keep_mtp: bool = False, progress: bool = True) -> Path:
+            keep_mtp: bool = False, progress: bool = True, dtype: str | None = None) -> Path:
     """Convert SRC (HF directory, .gguf file or hub repo id) into OUT; returns OUT.
-    bits/group_size default to 4/64, or to a GGUF's own quantization (kept as is)."""
+    bits/group_size default to 4/64, or to a GGUF's own quantization (kept as is).
+    dtype (bfloat16/float16/float32) is that of unquantized parameters and of scales:
+    config.json's torch_dtype by default (float32 runs far faster on CPU backends)."""
     out = Path(out).expanduser()
+    if dtype is not None and dtype not in COMPUTE_DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(COMPUTE_DTYPES)}")
     if recipe not in RECIPES:
         raise UserError(f"unknown recipe {recipe!r} (choose from {', '.join(RECIPES)})")
     if plan is not None and stages is not None:
         raise UserError("give --stages or --plan, not both")
     source = open_source(str(src))
-    native = source.native_quant or (4, 64)
+    keep_native = bits is None and group_size is None and bool(source.native)
+    native = Counter(source.native.values()).most_common(1)[0][0] if source.native else (4, 64)
     bits = native[0] if bits is None else bits
     group_size = native[1] if group_size is None else group_size
     if bits not in VALID_BITS:
@@ -97,11 +103,11 @@ def convert(src: str | Path, out: str | Path, bits: int | None = None, group_siz
     if group_size not in VALID_GROUP_SIZES:
         raise UserError(f"--group-size must be one of {', '.join(map(str, VALID_GROUP_SIZES))}")
     info = model_info(source.config)
-    planner = Planner(source, info, bits, group_size, recipe, keep_mtp)
+    planner = Planner(source, info, bits, group_size, recipe, keep_mtp, keep_native, dtype)
     groups = planner.plan()
     L = info.num_layers
     ranges = read_plan(Path(plan), L) if plan is not None else even_ranges(groups, L, stages or 1)
-    options = {"bits": bits, "group_size": group_size, "recipe": recipe, "keep_mtp": keep_mtp,
+    options = {"bits": bits, "group_size": group_size, "recipe": recipe, "keep_mtp": keep_mtp, "dtype": dtype,
                "stages": [list(r) for r in ranges], "source": str(src)}
     if _check_out(out, options):
         return out
@@ -164,6 +170,8 @@ def convert(src: str | Path, out: str | Path, bits: int | None = None, group_siz
 def _finish(out: Path, source, info, groups, per_stage, ranges, files, final, jobs, options) -> None:
     N, L = len(ranges), info.num_layers
     config = {k: v for k, v in source.config.items() if k not in ("quantization_config", "_name_or_path")}
+    if options["dtype"]:
+        config["torch_dtype"] = options["dtype"]
     config["quantization"] = _quant_config(groups, options["bits"], options["group_size"], L)
     config["quantization_config"] = config["quantization"]  # mlx-lm writes both
     tokenizer_dir = jobs.dir / "tokenizer"

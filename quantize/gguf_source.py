@@ -68,14 +68,14 @@ class GGUFSource:
                     continue
                 raise UserError(f"{path}: unexpected tensor {name}")
             self.weights[hf] = arr
-        quantized = [n for n in self.weights if n.endswith(".scales")]
-        self.native_quant: tuple[int, int] | None = None
-        if quantized:
-            n = quantized[0][: -len(".scales")]
-            w, s = self.weights[n + ".weight"], self.weights[n + ".scales"]
-            group_size = 32  # Q4_0/Q4_1/Q8_0 all quantize blocks of 32
-            bits = w.shape[-1] * 32 // (s.shape[-1] * group_size)
-            self.native_quant = (bits, group_size)
+        # module -> (bits, group size) of weights MLX read already quantized
+        self.native: dict[str, tuple[int, int]] = {}
+        for n in self.weights:
+            if n.endswith(".scales"):
+                base = n[: -len(".scales")]
+                w, s = self.weights[base + ".weight"], self.weights[n]
+                group_size = 32  # Q4_0/Q4_1/Q8_0 all quantize blocks of 32
+                self.native[base] = (w.shape[-1] * 32 // (s.shape[-1] * group_size), group_size)
         self.hashes: dict[str, str] = {}  # the file's sha256 stands for all of them
         self.tensors = {
             n: SourceTensor(n, tuple(a.shape), MX_TO_ST[a.dtype], a.nbytes)

@@ -66,10 +66,12 @@ def quantized_outs(path: str, shape: tuple[int, ...], spec: QuantSpec | None, dt
 
 
 class Planner:
-    def __init__(self, source: Source, info: ModelInfo, bits: int, group_size: int, recipe: str, keep_mtp: bool):
-        self.source, self.info = source, info
+    def __init__(self, source: Source, info: ModelInfo, bits: int, group_size: int, recipe: str, keep_mtp: bool,
+                 keep_native: bool = False, dtype: str | None = None):
+        self.source, self.info, self.keep_native = source, info, keep_native
         self.bits, self.group_size, self.recipe, self.keep_mtp = bits, group_size, recipe, keep_mtp
-        self.dtype = COMPUTE_DTYPES.get(str(info.config.get("torch_dtype", "bfloat16")), "BF16")
+        # floating-point parameters and scales are stored in this dtype, as mlx_lm.convert does
+        self.dtype = COMPUTE_DTYPES.get(dtype or str(info.config.get("torch_dtype", "bfloat16")), "BF16")
         self.fp8 = (info.config.get("quantization_config") or {}).get("quant_method") == "fp8"
 
     def float_shape(self, name: str) -> tuple[int, ...]:
@@ -85,8 +87,8 @@ class Planner:
                 raise UserError(f"{name}_scale_inv has shape {scale.shape}, expected {scale_shape(t.shape)}")
             return t.shape
         base = name[: -len(".weight")]
-        if self.source.native_quant and base + ".scales" in self.source.tensors:
-            bits, _ = self.source.native_quant
+        if base in self.source.native:
+            bits, _ = self.source.native[base]
             return (*t.shape[:-1], t.shape[-1] * 32 // bits)
         if t.dtype not in FLOAT_DTYPES:
             raise UserError(f"{name} has dtype {t.dtype}; a floating-point weight was expected")
@@ -100,6 +102,8 @@ class Planner:
         )
 
     def spec_for(self, path: str, shape: tuple[int, ...]) -> QuantSpec | None:
+        if self.keep_native and path in self.source.native and path in self.info.quantizable:
+            return QuantSpec(*self.source.native[path])  # a GGUF's own quantization, kept as is
         layer = layer_of(path + ".")
         if layer is not None and layer >= self.info.num_layers:  # MTP: quantize like the last layer
             path = path.replace(f"model.layers.{layer}.", f"model.layers.{self.info.num_layers - 1}.", 1)
@@ -124,7 +128,7 @@ class Planner:
             if layer is not None and layer >= info.num_layers and not self.keep_mtp:
                 consumed.add(name)
                 continue
-            if self.source.native_quant and name.endswith(".scales"):  # GGUF: read with .weight
+            if name.endswith(".scales") and name[: -len(".scales")] in self.source.native:  # read with .weight
                 consumed.update({name, name[: -len(".scales")] + ".biases"})
             m = _EXPERT.match(name)
             if m:
@@ -153,7 +157,7 @@ class Planner:
             if base and base.endswith("self_attn.kv_b_proj") and info.model_type == "deepseek_v3":
                 groups.append(self._kv_b(base, name, layer))
             elif base and (base in info.quantizable or self._mtp_quantizable(base)) or (
-                base and self.source.native_quant and base + ".scales" in names
+                base and base in self.source.native
             ):
                 shape = self.float_shape(name)
                 spec = self.spec_for(base, shape)

@@ -24,8 +24,8 @@ def load_float(planner: Planner, name: str) -> mx.array:
     if t.dtype == "F8_E4M3":
         return dequantize_fp8(src.read(name), src.read(name + "_scale_inv"))
     base = name[: -len(".weight")]
-    if src.native_quant and base + ".scales" in src.tensors:
-        bits, group_size = src.native_quant
+    if base in src.native:
+        bits, group_size = src.native[base]
         return mx.dequantize(src.read(name), src.read(base + ".scales"), src.read(base + ".biases"),
                              group_size=group_size, bits=bits)
     return src.read(name)
@@ -35,8 +35,8 @@ def _linear(planner: Planner, path: str, weight_name: str, spec: QuantSpec | Non
             weight: mx.array | None = None) -> Step:
     src = planner.source
     base = weight_name[: -len(".weight")]
-    native = src.native_quant and base + ".scales" in src.tensors and weight is None
-    if native and spec is not None and (spec.bits, spec.group_size) == src.native_quant:
+    native = src.native.get(base) if weight is None else None
+    if native is not None and spec is not None and (spec.bits, spec.group_size) == native:
         # already quantized as asked: copied, not requantized
         return [(f"{path}.weight", src.read(weight_name)), (f"{path}.scales", src.read(base + ".scales").astype(dtype)),
                 (f"{path}.biases", src.read(base + ".biases").astype(dtype))]

@@ -38,7 +38,7 @@ class SourceTensor:
 class Source(Protocol):
     config: dict[str, Any]
     tensors: dict[str, SourceTensor]
-    native_quant: tuple[int, int] | None  # (bits, group_size) of already-quantized weights
+    native: dict[str, tuple[int, int]]  # module -> (bits, group_size) of already-quantized weights
 
     def read(self, name: str) -> mx.array: ...
     def write_tokenizer(self, dst: Path) -> None: ...
@@ -57,7 +57,7 @@ def _load_json(path: Path) -> Any:
 class HFSource:
     """A directory in Hugging Face layout: config.json and model*.safetensors."""
 
-    native_quant = None
+    native: dict[str, tuple[int, int]] = {}
 
     def __init__(self, path: Path):
         self.path = path
