@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,8 @@ from quantize.stages import even_ranges, read_plan, stage_of
 from quantize.writer import JobDir, StageFile, disk_error
 
 FORMAT_VERSION = 1
+# seconds to pause after each group: lets the resume test kill a run part-way on any machine
+THROTTLE = float(os.environ.get("MLXDIST_QUANTIZE_THROTTLE", "0") or 0)
 VALID_BITS = (2, 3, 4, 5, 6, 8)
 VALID_GROUP_SIZES = (32, 64, 128)
 
@@ -157,6 +160,8 @@ def convert(src: str | Path, out: str | Path, bits: int | None = None, group_siz
                 jobs.record({"id": rid, "out": {n: h.hexdigest() for n, h in hashes.items()},
                              "src": dict(source.hashes)})
                 bar.advance(len(g.outs), g.read_bytes)
+                if THROTTLE:
+                    time.sleep(THROTTLE)
             f.close()
         bar.close()
         _finish(out, source, info, groups, per_stage, ranges, files, final, jobs, options)
@@ -198,7 +203,7 @@ def _finish(out: Path, source, info, groups, per_stage, ranges, files, final, jo
                 link.unlink()
             link.symlink_to(Path("stages") / str(k) / "weights.safetensors")
         weight_map: dict[str, str] = {}
-        tensors: list[dict[str, Any]] = []
+        tensors: dict[str, dict[str, Any]] = {}
         src_hashes: dict[str, str] = {}
         total = 0
         for k in range(N):
@@ -207,12 +212,14 @@ def _finish(out: Path, source, info, groups, per_stage, ranges, files, final, jo
                 src_hashes.update(rec["src"])
                 for o in g.outs:
                     nbytes = Slot(o.name, o.dtype, o.shape).nbytes
-                    if o.name not in weight_map:
-                        weight_map[o.name] = names[k]
-                        total += nbytes
-                    tensors.append({"name": o.name, "file": f"stages/{k}/weights.safetensors", "stage": k,
-                                    "layer": g.layer, "shape": list(o.shape), "dtype": o.dtype,
-                                    "bytes": nbytes, "sha256": rec["out"][o.name]})
+                    if o.name in tensors:  # the tied embedding, copied onto the last stage
+                        tensors[o.name]["stages"].append(k)
+                        continue
+                    weight_map[o.name] = names[k]
+                    total += nbytes
+                    tensors[o.name] = {"file": f"stages/{k}/weights.safetensors", "stage": k, "stages": [k],
+                                       "layer": g.layer, "shape": list(o.shape), "dtype": o.dtype,
+                                       "bytes": nbytes, "sha256": rec["out"][o.name]}
         _write_json(out / "model.safetensors.index.json",
                     {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
         if hasattr(source, "sha256"):

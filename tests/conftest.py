@@ -60,3 +60,19 @@ def run_mlxdist(*args: str, timeout: float = 300, **kw) -> subprocess.CompletedP
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0, reason="needs root to create network namespaces (ip netns); CI runs as root"
 )
+
+
+SMOLLM2_MLX_VERSION = "1-f32"  # bump when the converted output changes
+
+
+@pytest.fixture(scope="session")
+def smollm2_mlx(smollm2_gguf: Path) -> Path:
+    """SmolLM2-135M-Instruct converted by `mlxdist quantize` into 2 stages (its own Q4_1/Q8_0
+    quantization kept, float32 scales and norms: float16 runs ~40x slower on MLX's CPU
+    backend). Cached across runs; reused only when its manifest.json exists (complete)."""
+    from quantize.convert import convert
+
+    out = CACHE / f"smollm2-mlx-{SMOLLM2_MLX_VERSION}"
+    if not (out / "manifest.json").exists():
+        convert(smollm2_gguf, out, stages=2, dtype="float32", progress=False)
+    return out
