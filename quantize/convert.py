@@ -68,7 +68,7 @@ def _check_out(out: Path, options: dict[str, Any]) -> bool:
 
 def _quant_config(groups: list[Group], bits: int, group_size: int, num_layers: int) -> dict[str, Any]:
     """mlx-lm's "quantization" entry: defaults plus one entry per module quantized otherwise."""
-    q: dict[str, Any] = {"group_size": group_size, "bits": bits}
+    q: dict[str, Any] = {"group_size": group_size, "bits": bits, "mode": "affine"}
     for g in groups:
         if g.layer is not None and g.layer >= num_layers:
             continue
