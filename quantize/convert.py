@@ -109,7 +109,7 @@ def convert(src: str | Path, out: str | Path, bits: int | None = None, group_siz
     planner = Planner(source, info, bits, group_size, recipe, keep_mtp, keep_native, dtype)
     groups = planner.plan()
     L = info.num_layers
-    ranges = read_plan(Path(plan), L) if plan is not None else even_ranges(groups, L, stages or 1)
+    ranges = read_plan(Path(plan), L) if plan is not None else even_ranges(groups, L, stages or 1, info.tied)
     options = {"bits": bits, "group_size": group_size, "recipe": recipe, "keep_mtp": keep_mtp, "dtype": dtype,
                "stages": [list(r) for r in ranges], "source": str(src)}
     if _check_out(out, options):

@@ -34,9 +34,10 @@ def check_ranges(ranges: list[tuple[int, int]], num_layers: int, what: str) -> N
         raise UserError(f"{what}: stages cover layers 0..{expect}, the model has {num_layers}")
 
 
-def even_ranges(groups: list[Group], num_layers: int, num_stages: int) -> list[tuple[int, int]]:
+def even_ranges(groups: list[Group], num_layers: int, num_stages: int, tied: bool = False) -> list[tuple[int, int]]:
     """Contiguous layer ranges whose largest stage (in output bytes, embedding counted on
-    the first stage and the head on the last) is as small as it can be."""
+    the first stage and the head, or a tied embedding's copy, on the last) is as small as it
+    can be."""
     if not 1 <= num_stages <= num_layers:
         raise UserError(f"--stages must be between 1 and the number of layers ({num_layers})")
     sizes = [0] * num_layers
@@ -44,6 +45,8 @@ def even_ranges(groups: list[Group], num_layers: int, num_stages: int) -> list[t
     for g in groups:
         if g.part == "embed":
             first += g.out_bytes
+            if tied and num_stages > 1:  # the last stage holds a copy as its head
+                last += g.out_bytes
         elif g.part == "head" or g.layer >= num_layers:
             last += g.out_bytes
         else:

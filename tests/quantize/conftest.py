@@ -2,18 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 
-import mlx.core as mx
-import mlx.nn as nn
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tools"))
-
-import make_checkpoint  # noqa: E402
+from quantize_helpers import make_checkpoint
 
 
 @pytest.fixture(scope="session")
@@ -36,46 +28,3 @@ def deepseek_out(deepseek_ckpt, tmp_path_factory) -> Path:
     from quantize.convert import convert
 
     return convert(deepseek_ckpt, tmp_path_factory.mktemp("out") / "ds", stages=2, progress=False)
-
-
-def load_stage(stage_dir: Path) -> tuple[nn.Module, dict]:
-    """An mlx-lm model built from the stage's config.json holding only the stage's weights,
-    quantized the way mlx-lm's loader does (per-path entries, else where .scales exist)."""
-    from mlx_lm.utils import _get_classes
-
-    config = json.loads((stage_dir / "config.json").read_text())
-    model_class, args_class = _get_classes(config)
-    model = model_class(args_class.from_dict(config))
-    weights = mx.load(str(stage_dir / "weights.safetensors"))
-    q = config["quantization"]
-
-    def predicate(path: str, module: nn.Module):
-        if path in q:
-            return q[path]
-        return hasattr(module, "to_quantized") and f"{path}.scales" in weights
-
-    nn.quantize(model, group_size=q["group_size"], bits=q["bits"], class_predicate=predicate)
-    model.load_weights(list(weights.items()), strict=False)
-    return model, json.loads((stage_dir / "stage.json").read_text())
-
-
-def chained_logits(out: Path, tokens: mx.array) -> mx.array:
-    """Run the stage directories one after another, each on its own layers, in one process."""
-    from mlx_lm.models.base import create_attention_mask
-
-    stages = sorted((out / "stages").iterdir(), key=lambda p: int(p.name))
-    h = None
-    for stage_dir in stages:
-        model, stage = load_stage(stage_dir)
-        inner = model.model
-        if stage["has_embedding"] and stage["stage"] == 0:
-            h = inner.embed_tokens(tokens)
-        mask = create_attention_mask(h, None, return_array=True)
-        start, end = stage["layers"]
-        for layer in inner.layers[start:end]:
-            h = layer(h, mask, None)
-        if stage["has_head"]:
-            h = inner.norm(h)
-            head = getattr(model, "lm_head", None)
-            return head(h) if head is not None else inner.embed_tokens.as_linear(h)
-    raise AssertionError("no stage has the head")

@@ -10,7 +10,7 @@ import ml_dtypes
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import chained_logits
+from quantize_helpers import chained_logits
 from make_checkpoint import fp8_blocks
 
 from quantize.fp8 import dequantize_fp8

@@ -9,7 +9,7 @@ import struct
 
 import mlx.core as mx
 import pytest
-from conftest import chained_logits
+from quantize_helpers import chained_logits
 
 from quantize.convert import convert
 

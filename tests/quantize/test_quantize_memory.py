@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 
-from conftest import ROOT, make_checkpoint
+from quantize_helpers import ROOT, make_checkpoint
 
 MEASURE = """
 import resource, sys

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import ROOT
+from quantize_helpers import ROOT
 
 from quantize.convert import convert
 
