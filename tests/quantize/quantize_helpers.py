@@ -11,11 +11,36 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tools"))
 
 import make_checkpoint  # noqa: E402,F401
+
+
+# Fixtures: imported by the test modules that use them (no conftest.py here: its module
+# name would clash with other areas' conftest.py files).
+@pytest.fixture(scope="session")
+def llama_ckpt(tmp_path_factory) -> Path:
+    return make_checkpoint.llama(tmp_path_factory.mktemp("ckpt") / "llama")
+
+
+@pytest.fixture(scope="session")
+def llama_tied_ckpt(tmp_path_factory) -> Path:
+    return make_checkpoint.llama(tmp_path_factory.mktemp("ckpt") / "llama-tied", tied=True, layers=3)
+
+
+@pytest.fixture(scope="session")
+def deepseek_ckpt(tmp_path_factory) -> Path:
+    return make_checkpoint.deepseek(tmp_path_factory.mktemp("ckpt") / "deepseek")
+
+
+@pytest.fixture(scope="session")
+def deepseek_out(deepseek_ckpt, tmp_path_factory) -> Path:
+    from quantize.convert import convert
+
+    return convert(deepseek_ckpt, tmp_path_factory.mktemp("out") / "ds", stages=2, progress=False)
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -8,7 +8,7 @@ import shutil
 import subprocess
 
 import pytest
-from quantize_helpers import make_checkpoint, run_cli
+from quantize_helpers import deepseek_ckpt, llama_ckpt, run_cli  # noqa: F401 (fixtures)
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount a tmpfs")
 

@@ -10,7 +10,7 @@ import ml_dtypes
 import mlx.core as mx
 import numpy as np
 import pytest
-from quantize_helpers import chained_logits
+from quantize_helpers import chained_logits, deepseek_ckpt, deepseek_out  # noqa: F401 (fixtures)
 from make_checkpoint import fp8_blocks
 
 from quantize.fp8 import dequantize_fp8

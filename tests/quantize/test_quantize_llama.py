@@ -9,7 +9,7 @@ import struct
 
 import mlx.core as mx
 import pytest
-from quantize_helpers import chained_logits
+from quantize_helpers import chained_logits, llama_ckpt, llama_tied_ckpt  # noqa: F401 (fixtures)
 
 from quantize.convert import convert
 

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from quantize_helpers import ROOT
+from quantize_helpers import ROOT, llama_ckpt  # noqa: F401 (fixture)
 
 from quantize.convert import convert
 
