@@ -30,6 +30,7 @@ from quantize.writer import JobDir, StageFile, disk_error
 
 FORMAT_VERSION = 1
 # seconds to pause after each group: lets the resume test kill a run part-way on any machine
+SYNC_SECONDS = 5.0  # a crash loses at most this much work
 THROTTLE = float(os.environ.get("MLXDIST_QUANTIZE_THROTTLE", "0") or 0)
 VALID_BITS = (2, 3, 4, 5, 6, 8)
 VALID_GROUP_SIZES = (32, 64, 128)
@@ -149,6 +150,8 @@ def convert(src: str | Path, out: str | Path, bits: int | None = None, group_siz
                 bar.skip(sum(len(g.outs) for g in per_stage[k]), sum(g.read_bytes for g in per_stage[k]))
                 continue
             f.open()
+            pending: list[dict[str, Any]] = []  # done but not yet synced and recorded
+            last_sync = time.monotonic()
             for g in per_stage[k]:
                 rid = f"{k}:{g.key}"
                 if rid in jobs.done:
@@ -157,11 +160,17 @@ def convert(src: str | Path, out: str | Path, bits: int | None = None, group_siz
                 source.hashes.clear()
                 hashes: dict[str, Any] = {}
                 f.write_group(produce(planner, g), hashes)
-                jobs.record({"id": rid, "out": {n: h.hexdigest() for n, h in hashes.items()},
-                             "src": dict(source.hashes)})
+                pending.append({"id": rid, "out": {n: h.hexdigest() for n, h in hashes.items()},
+                                "src": dict(source.hashes)})
                 bar.advance(len(g.outs), g.read_bytes)
                 if THROTTLE:
                     time.sleep(THROTTLE)
+                if THROTTLE or time.monotonic() - last_sync > SYNC_SECONDS:
+                    f.sync()  # one fsync per few seconds, not per tensor
+                    jobs.record(pending)
+                    pending, last_sync = [], time.monotonic()
+            f.sync()
+            jobs.record(pending)
             f.close()
         bar.close()
         _finish(out, source, info, groups, per_stage, ranges, files, final, jobs, options)

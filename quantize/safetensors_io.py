@@ -111,7 +111,10 @@ def read_tensor(info: TensorInfo, hashed: bool = False):
 def to_bytes(arr: mx.array) -> memoryview:
     """The row-major bytes of an mlx array (evaluated)."""
     raw = arr.view(_RAW_VIEW[arr.itemsize]) if arr.dtype in (mx.bfloat16, mx.float16) else arr
-    return memoryview(np.ascontiguousarray(np.array(raw, copy=False))).cast("B")
+    view = memoryview(raw)  # no copy when mlx holds it row-major already
+    if not view.c_contiguous:
+        view = memoryview(mx.contiguous(raw))
+    return view.cast("B")
 
 
 @dataclass(frozen=True)

@@ -69,13 +69,17 @@ class JobDir:
             done[rec["id"]] = rec
         return done
 
-    def record(self, rec: dict[str, Any]) -> None:
+    def record(self, recs: list[dict[str, Any]]) -> None:
+        """Record groups whose data is already synced to disk."""
+        if not recs:
+            return
         if self.log is None:
             self.log = open(self.records, "ab")
-        self.log.write(json.dumps(rec, sort_keys=True).encode() + b"\n")
+        self.log.write(b"".join(json.dumps(r, sort_keys=True).encode() + b"\n" for r in recs))
         self.log.flush()
         os.fsync(self.log.fileno())
-        self.done[rec["id"]] = rec
+        for r in recs:
+            self.done[r["id"]] = r
 
     def close(self) -> None:
         if self.log is not None:
@@ -125,6 +129,12 @@ class StageFile:
             for name, pos in cursor.items():
                 if pos != self.sizes[name]:
                     raise AssertionError(f"{name}: wrote {pos} bytes, its shape holds {self.sizes[name]}")
+        except OSError as e:
+            raise disk_error(e, self.path) from None
+
+    def sync(self) -> None:
+        """Make what was written durable; only then may it be recorded as done."""
+        try:
             self.f.flush()
             os.fsync(self.f.fileno())
         except OSError as e:
