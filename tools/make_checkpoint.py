@@ -2,6 +2,7 @@
 
     python tools/make_checkpoint.py deepseek OUT_DIR   # DeepSeek-R1 style, FP8 e4m3 + block scales
     python tools/make_checkpoint.py llama OUT_DIR [--layers 4 --hidden 128 --intermediate 256]
+    python tools/make_checkpoint.py qwen2|qwen3|qwen3_moe OUT_DIR [--layers 3]
 
 Independent of the code under test: safetensors files are written here with numpy and
 json following the published format, FP8 with ml_dtypes.
@@ -201,9 +202,51 @@ def deepseek(out: Path, seed: int = 0) -> Path:
     return out
 
 
+QWEN_CONFIGS = {
+    "qwen2": {"architectures": ["Qwen2ForCausalLM"], "tie_word_embeddings": True},
+    "qwen3": {"architectures": ["Qwen3ForCausalLM"], "head_dim": 32, "tie_word_embeddings": True},
+    "qwen3_moe": {"architectures": ["Qwen3MoeForCausalLM"], "head_dim": 32, "num_experts": 4,
+                  "num_experts_per_tok": 2, "decoder_sparse_step": 1, "mlp_only_layers": [0],
+                  "moe_intermediate_size": 64, "norm_topk_prob": True, "tie_word_embeddings": False},
+}
+
+
+def qwen(out: Path, arch: str, layers: int = 3, seed: int = 0) -> Path:
+    """A Qwen2/Qwen3/Qwen3-MoE checkpoint in Hugging Face layout (experts one by one as
+    `mlp.experts.E.*_proj`), its tensor names and shapes taken from mlx-lm's model."""
+    import importlib
+
+    from mlx.utils import tree_flatten
+
+    rng = np.random.default_rng(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {"model_type": arch, "hidden_size": 128, "num_hidden_layers": layers, "intermediate_size": 256,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "vocab_size": 320,
+              "rope_theta": 10000.0, "max_position_embeddings": 2048, "torch_dtype": "bfloat16",
+              "bos_token_id": 256, "eos_token_id": 257, **QWEN_CONFIGS[arch]}
+    module = importlib.import_module(f"mlx_lm.models.{arch}")
+    shapes = {k: v.shape for k, v in tree_flatten(module.Model(module.ModelArgs.from_dict(config)).parameters())}
+    t: dict[str, np.ndarray] = {}
+    for name, shape in sorted(shapes.items()):
+        if ".switch_mlp." in name:  # unstack: Hugging Face stores one tensor per expert
+            prefix, proj = name.split(".switch_mlp.")
+            for e in range(shape[0]):
+                t[f"{prefix}.experts.{e}.{proj}"] = _dense(rng, *shape[1:]).astype(BF16)
+        elif name.endswith("norm.weight"):
+            t[name] = (1 + 0.1 * rng.standard_normal(shape)).astype(BF16)
+        elif name.endswith(".bias") or name == "model.embed_tokens.weight":
+            t[name] = (0.5 * rng.standard_normal(shape)).astype(BF16)
+        else:
+            t[name] = _dense(rng, *shape).astype(BF16)
+    write_sharded(out, t, 2)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    write_tokenizer(out, config["vocab_size"])
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("kind", choices=["llama", "deepseek"])
+    ap.add_argument("kind", choices=["llama", "deepseek", *QWEN_CONFIGS])
     ap.add_argument("out", type=Path)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=128)
@@ -213,8 +256,10 @@ def main() -> None:
     a = ap.parse_args()
     if a.kind == "llama":
         llama(a.out, a.layers, a.hidden, a.intermediate, tied=a.tied, files=a.files)
-    else:
+    elif a.kind == "deepseek":
         deepseek(a.out)
+    else:
+        qwen(a.out, a.kind, a.layers)
     print(a.out)
 
 

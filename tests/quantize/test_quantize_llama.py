@@ -21,15 +21,16 @@ def llama_out(llama_ckpt, tmp_path_factory):
     return convert(llama_ckpt, tmp_path_factory.mktemp("out") / "llama", stages=2, progress=False)
 
 
-def test_equals_mlx_lm_convert(llama_ckpt, llama_out, tmp_path):
+def _equals_mlx_lm_convert(ckpt, out, tmp_path, stages=2):
     from mlx_lm.convert import convert as mlx_lm_convert
 
-    mlx_lm_convert(str(llama_ckpt), str(tmp_path / "ref"), quantize=True, q_bits=4, q_group_size=64)
+    mlx_lm_convert(str(ckpt), str(tmp_path / "ref"), quantize=True, q_bits=4, q_group_size=64)
+    llama_out = out
     ref = {}
     for f in (tmp_path / "ref").glob("model*.safetensors"):
         ref.update(mx.load(str(f)))
     ours = {}
-    for k in (0, 1):
+    for k in range(stages):
         ours.update(mx.load(str(llama_out / "stages" / str(k) / "weights.safetensors")))
     assert set(ours) == set(ref)
     for k in ref:
@@ -37,6 +38,20 @@ def test_equals_mlx_lm_convert(llama_ckpt, llama_out, tmp_path):
     ref_config = json.loads((tmp_path / "ref" / "config.json").read_text())
     our_config = json.loads((llama_out / "config.json").read_text())
     assert our_config["quantization"] == ref_config["quantization"]
+
+
+def test_equals_mlx_lm_convert(llama_ckpt, llama_out, tmp_path):
+    _equals_mlx_lm_convert(llama_ckpt, llama_out, tmp_path)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "qwen3_moe"])
+def test_qwen_equals_mlx_lm_convert(arch, tmp_path):
+    from quantize_helpers import make_checkpoint
+
+    ckpt = make_checkpoint.qwen(tmp_path / arch, arch)
+    out = convert(ckpt, tmp_path / "out", stages=3, progress=False)
+    _equals_mlx_lm_convert(ckpt, out, tmp_path, stages=3)
+    _check_logits(out)
 
 
 def _check_logits(out):
