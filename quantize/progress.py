@@ -32,7 +32,7 @@ class Progress:
         self.interval = interval if not self.tty else 0.2
         self.start = time.monotonic()
         self.session_bytes = 0  # bytes done by this run (a resumed run starts part-way)
-        self.last = 0.0
+        self.last = float("-inf")  # draw on the first step
 
     def skip(self, tensors: int, nbytes: int) -> None:
         """Work finished by an earlier run."""
@@ -48,7 +48,7 @@ class Progress:
             self.last = now
             self.draw(now)
 
-    def line(self, now: float) -> str:
+    def line(self, now: float) -> tuple[str, float]:
         elapsed = max(now - self.start, 1e-6)
         rate = self.session_bytes / elapsed
         left = (self.total_bytes - self.bytes) / rate if rate > 0 else 0

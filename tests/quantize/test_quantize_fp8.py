@@ -159,3 +159,21 @@ def test_keep_mtp(deepseek_ckpt, tmp_path):
     mtp = {n: t for n, t in manifest["tensors"].items() if n.startswith("model.layers.5.")}
     assert "model.layers.5.eh_proj.weight" in mtp and "model.layers.5.mlp.switch_mlp.up_proj.scales" in mtp
     assert all(t["layer"] == 5 for t in mtp.values())
+
+
+def test_mixed_recipe_bits_per_tensor(deepseek_ckpt, tmp_path):
+    import mlx_lm
+
+    from quantize.convert import convert
+
+    out = convert(deepseek_ckpt, tmp_path / "mixed", recipe="mixed", stages=2, progress=False)
+    model, _ = mlx_lm.load(str(out))  # per-layer bits read from config.json by mlx-lm
+    dense, moe = model.model.layers[0], model.model.layers[3]
+    assert moe.mlp.switch_mlp.gate_proj.bits == 4  # routed experts
+    assert moe.mlp.shared_experts.up_proj.bits == 6 and dense.mlp.down_proj.bits == 6
+    assert dense.self_attn.kv_a_proj_with_mqa.bits == 8 and dense.self_attn.o_proj.bits == 8
+    assert dense.self_attn.unembed_out.bits == 8
+    assert model.model.embed_tokens.bits == 8 and model.lm_head.bits == 8
+    w = mx.load(str(out / "stages" / "1" / "weights.safetensors"))
+    assert "model.layers.3.mlp.gate.scales" not in w and "model.layers.3.input_layernorm.scales" not in w
+    assert mx.array_equal(model(mx.array([[1, 2, 3]])), chained_logits(out, mx.array([[1, 2, 3]]))).item()
