@@ -13,7 +13,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 
 @dataclass(frozen=True)
@@ -67,8 +67,11 @@ def free_port(host: str = "127.0.0.1") -> int:
 class LocalLauncher:
     control_host = "127.0.0.1"
 
-    def __init__(self, python: str = sys.executable, log_dir: str | None = None):
+    def __init__(self, python: str = sys.executable, log_dir: str | None = None,
+                 rank_env: Callable[[int], dict[str, str]] | None = None):
         self.python = python
+        # extra environment per rank, e.g. one GPU each: {"CUDA_VISIBLE_DEVICES": str(rank)}
+        self.rank_env = rank_env or (lambda rank: {})
         self.dir = Path(log_dir or tempfile.mkdtemp(prefix="mlxdist-run-"))
         self.procs: dict[int, subprocess.Popen] = {}
 
@@ -89,7 +92,7 @@ class LocalLauncher:
             log = open(self.dir / f"rank{spec.rank}.log", "wb")
             self.procs[spec.rank] = subprocess.Popen(
                 [self.python, *spec.argv()], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                env=env, start_new_session=True)
+                env={**env, **self.rank_env(spec.rank)}, start_new_session=True)
             log.close()
 
     def poll(self) -> dict[int, int | None]:
