@@ -43,7 +43,9 @@ def verify_stage(root: Path, plan: StagePlan, check_hashes: bool = True) -> None
     tensors = manifest.get("tensors", {})
     if isinstance(tensors, dict):  # the doc's {name: {...}}; the converter writes a list
         tensors = [{"name": n, **t} for n, t in tensors.items()]
-    wanted = {t["name"]: t for t in tensors if int(t.get("stage", -1)) == int(stage_json.get("stage", -2))}
+    # "stages" lists every stage holding the tensor (a tied embedding is also on the last)
+    wanted = {t["name"]: t for t in tensors
+              if int(stage_json.get("stage", -2)) in [int(s) for s in t.get("stages", [t.get("stage", -1)])]}
     path = stage_dir / "weights.safetensors"
     if not path.exists():
         raise ShardMismatch(f"stage {stage_dir}: weights.safetensors is missing")
