@@ -24,7 +24,7 @@ from quantize.produce import produce
 from quantize.progress import Progress
 from quantize.recipe import RECIPES
 from quantize.safetensors_io import Slot
-from quantize.source import open_source, sha256_file
+from quantize.source import open_source
 from quantize.stages import even_ranges, read_plan, stage_of
 from quantize.writer import JobDir, StageFile, disk_error
 
@@ -251,5 +251,3 @@ def _finish(out: Path, source, info, groups, per_stage, ranges, files, final, jo
     except OSError as e:
         raise disk_error(e, out) from None
 
-
-__all__ = ["convert", "sha256_file"]

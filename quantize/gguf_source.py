@@ -9,7 +9,6 @@ permuting weight, scales and biases rows alike is exact.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ import mlx.core as mx
 
 from mlxdist.errors import UserError
 from quantize.safetensors_io import MX_TO_ST
-from quantize.source import SourceTensor
+from quantize.source import SourceTensor, sha256_file
 
 # GGUF tensor name -> Hugging Face name (llama)
 _TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
@@ -152,8 +151,4 @@ class GGUFSource:
         return {"path": str(self.path.resolve()), "files": {self.path.name: [st.st_size, st.st_mtime_ns]}}
 
     def sha256(self) -> str:
-        h = hashlib.sha256()
-        with open(self.path, "rb") as f:
-            while chunk := f.read(1 << 24):
-                h.update(chunk)
-        return h.hexdigest()
+        return sha256_file(self.path)

@@ -38,6 +38,7 @@ class SourceTensor:
 class Source(Protocol):
     config: dict[str, Any]
     tensors: dict[str, SourceTensor]
+    hashes: dict[str, str]  # sha256 of each tensor read since last cleared (HF sources)
     native: dict[str, tuple[int, int]]  # module -> (bits, group_size) of already-quantized weights
 
     def read(self, name: str) -> mx.array: ...

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 
 from quantize.progress import Progress
+from quantize_helpers import llama_ckpt  # noqa: F401 (fixture)
 
 
 class FakeTTY(io.StringIO):
@@ -44,3 +45,19 @@ def test_quiet():
     bar.advance(1, 1)
     bar.close()
     assert out.getvalue() == ""
+
+
+def test_cli_draws_a_bar_on_a_terminal(llama_ckpt, tmp_path):
+    import os
+    import sys
+
+    import pexpect
+    from quantize_helpers import ROOT
+
+    child = pexpect.spawn(sys.executable, ["-m", "mlxdist", "quantize", str(llama_ckpt), str(tmp_path / "out")],
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
+    child.expect(r"\r\[[#-]{24}\] +\d+% \d+/\d+ tensors")
+    child.expect("quantize: done")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
