@@ -137,7 +137,8 @@ class Planner:
             count = info.num_experts or len(by_index)
             missing = [e for e in range(count) if e not in by_index]
             if missing or len(by_index) != count:
-                raise UserError(f"{prefix}: expert {missing[0] if missing else count} {proj} missing or extra (config says {count} experts)")
+                raise UserError(f"{prefix}: expert {missing[0] if missing else count} {proj} missing or extra "
+                                f"(config says {count} experts)")
             srcs = tuple(by_index[e] for e in range(count))
             shapes = {self.float_shape(s) for s in srcs}
             if len(shapes) != 1:
@@ -156,9 +157,7 @@ class Planner:
             part, layer = self._part(name)
             if base and base.endswith("self_attn.kv_b_proj") and info.model_type == "deepseek_v3":
                 groups.append(self._kv_b(base, name, layer))
-            elif base and (base in info.quantizable or self._mtp_quantizable(base)) or (
-                base and base in self.source.native
-            ):
+            elif base and (base in info.quantizable or base in self.source.native or self._mtp_quantizable(base)):
                 shape = self.float_shape(name)
                 spec = self.spec_for(base, shape)
                 groups.append(Group(base, "linear", part, layer, (name,), (spec,),

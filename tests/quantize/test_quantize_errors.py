@@ -121,3 +121,11 @@ def test_disk_full(llama_ckpt, tmp_path):
         assert not (mnt / "out" / "stages").exists()
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_missing_expert(deepseek_ckpt, tmp_path):
+    ckpt = shutil.copytree(deepseek_ckpt, tmp_path / "ds")
+    config = json.loads((ckpt / "config.json").read_text())
+    config["n_routed_experts"] = 9  # the checkpoint holds 8
+    (ckpt / "config.json").write_text(json.dumps(config))
+    _fails(tmp_path / "out", str(ckpt), match="expert 8")
