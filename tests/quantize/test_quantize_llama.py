@@ -145,3 +145,22 @@ def test_rerun_of_finished_output_is_a_no_op(llama_ckpt, llama_out):
     before = (llama_out / "manifest.json").stat().st_mtime_ns
     convert(llama_ckpt, llama_out, stages=2, progress=False)
     assert (llama_out / "manifest.json").stat().st_mtime_ns == before
+
+
+def test_close_to_unquantized(llama_ckpt, llama_out, tmp_path):
+    """Against the bf16 checkpoint as mlx-lm loads it (in float32). Random tiny weights are
+    the worst case for 4 bits, so the tight bound is at 8 bits."""
+    import mlx_lm
+    from mlx.utils import tree_map
+
+    def as_float32(model):
+        model.update(tree_map(lambda v: v.astype(mx.float32) if mx.issubdtype(v.dtype, mx.floating) else v,
+                              model.parameters()))
+        return model
+
+    want = as_float32(mlx_lm.load(str(llama_ckpt))[0])(TOKENS)
+    for bits, bound in ((4, 0.5), (8, 0.05)):
+        out = llama_out if bits == 4 else convert(llama_ckpt, tmp_path / "q8", bits=8, progress=False)
+        got = as_float32(mlx_lm.load(str(out))[0])(TOKENS)
+        rel = (mx.linalg.norm(got - want) / mx.linalg.norm(want)).item()
+        assert rel < bound, (bits, rel)
