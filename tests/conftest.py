@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -74,5 +75,14 @@ def smollm2_mlx(smollm2_gguf: Path) -> Path:
 
     out = CACHE / f"smollm2-mlx-{SMOLLM2_MLX_VERSION}"
     if not (out / "manifest.json").exists():
-        convert(smollm2_gguf, out, stages=2, dtype="float32", progress=False)
+        # converted aside and renamed into place: test runs in parallel never see half of it
+        tmp = CACHE / f".smollm2-mlx-{SMOLLM2_MLX_VERSION}.{os.getpid()}"
+        convert(smollm2_gguf, tmp, stages=2, dtype="float32", progress=False)
+        if not (out / "manifest.json").exists():
+            shutil.rmtree(out, ignore_errors=True)  # an interrupted older attempt
+            try:
+                tmp.rename(out)
+            except OSError:  # another run got there first
+                pass
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
