@@ -89,9 +89,10 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     return out
 
 
-def read_tensor(info: TensorInfo, hashed: bool = False):
-    """One tensor, read into memory (and nothing else); with its sha256 when `hashed`."""
-    mdtype, width = DTYPES[info.dtype]
+def read_raw(info: TensorInfo) -> tuple[np.ndarray, str]:
+    """One tensor's bytes (and nothing else) and their sha256. No MLX here: safe on any
+    thread (MLX arrays belong to the thread's stream that made them)."""
+    width = DTYPES[info.dtype][1]
     buf = np.empty(info.nbytes // width, dtype=_NP_RAW[width])
     try:
         with open(info.file, "rb") as f:
@@ -101,11 +102,19 @@ def read_tensor(info: TensorInfo, hashed: bool = False):
         raise UserError(f"cannot read {info.file}: {e.strerror}") from None
     if got != info.nbytes:
         raise UserError(f"{info.file}: truncated while reading {info.name}")
+    return buf, hashlib.sha256(memoryview(buf).cast("B")).hexdigest()
+
+
+def as_array(info: TensorInfo, buf: np.ndarray) -> mx.array:
     arr = mx.array(buf)
-    if arr.dtype != mdtype:
-        arr = arr.view(mdtype)
-    arr = arr.reshape(info.shape)
-    return (arr, hashlib.sha256(memoryview(buf).cast("B")).hexdigest()) if hashed else arr
+    if arr.dtype != DTYPES[info.dtype][0]:
+        arr = arr.view(DTYPES[info.dtype][0])
+    return arr.reshape(info.shape)
+
+
+def read_tensor(info: TensorInfo) -> mx.array:
+    """One tensor, read into memory (and nothing else)."""
+    return as_array(info, read_raw(info)[0])
 
 
 def to_bytes(arr: mx.array) -> memoryview:

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import mlx.core as mx
 
 from mlxdist.errors import UserError
-from quantize.safetensors_io import TensorInfo, read_header, read_tensor
+from quantize.safetensors_io import TensorInfo, as_array, read_header, read_raw
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -92,9 +92,9 @@ class HFSource:
         self.hashes: dict[str, str] = {}  # sha256 of each source tensor read so far
 
     def read(self, name: str) -> mx.array:
-        arr, digest = read_tensor(self.infos[name], hashed=True)
-        self.hashes[name] = digest
-        return arr
+        buf, digest = read_raw(self.infos[name])
+        self.hashes[name] = digest  # the source checksum, computed on the one read
+        return as_array(self.infos[name], buf)
 
     def write_tokenizer(self, dst: Path) -> None:
         found = False
