@@ -51,6 +51,7 @@ def _check_out(out: Path, options: dict[str, Any]) -> bool:
         except (OSError, ValueError):
             done = None
         if done == options:
+            shutil.rmtree(out / ".partial", ignore_errors=True)  # killed just after the manifest
             return True
         raise UserError(f"{out} holds a finished conversion with other settings; choose another OUT")
     if out.exists() and not out.is_dir():
