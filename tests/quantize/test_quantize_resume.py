@@ -70,3 +70,41 @@ def test_changed_settings_restart_the_partial_work(llama_ckpt, tmp_path):
     _kill_after(_start(llama_ckpt, out, "0.05"), out / ".partial" / "done.jsonl", 3)
     convert(llama_ckpt, out, stages=1, progress=False)  # other settings: starts afresh
     assert _tree(out) == _tree(convert(llama_ckpt, tmp_path / "ref", stages=1, progress=False))
+
+
+def test_interrupted_while_finishing(llama_ckpt, tmp_path, monkeypatch):
+    """Stopped after the first stage file moved into place, then just before the manifest:
+    each rerun finishes, byte-identical."""
+    import quantize.convert as qc
+
+    reference = convert(llama_ckpt, tmp_path / "ref", stages=2, progress=False)
+    out = tmp_path / "out"
+    real_replace, real_write = qc.os.replace, qc._write_json
+
+    def replace_once(a, b):
+        if str(b).endswith("stages/1/weights.safetensors"):
+            raise KeyboardInterrupt
+        real_replace(a, b)
+
+    monkeypatch.setattr(qc.os, "replace", replace_once)
+    try:
+        convert(llama_ckpt, out, stages=2, progress=False)
+    except KeyboardInterrupt:
+        pass
+    monkeypatch.setattr(qc.os, "replace", real_replace)
+    assert (out / "stages/0/weights.safetensors").exists() and not (out / "manifest.json").exists()
+
+    def no_manifest(path, obj):
+        if path.name == "manifest.json":
+            raise KeyboardInterrupt
+        real_write(path, obj)
+
+    monkeypatch.setattr(qc, "_write_json", no_manifest)
+    try:
+        convert(llama_ckpt, out, stages=2, progress=False)
+    except KeyboardInterrupt:
+        pass
+    monkeypatch.setattr(qc, "_write_json", real_write)
+    assert not (out / "manifest.json").exists()
+    convert(llama_ckpt, out, stages=2, progress=False)
+    assert _tree(out) == _tree(reference)
