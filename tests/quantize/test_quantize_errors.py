@@ -129,3 +129,16 @@ def test_missing_expert(deepseek_ckpt, tmp_path):
     config["n_routed_experts"] = 9  # the checkpoint holds 8
     (ckpt / "config.json").write_text(json.dumps(config))
     _fails(tmp_path / "out", str(ckpt), match="expert 8")
+
+
+def test_hub_repo_from_local_cache(llama_ckpt, tmp_path):
+    """A hub repo id resolves through huggingface-hub (here from its cache, offline)."""
+    repo = tmp_path / "hf" / "hub" / "models--mlxdist-test--tiny-llama"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(llama_ckpt, repo / "snapshots" / commit)
+    r = run_cli("quantize", "mlxdist-test/tiny-llama", str(tmp_path / "out"), "--quiet",
+                env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "out" / "manifest.json").exists()
