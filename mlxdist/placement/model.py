@@ -209,7 +209,8 @@ def _layer(mt: str, c: dict[str, Any], q: Quant, i: int) -> LayerSpec:
                   and (i + 1) % c.get("decoder_sparse_step", 1) == 0)
         if sparse:
             k, inner = c["num_experts_per_tok"], c["moe_intermediate_size"]
-            router = q.matrix(e, d, bits=8)  # mlx-lm's quant_predicate keeps the gate at 8 bits
+            # mlx-lm's quant_predicate quantizes the gate at 8 bits when it quantizes at all
+            router = q.matrix(e, d, bits=8 if q.bits not in (0, 16) else 16)
             params += 3 * d * k * inner + e * d
             return LayerSpec(i, attn, 0, 0, router, e * _glu(q, d, inner), e, k, kv, params, 3 * d * inner)
     inner = c["intermediate_size"]
