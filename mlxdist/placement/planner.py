@@ -2,9 +2,9 @@
 
 Candidates, all priced by `cost.py`:
 - a pipeline over the k fastest nodes (k = 1..N), layers split in proportion to
-  bandwidth (equal nodes: the even split), to usable memory (exo's rule), or filling the
-  fastest nodes first; a split that overflows a node is repaired by moving layers to the
-  nodes with the most room;
+  bandwidth, to usable memory (exo's rule), or filling the fastest nodes first (on
+  identical nodes only the even split); a split that overflows a node is repaired by
+  moving layers to the nodes with the most room;
 - for MoE models, the whole model as one expert-parallel stage over the k fastest nodes:
   attention, dense layers, shared experts, embedding and head on every node, each node
   holding a contiguous range of routed experts (in proportion to bandwidth, capped by
@@ -177,6 +177,10 @@ def candidates(model: ModelSpec, cluster: Cluster, req: Request, cp: CostParams 
                 ("layers in proportion to usable memory", _largest_remainder(p.L, [n.usable_bytes for n in nodes])),
                 ("fastest nodes filled first", _fill_fastest(p, nodes, req)),
             ]
+            if len({(n.bandwidth, n.flops, n.usable_bytes) for n in nodes}) == 1:
+                # identical nodes: the even split (as mlx-lm and exo), by design; the
+                # other splits could only trade the embedding/head imbalance for surprise
+                splits = [("the even split over identical nodes", splits[0][1])]
             seen = set()
             for why, counts in splits:
                 fitted = _pipeline_fit(p, nodes, counts, req)
