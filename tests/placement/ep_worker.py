@@ -9,6 +9,7 @@ argv: MODEL_DIR OUT_JSON PROMPT_IDS(comma) MAX_TOKENS [MODE=ep|pp]
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -22,7 +23,8 @@ from mlxdist.runtime.expert_parallel import expert_parallel, split_experts
 
 def main() -> None:
     model_dir, out, prompt, max_tokens = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
-    group = mx.distributed.init(backend="ring", strict=True)
+    # one rank runs without a hostfile: the group of this process alone
+    group = mx.distributed.init(backend="ring", strict="MLX_HOSTFILE" in os.environ)
     rank, size = group.rank(), group.size()
     model, config = load_model(Path(model_dir))
     mode = sys.argv[5] if len(sys.argv) > 5 else "ep"
@@ -50,8 +52,15 @@ def main() -> None:
     mine = mx.array(tokens, dtype=mx.float32)
     total = mx.distributed.all_sum(mx.stack([mine, mine * mine]), group=group)
     agree = bool(mx.all(total == mx.stack([mine, mine * mine]) * size).item())  # zero variance
+    # one all_sum of a decode step's hidden state, timed: the link cost the cost model needs
+    h = mx.zeros((1, 1, config["hidden_size"]), dtype=mx.float32)
+    mx.eval(mx.distributed.all_sum(h, group=group))
+    t0 = time.perf_counter()
+    for _ in range(50):
+        mx.eval(mx.distributed.all_sum(h, group=group))
+    allsum_s = (time.perf_counter() - t0) / 50
     if rank == 0:
-        out.write_text(json.dumps({"tokens": tokens, "logprobs0": first_logits, "ranks": size,
+        out.write_text(json.dumps({"allsum_s": allsum_s, "tokens": tokens, "logprobs0": first_logits, "ranks": size,
                                    "patched_blocks": patched, "owned": owned, "ranks_agree": agree,
                                    "step_s": times}))
 
