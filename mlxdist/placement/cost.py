@@ -50,6 +50,7 @@ class Profile:
         self.kv = _prefix([x.kv_bytes_per_token for x in ls])
         self.rep_params = _prefix([x.params_active - x.experts_per_token * x.expert_params for x in ls])
         self.xparams = _prefix([x.expert_params for x in ls])
+        self.attn_flops = _prefix([x.attn_flops_per_position for x in ls])
         self.n_moe = _prefix([1 if x.is_moe else 0 for x in ls])
         moe = [x for x in ls if x.is_moe]
         self.E = moe[0].n_routed if moe else 0
@@ -92,6 +93,7 @@ class Profile:
                 + self.s(self.kv, a, b) * position * tokens)
         share = 1.0 if owned is None or not self.E else owned / self.E
         flops = 2 * tokens * (self.s(self.rep_params, a, b) + self.k * share * self.s(self.xparams, a, b))
+        flops += tokens * position * self.s(self.attn_flops, a, b)
         if head:
             m = self.model
             read += m.head

@@ -54,6 +54,7 @@ class LayerSpec:
     kv_bytes_per_token: int  # KV cache this layer holds per token of context
     params_active: int  # weights one token multiplies (for the FLOP count)
     expert_params: int = 0  # weights of one routed expert
+    attn_flops_per_position: int = 0  # attention FLOPs per token per cached position
 
     @property
     def is_moe(self) -> bool:
@@ -105,7 +106,7 @@ class ModelSpec:
         return self.hidden_size * self.quant.dtype_bytes
 
 
-def _dense_attention(c: dict[str, Any], q: Quant, *, qkv_bias: bool, qk_norm: bool) -> tuple[int, int, int]:
+def _dense_attention(c: dict[str, Any], q: Quant, *, qkv_bias: bool, qk_norm: bool) -> tuple[int, int, int, int]:
     d = c["hidden_size"]
     heads = c["num_attention_heads"]
     kv_heads = c.get("num_key_value_heads") or heads
@@ -122,7 +123,7 @@ def _dense_attention(c: dict[str, Any], q: Quant, *, qkv_bias: bool, qk_norm: bo
     total += 2 * d * b  # input and post-attention RMSNorm
     kv = 2 * kv_heads * head_dim * b
     params = d * head_dim * (2 * heads + 2 * kv_heads)
-    return total, kv, params
+    return total, kv, params, 4 * heads * head_dim
 
 
 def _glu(q: Quant, d: int, inner: int, *, bias: bool = False) -> int:
@@ -132,7 +133,7 @@ def _glu(q: Quant, d: int, inner: int, *, bias: bool = False) -> int:
     return total
 
 
-def _mla_attention(c: dict[str, Any], q: Quant) -> tuple[int, int, int]:
+def _mla_attention(c: dict[str, Any], q: Quant) -> tuple[int, int, int, int]:
     d = c["hidden_size"]
     h = c["num_attention_heads"]
     rope, nope, v = c["qk_rope_head_dim"], c["qk_nope_head_dim"], c["v_head_dim"]
@@ -156,7 +157,7 @@ def _mla_attention(c: dict[str, Any], q: Quant) -> tuple[int, int, int]:
     # mlx-lm's DeepseekV3Attention caches the compressed latent (kv_rank) and the
     # shared rope key (rope) per token -- not expanded keys/values.
     kv = (kv_rank + rope) * b
-    return total, kv, params
+    return total, kv, params, 2 * h * (2 * kv_rank + rope)
 
 
 def describe(config: dict[str, Any], bits: int = 4, group_size: int = 64, name: str | None = None,
@@ -187,22 +188,22 @@ def describe(config: dict[str, Any], bits: int = 4, group_size: int = 64, name: 
 def _layer(mt: str, c: dict[str, Any], q: Quant, i: int) -> LayerSpec:
     d = c["hidden_size"]
     if mt == "deepseek_v3":
-        attn, kv, params = _mla_attention(c, q)
+        attn, kv, params, af = _mla_attention(c, q)
         moe = (c.get("n_routed_experts") is not None and i >= c.get("first_k_dense_replace", 0)
                and i % c.get("moe_layer_freq", 1) == 0)
         if not moe:
             inner = c["intermediate_size"]
-            return LayerSpec(i, attn, _glu(q, d, inner), 0, 0, 0, 0, 0, kv, params + 3 * d * inner)
+            return LayerSpec(i, attn, _glu(q, d, inner), 0, 0, 0, 0, 0, kv, params + 3 * d * inner, 0, af)
         e, k, inner = c["n_routed_experts"], c["num_experts_per_tok"], c["moe_intermediate_size"]
         shared_inner = inner * (c.get("n_shared_experts") or 0)
         shared = _glu(q, d, shared_inner) if shared_inner else 0
         router = e * d * q.dtype_bytes + e * 4  # MoEGate weight (not quantized) + fp32 bias
         routed = e * _glu(q, d, inner)
         params += 3 * d * (shared_inner + k * inner) + e * d
-        return LayerSpec(i, attn, 0, shared, router, routed, e, k, kv, params, 3 * d * inner)
+        return LayerSpec(i, attn, 0, shared, router, routed, e, k, kv, params, 3 * d * inner, af)
     qkv_bias = mt == "qwen2"
     qk_norm = mt in ("qwen3", "qwen3_moe")
-    attn, kv, params = _dense_attention(c, q, qkv_bias=qkv_bias, qk_norm=qk_norm)
+    attn, kv, params, af = _dense_attention(c, q, qkv_bias=qkv_bias, qk_norm=qk_norm)
     if mt == "qwen3_moe":
         e = c.get("num_experts", 0)
         sparse = (i not in c.get("mlp_only_layers", []) and e > 0
@@ -212,10 +213,10 @@ def _layer(mt: str, c: dict[str, Any], q: Quant, i: int) -> LayerSpec:
             # mlx-lm's quant_predicate quantizes the gate at 8 bits when it quantizes at all
             router = q.matrix(e, d, bits=8 if q.bits not in (0, 16) else 16)
             params += 3 * d * k * inner + e * d
-            return LayerSpec(i, attn, 0, 0, router, e * _glu(q, d, inner), e, k, kv, params, 3 * d * inner)
+            return LayerSpec(i, attn, 0, 0, router, e * _glu(q, d, inner), e, k, kv, params, 3 * d * inner, af)
     inner = c["intermediate_size"]
     mlp = _glu(q, d, inner, bias=bool(c.get("mlp_bias")) and mt == "llama")
-    return LayerSpec(i, attn, mlp, 0, 0, 0, 0, 0, kv, params + 3 * d * inner)
+    return LayerSpec(i, attn, mlp, 0, 0, 0, 0, 0, kv, params + 3 * d * inner, 0, af)
 
 
 def load_model(spec: str, bits: int = 4, group_size: int = 64) -> ModelSpec:

@@ -177,7 +177,9 @@ def candidates(model: ModelSpec, cluster: Cluster, req: Request, cp: CostParams 
                 ("layers in proportion to usable memory", _largest_remainder(p.L, [n.usable_bytes for n in nodes])),
                 ("fastest nodes filled first", _fill_fastest(p, nodes, req)),
             ]
-            if len({(n.bandwidth, n.flops, n.usable_bytes) for n in nodes}) == 1:
+            if len(nodes) == 1:
+                splits = [("one node holds every layer", [p.L])]
+            elif len({(n.bandwidth, n.flops, n.usable_bytes) for n in nodes}) == 1:
                 # identical nodes: the even split (as mlx-lm and exo), by design; the
                 # other splits could only trade the embedding/head imbalance for surprise
                 splits = [("the even split over identical nodes", splits[0][1])]
