@@ -8,7 +8,7 @@ import click
 
 from mlxdist.errors import UserError
 from mlxdist.placement.hardware import GB, LINK_PRESETS, Cluster, cluster_from_nodes, load_nodes_json
-from mlxdist.placement.model import describe, load_model
+from mlxdist.placement.model import load_model
 from mlxdist.placement.plan import Plan
 from mlxdist.placement.planner import Request, plan
 
@@ -72,6 +72,8 @@ def plan_command(model: str, nodes_spec: str, context: int, concurrency: int, bi
                  link: str | None, strategy: str, reserve_gb: float | None, as_json: bool) -> None:
     """Place MODEL (a config.json, a directory holding one, or a known name such as
     deepseek-r1) on the nodes and print the plan."""
+    if group_size not in (32, 64, 128):
+        raise UserError("--group-size must be 32, 64 or 128")
     spec = load_model(model, bits=bits, group_size=group_size)
     if nodes_spec == "auto":
         cluster = auto_cluster(link or "tb-tcp", reserve_gb)
@@ -83,11 +85,9 @@ def plan_command(model: str, nodes_spec: str, context: int, concurrency: int, bi
     def at_bits(b: int):
         return load_model(model, bits=b, group_size=group_size)
 
-    if group_size not in (32, 64, 128):
-        raise UserError("--group-size must be 32, 64 or 128")
     p = plan(spec, cluster, Request(context=context, concurrency=concurrency, strategy=strategy),
              describe_model=at_bits)
     click.echo(json.dumps(p.to_json(), indent=2) if as_json else format_table(p))
 
 
-__all__ = ["plan_command", "auto_cluster", "format_table", "describe"]
+__all__ = ["plan_command", "auto_cluster", "format_table"]

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from mlxdist.errors import UserError
-from mlxdist.placement.cost import CostParams, Profile, ep_times, kv_tokens, pipeline_times
+from mlxdist.placement.cost import CostParams, Profile, ep_times, pipeline_times
 from mlxdist.placement.hardware import GB, Cluster, NodeSpec
 from mlxdist.placement.model import ModelSpec
 from mlxdist.placement.plan import Estimate, NodeLoad, Plan, Stage
