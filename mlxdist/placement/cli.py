@@ -60,19 +60,21 @@ def format_table(p: Plan) -> str:
               help="'auto' (the cluster, or this machine) or a nodes.json file (docs/placement.md)")
 @click.option("--context", default=32768, show_default=True, type=int, help="tokens of context per request")
 @click.option("--concurrency", default=4, show_default=True, type=int, help="requests in flight")
-@click.option("--bits", default=4, show_default=True, type=int, help="quantization bits (16 = unquantized)")
-@click.option("--group-size", default=64, show_default=True, type=int)
+@click.option("--bits", default=None, type=int,
+              help="quantization bits, 16 = unquantized [default: the model's own, else 4]")
+@click.option("--group-size", default=None, type=int, help="[default: the model's own, else 64]")
 @click.option("--link", default=None, type=click.Choice(sorted(LINK_PRESETS)),
               help="link kind between nodes (default: nodes.json's, else tb-tcp)")
 @click.option("--strategy", default="auto", show_default=True,
               type=click.Choice(["auto", "pipeline", "expert-parallel"]))
 @click.option("--reserve-gb", default=None, type=float, help="memory left to the OS per node (auto nodes)")
 @click.option("--json", "as_json", is_flag=True, help="print the plan as JSON")
-def plan_command(model: str, nodes_spec: str, context: int, concurrency: int, bits: int, group_size: int,
+def plan_command(model: str, nodes_spec: str, context: int, concurrency: int, bits: int | None,
+                 group_size: int | None,
                  link: str | None, strategy: str, reserve_gb: float | None, as_json: bool) -> None:
     """Place MODEL (a config.json, a directory holding one, or a known name such as
     deepseek-r1) on the nodes and print the plan."""
-    if group_size not in (32, 64, 128):
+    if group_size not in (None, 32, 64, 128):
         raise UserError("--group-size must be 32, 64 or 128")
     spec = load_model(model, bits=bits, group_size=group_size)
     if nodes_spec == "auto":

@@ -29,12 +29,13 @@ class Quant:
     group_size: int = 64
     dtype_bytes: int = 2  # float dtype of scales, biases, norms and activations
 
-    def matrix(self, out_dims: int, in_dims: int, *, bits: int | None = None) -> int:
+    def matrix(self, out_dims: int, in_dims: int, *, bits: int | None = None, group_size: int | None = None) -> int:
         """Bytes of one (out, in) weight matrix as mlx-lm stores it."""
         b = self.bits if bits is None else bits
-        if b in (0, 16) or in_dims % self.group_size:
+        gs = self.group_size if group_size is None else group_size
+        if b in (0, 16) or in_dims % gs:
             return out_dims * in_dims * self.dtype_bytes
-        groups = out_dims * (in_dims // self.group_size)
+        groups = out_dims * (in_dims // gs)
         return out_dims * in_dims * b // 8 + 2 * groups * self.dtype_bytes
 
 
@@ -211,7 +212,7 @@ def _layer(mt: str, c: dict[str, Any], q: Quant, i: int) -> LayerSpec:
         if sparse:
             k, inner = c["num_experts_per_tok"], c["moe_intermediate_size"]
             # mlx-lm's quant_predicate quantizes the gate at 8 bits when it quantizes at all
-            router = q.matrix(e, d, bits=8 if q.bits not in (0, 16) else 16)
+            router = q.matrix(e, d, bits=8 if q.bits not in (0, 16) else 16, group_size=64)
             params += 3 * d * k * inner + e * d
             return LayerSpec(i, attn, 0, 0, router, e * _glu(q, d, inner), e, k, kv, params, 3 * d * inner, af)
     inner = c["intermediate_size"]
@@ -219,8 +220,10 @@ def _layer(mt: str, c: dict[str, Any], q: Quant, i: int) -> LayerSpec:
     return LayerSpec(i, attn, mlp, 0, 0, 0, 0, 0, kv, params + 3 * d * inner, 0, af)
 
 
-def load_model(spec: str, bits: int = 4, group_size: int = 64) -> ModelSpec:
-    """MODEL as the CLI takes it: a config.json, a directory holding one, or a known name."""
+def load_model(spec: str, bits: int | None = None, group_size: int | None = None) -> ModelSpec:
+    """MODEL as the CLI takes it: a config.json, a directory holding one, or a known name.
+    `bits`/`group_size` default to the config's own "quantization" entry (an mlx-lm model
+    already quantized), else 4 bits in groups of 64."""
     from mlxdist.placement.known_models import KNOWN_MODELS
 
     path = Path(spec).expanduser()
@@ -231,9 +234,10 @@ def load_model(spec: str, bits: int = 4, group_size: int = 64) -> ModelSpec:
             config = json.loads(path.read_text())
         except (OSError, ValueError) as e:
             raise UserError(f"cannot read {path}: {e}") from None
-        # an already-quantized mlx-lm model keeps its own bits unless told otherwise
-        return describe(config, bits=bits, group_size=group_size, name=path.parent.name or str(path))
+        quant = config.get("quantization") or {}
+        return describe(config, bits=bits or quant.get("bits", 4), group_size=group_size or quant.get("group_size", 64),
+                        name=path.parent.name or str(path))
     if spec.lower() in KNOWN_MODELS:
-        return describe(KNOWN_MODELS[spec.lower()], bits=bits, group_size=group_size, name=spec.lower())
+        return describe(KNOWN_MODELS[spec.lower()], bits=bits or 4, group_size=group_size or 64, name=spec.lower())
     raise UserError(f"{spec!r} is neither a config.json, a directory holding one, nor a known model "
                     f"({', '.join(sorted(KNOWN_MODELS))})")

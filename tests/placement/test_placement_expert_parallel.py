@@ -41,8 +41,8 @@ def _single_group():
     return mx.distributed.init()  # no hostfile: the group of this process alone
 
 
-@pytest.mark.parametrize("arch", ["deepseek_v3", "qwen3_moe"])
-def test_partial_outputs_sum_to_the_block(arch: str) -> None:
+@pytest.mark.parametrize("arch,quantized", [("deepseek_v3", False), ("deepseek_v3", True), ("qwen3_moe", False)])
+def test_partial_outputs_sum_to_the_block(arch: str, quantized: bool) -> None:
     """Split a block's experts 3 ways; the three partial outputs (shared experts counted
     once) add up to the untouched block's output."""
     import copy
@@ -71,6 +71,11 @@ def test_partial_outputs_sum_to_the_block(arch: str) -> None:
                            max_position_embeddings=128, norm_topk_prob=True)
         block = m.Qwen3MoeSparseMoeBlock(args)
         n, d = 12, 64
+    if quantized:  # QuantizedSwitchLinear experts: weight, scales and biases are cut alike
+        import mlx.nn as nn
+
+        nn.quantize(block, group_size=32, bits=4, class_predicate=lambda p, m: hasattr(m, "to_quantized")
+                    and m.weight.shape[-1] % 32 == 0 and not p.endswith("gate"))
     x = mx.random.normal((2, 5, d))
     want = block(x)
     parts = [ExpertParallelMoE(copy.deepcopy(block), owned, _single_group(), holds_shared=(i == 0))(x)
@@ -96,3 +101,16 @@ def test_expert_parallel_generation_is_token_exact(tiny_deepseek, reference, tmp
     import numpy as np
 
     np.testing.assert_allclose(np.array(got["logprobs0"]), np.array(want_logprobs), atol=1e-4, rtol=1e-4)
+
+
+def test_owned_experts_from_a_plan() -> None:
+    from mlxdist.placement import node_from_chip, place
+    from mlxdist.runtime.expert_parallel import owned_experts_from_plan
+
+    nodes = [node_from_chip("a", "M3 Ultra", 512), node_from_chip("b", "M2 Ultra", 512)]
+    doc = place("deepseek-r1", nodes, context=4096, concurrency=1, link="tb5-rdma",
+                strategy="expert-parallel").to_json()
+    a, b = owned_experts_from_plan(doc, "a"), owned_experts_from_plan(doc, "b")
+    assert list(a) == list(b) == [(0, 61)]
+    assert sorted(a[(0, 61)] + b[(0, 61)]) == list(range(256))
+    assert len(a[(0, 61)]) > len(b[(0, 61)])  # 819 vs 800 GB/s: the faster node holds more

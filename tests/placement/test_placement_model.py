@@ -3,6 +3,8 @@ mlx-lm's own classes, quantized by mlx-lm's own quantize_model)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from mlxdist.errors import UserError
@@ -102,3 +104,33 @@ def test_unknown_model_and_bad_bits_are_user_errors(tmp_path) -> None:
         load_model(str(tmp_path))
     with pytest.raises(UserError, match="bits"):
         load_model("deepseek-r1", bits=7)
+
+
+def test_plan_of_a_quantized_mlx_lm_directory_matches_its_files(tmp_path) -> None:
+    """`mlxdist plan DIR` sizes an mlx-lm directory as its safetensors files say (the file
+    format is the reference), taking bits and group size from the config."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten, tree_unflatten
+    from mlx_lm.utils import _get_classes, quantize_model, save_config, save_model
+
+    from tests.conftest import run_mlxdist
+
+    config = dict(TINY["qwen3_moe"], torch_dtype="float16")
+    model_class, args_class = _get_classes(config)
+    model = model_class(args_class.from_dict(config))
+    model.update(tree_unflatten([(k, v.astype(mx.float16)) for k, v in tree_flatten(model.parameters())]))
+    model, qconfig = quantize_model(model, dict(config), group_size=32, bits=3)
+    save_model(tmp_path, model)
+    save_config(qconfig, config_path=tmp_path / "config.json")
+    file_bytes = 0
+    for f in tmp_path.glob("*.safetensors"):
+        with open(f, "rb") as fh:
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        file_bytes += sum(t["data_offsets"][1] - t["data_offsets"][0] for k, t in header.items()
+                          if k != "__metadata__")
+    nodes = tmp_path / "nodes.json"
+    nodes.write_text(json.dumps({"nodes": [{"name": "one", "memory_gb": 16, "bandwidth_gbs": 100}]}))
+    r = run_mlxdist("plan", str(tmp_path), "--nodes", str(nodes), "--json", timeout=60)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["bits"] == 3 and doc["nodes"][0]["weight_bytes"] == file_bytes
