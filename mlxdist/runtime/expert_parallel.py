@@ -29,10 +29,10 @@ def _route_deepseek(block: nn.Module, x: mx.array) -> tuple[mx.array, mx.array]:
 def _route_qwen3_moe(block: nn.Module, x: mx.array) -> tuple[mx.array, mx.array]:
     # the same arithmetic as Qwen3MoeSparseMoeBlock.__call__ in mlx-lm
     gates = mx.softmax(block.gate(x), axis=-1, precise=True)
-    k = block.top_k
+    k = block._top_k
     inds = mx.stop_gradient(mx.argpartition(gates, kth=-k, axis=-1)[..., -k:])
     scores = mx.take_along_axis(gates, inds, axis=-1)
-    if block.norm_topk_prob:
+    if block._norm_topk_prob:
         scores /= mx.sum(scores, axis=-1, keepdims=True)
     return inds, scores
 
@@ -74,9 +74,11 @@ class ExpertParallelMoE(nn.Module):
         self.gate = block.gate
         self.switch_mlp = block.switch_mlp
         self.shared_experts = getattr(block, "shared_experts", None) if holds_shared else None
-        self.owned = owned
+        self._owned = owned
         self._route = router
-        self._block = block if router is _route_qwen3_moe else None  # qwen3 routing reads top_k etc.
+        # what qwen3_moe's routing reads besides the gate (plain numbers, not parameters)
+        self._top_k = getattr(block, "top_k", None)
+        self._norm_topk_prob = getattr(block, "norm_topk_prob", None)
         self._group = group
         if owned:
             _keep_experts(self.switch_mlp, mx.array(owned))
@@ -86,11 +88,15 @@ class ExpertParallelMoE(nn.Module):
             local[e] = i
         self._local = mx.array(local, dtype=mx.int32)
 
+    @property
+    def owned(self) -> list[int]:
+        return list(self._owned)
+
     def __call__(self, x: mx.array) -> mx.array:
-        inds, scores = self._route(self._block if self._block is not None else self, x)
+        inds, scores = self._route(self, x)
         local = self._local[inds]
         mine = local >= 0
-        if self.owned:
+        if self._owned:
             # experts held elsewhere are computed as local expert 0 and weighted by zero
             y = self.switch_mlp(x, mx.where(mine, local, 0))
             w = mx.where(mine, scores, mx.zeros_like(scores))
