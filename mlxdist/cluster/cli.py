@@ -67,7 +67,7 @@ def node_command(name: str | None, cluster: str, port: int, data_dir: str,
         node.start()
     except OSError as e:
         raise UserError(f"cannot listen on {bind}:{port}: {e.strerror or e}") from None
-    signal.signal(signal.SIGTERM, lambda *_: node.stop())
+    signal.signal(signal.SIGTERM, lambda *_: node.request_stop())
     links = ", ".join(f"{i.name} {' '.join(i.addresses)}{' (thunderbolt)' if i.thunderbolt else ''}"
                       for i in ifaces) or "no interfaces"
     click.echo(f"mlxdist node {config.name} ({node.node_id}) in cluster {cluster!r} on port "

@@ -62,6 +62,7 @@ class Node:
         self.nonces = NonceLog()
         self.started = time.time()
         self._stop = threading.Event()
+        self._stopped = False
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._server: socket.socket | None = None
         self.discovery = None  # mlxdist.cluster.discovery.Discovery when mDNS is on
@@ -94,7 +95,14 @@ class Node:
         assert self._server is not None
         return self._server.getsockname()[1]
 
+    def request_stop(self) -> None:
+        """Safe from a signal handler: `wait` returns, the caller then calls `stop`."""
+        self._stop.set()
+
     def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
         self._stop.set()
         if self.discovery:
             self.discovery.close()
