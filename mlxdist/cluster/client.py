@@ -109,6 +109,9 @@ class NodeClient:
                               "stage": stage, "backend": backend, "options": options or {}})
         return int(reply["pid"])
 
+    def free_ports(self, count: int) -> list[int]:
+        return [int(p) for p in self.request({"t": "free_ports", "count": count})["ports"]]
+
     def job_status(self, job: str) -> list[dict]:
         return self.request({"t": "job_status", "job": job})["ranks"]
 

@@ -131,23 +131,38 @@ class Job:
         self.clients = []
 
 
+def ring_order(nodes: Sequence[NodeView]) -> list[NodeView]:
+    """The nodes in the ring order that uses the best links (the first stays first)."""
+    members = [RingMember(v.node_id, v.interfaces, fallback=v.host) for v in nodes]
+    return [nodes[i] for i in choose_ring(members)]
+
+
 def launch(ranks: Sequence[tuple[NodeView, str, int]], cluster: str, secret: bytes,
-           base_port: int = 40000, options: dict | None = None) -> Job:
-    """Start one worker per rank, rank r on ranks[r]'s node for (model, stage). The
-    addresses come from `choose_ring` over the ranks' order (Thunderbolt first)."""
+           options: dict | None = None) -> Job:
+    """Start one worker per rank, rank r on ranks[r]'s node for (model, stage), in the
+    given order (see `ring_order`). Each rank listens on an address its ring neighbours
+    share a subnet with (Thunderbolt first), on a port its node reported free."""
     members = [RingMember(v.node_id, v.interfaces, fallback=v.host) for v, _, _ in ranks]
-    hosts = hostfile_for(members, base_port)
-    job = Job(secrets.token_hex(8), hosts, list(ranks))
+    job = Job(secrets.token_hex(8), [], list(ranks))
     try:
+        by_node: dict[str, NodeClient] = {}
+        ports: list[int] = []
+        for v, _, _ in ranks:
+            if v.node_id not in by_node:
+                by_node[v.node_id] = NodeClient(v.host, v.port, secret, cluster, timeout=10)
+                job.clients.append(by_node[v.node_id])
+        free = {nid: c.free_ports(sum(1 for v, _, _ in ranks if v.node_id == nid))
+                for nid, c in by_node.items()}
+        for v, _, _ in ranks:
+            ports.append(free[v.node_id].pop(0))
+        job.hostfile = hostfile_for(members, ports)
         for rank, (v, model, stage) in enumerate(ranks):
-            c = NodeClient(v.host, v.port, secret, cluster, timeout=10)
-            job.clients.append(c)
-            c.launch(job.job, rank, hosts, model, stage, options=options)
+            by_node[v.node_id].launch(job.job, rank, job.hostfile, model, stage, options=options)
     except BaseException:
         job.stop()
         raise
     return job
 
 
-__all__ = ["NodeView", "discover_nodes", "query_nodes", "deliver", "launch", "Job",
-           "choose_ring"]
+__all__ = ["NodeView", "discover_nodes", "query_nodes", "deliver", "ring_order", "launch",
+           "Job"]

@@ -72,6 +72,7 @@ class Node:
             "shard_chunk": self._shard_chunk, "shard_commit": self._shard_commit,
             "shard_pull": self._shard_pull, "launch": self._launch,
             "job_status": self._job_status, "stop_job": self._stop_job,
+            "free_ports": self._free_ports,
         }
 
     # -- lifecycle ------------------------------------------------------------------
@@ -239,6 +240,18 @@ class Node:
             raise LaunchError(f"this node holds no verified {spec.model} stage {spec.stage}")
         return {"t": "launched", "job": spec.job, "rank": spec.rank,
                 "pid": self.workers.start(spec, stage_dir)}
+
+    def _free_ports(self, m: dict) -> dict:
+        """Ports free on this node right now, for the workers' ring listeners (the
+        coordinator cannot know which ports a remote host has in use)."""
+        count = m["count"]
+        if not isinstance(count, int) or not 1 <= count <= 16:
+            raise ShardError("bad port count")
+        socks = [socket.create_server((self.config.bind, 0)) for _ in range(count)]
+        ports = [s.getsockname()[1] for s in socks]
+        for s in socks:
+            s.close()
+        return {"t": "ports", "ports": ports}
 
     def _job_status(self, m: dict) -> dict:
         return {"t": "job", "ranks": self.workers.status(str(m["job"]))}

@@ -83,7 +83,10 @@ def ring_addresses(members: Sequence[RingMember]) -> list[str]:
     return out
 
 
-def hostfile_for(members: Sequence[RingMember], base_port: int) -> list[list[str]]:
-    """The MLX ring hostfile (one list of "ip:port" per rank), in the given order. Ports
-    differ per rank so that several ranks may share a host."""
-    return [[f"{ip}:{base_port + r}"] for r, ip in enumerate(ring_addresses(members))]
+def hostfile_for(members: Sequence[RingMember], ports: int | Sequence[int]) -> list[list[str]]:
+    """The MLX ring hostfile (one list of "ip:port" per rank), in the given order. `ports`
+    is one port per rank (as the nodes reported free), or a base port: base + rank."""
+    addresses = ring_addresses(members)
+    if isinstance(ports, int):
+        ports = [ports + r for r in range(len(members))]
+    return [[f"{ip}:{port}"] for ip, port in zip(addresses, ports)]

@@ -10,8 +10,7 @@ import pytest
 from mlxdist.cluster.hardware import Hardware
 from mlxdist.cluster.node import Node, NodeConfig
 
-SECRET = b"0123456789abcdef0123456789abcdef-test-secret"
-CLUSTER = "testcluster"
+from cluster_fixtures import CLUSTER, SECRET  # noqa: E402 (tests/cluster is on sys.path)
 FAKE_HW = Hardware("Test Chip", 16 << 30, 8 << 30, 10, 100.0)
 
 

@@ -18,8 +18,8 @@ from mlxdist import PROTOCOL_VERSION
 from mlxdist.cluster.client import NodeClient
 from mlxdist.cluster.wire import Refused
 
-SECRET = b"0123456789abcdef0123456789abcdef-test-secret"  # as in conftest.py
-CLUSTER = "testcluster"
+from cluster_fixtures import CLUSTER, SECRET  # tests/cluster is on sys.path
+
 
 
 def frame(body: bytes) -> bytes:
