@@ -63,6 +63,7 @@ class Node:
         self.started = time.time()
         self._stop = threading.Event()
         self._stopped = False
+        self._left: dict[str, str] = {}  # node id -> name of peers that said goodbye
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._server: socket.socket | None = None
         self.discovery = None  # mlxdist.cluster.discovery.Discovery when mDNS is on
@@ -120,10 +121,16 @@ class Node:
     def _on_peer(self, peer: Any, present: bool) -> None:
         if peer.node_id == self.node_id or self.health is None:
             return
-        if present:
-            self.health.watch(peer.node_id, peer.addresses, peer.port)
-        # a peer that says goodbye over mDNS is dropped; a silent one is left to the
+        # a peer that says goodbye over mDNS has left; a silent one is left to the
         # heartbeats, which mark it lost within lost_after_s
+        if present:
+            self._left.pop(peer.node_id, None)
+            self.health.watch(peer.node_id, peer.addresses, peer.port)
+            log.info("peer %s (%s) at %s", peer.name, peer.node_id, ",".join(peer.addresses))
+        else:
+            self._left[peer.node_id] = peer.name
+            self.health.unwatch(peer.node_id)
+            log.info("peer %s (%s) left", peer.name, peer.node_id)
 
     # -- what we tell others ----------------------------------------------------------
     def describe(self) -> dict[str, Any]:
@@ -204,7 +211,9 @@ class Node:
         known = self.discovery.peers() if self.discovery else {}
         return {"t": "status", "node": self.describe(), "shards": self.store.inventory(),
                 "peers": [{"node_id": nid, "name": getattr(known.get(nid), "name", ""),
-                           **h} for nid, h in sorted(peers.items())],
+                           **h} for nid, h in sorted(peers.items())]
+                + [{"node_id": nid, "name": name, "health": "left"}
+                   for nid, name in sorted(self._left.items()) if nid not in peers],
                 "workers": self.workers.summary()}
 
     def _shard_state(self, m: dict) -> dict:

@@ -1,0 +1,72 @@
+"""Coordinator-side actions run inside a test namespace by test_cluster_netns.py:
+    python tests/cluster/netns_driver.py COMMAND 'JSON ARGS'
+Prints JSON lines. Finds nodes by mDNS only (never told their addresses)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from mlxdist.cluster.coordinator import deliver, discover_nodes, launch, ring_order  # noqa: E402
+from mlxdist.cluster.health import Monitor  # noqa: E402
+from mlxdist.cluster.secret import load_secret  # noqa: E402
+
+
+_out_lock = threading.Lock()
+
+
+def out(obj: object) -> None:
+    with _out_lock:  # heartbeat threads report at once: keep lines whole
+        sys.stdout.write(json.dumps(obj) + "\n")
+        sys.stdout.flush()
+
+
+def nodes(a: dict) -> list:
+    secret, _ = load_secret(Path(a["secret_file"]), create=False)
+    return discover_nodes(a["cluster"], secret, browse_s=a.get("browse", 5.0),
+                          mdns_addresses=[a["address"]], expect=a.get("expect")), secret
+
+
+def main() -> None:
+    cmd, a = sys.argv[1], json.loads(sys.argv[2])
+    views, secret = nodes(a)
+    by_name = {v.name: v for v in views}
+    if cmd == "discover":
+        out([{"name": v.name, "health": v.health, "host": v.host, "shards": list(v.shards),
+              "peers": list(v.peers), "role": v.role, "error": v.error} for v in views])
+    elif cmd == "deliver":
+        for path, model, stage, name in a["items"]:
+            t0 = time.perf_counter()
+            [d] = deliver(by_name, {name: [(Path(path), model, stage)]}, a["cluster"], secret)
+            out({"node": name, "stage": stage, "bytes": d.bytes_sent, "skipped": d.skipped,
+                 "seconds": round(time.perf_counter() - t0, 3)})
+    elif cmd == "launch":
+        order = ring_order([by_name[n] for n in a["names"]])
+        job = launch([(v, a["model"], k) for k, v in enumerate(order)], a["cluster"], secret,
+                     options={"seed": 1})
+        out({"hostfile": job.hostfile, "order": [v.name for v in order]})
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            ranks = [r for s in job.status() for r in s]
+            if all(r["returncode"] is not None for r in ranks):
+                break
+            time.sleep(0.2)
+        out(ranks)
+        job.stop()
+    elif cmd == "monitor":
+        names = {v.node_id: v.name for v in views}
+        mon = Monitor(secret, a["cluster"], on_change=lambda nid, state: out(
+            {"node": names[nid], "state": state, "time": time.time()}))
+        for v in views:
+            mon.watch(v.node_id, [v.host], v.port)
+        time.sleep(a["seconds"])
+        mon.close()
+
+
+if __name__ == "__main__":
+    main()
