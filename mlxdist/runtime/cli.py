@@ -1,12 +1,71 @@
-"""CLI for `mlxdist run` (stub: replaced by the issue that builds it)."""
+"""`mlxdist run MODEL --ranks N -p PROMPT`: N local ranks (ring backend over 127.0.0.1),
+the answer streamed to stdout."""
+
+from __future__ import annotations
+
+import sys
 
 import click
 
 from mlxdist.errors import UserError
 
 
-@click.command("run", context_settings={"ignore_unknown_options": True})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def run_command(args: tuple[str, ...]) -> None:
-    """Not built yet."""
-    raise UserError("`mlxdist run` is not built yet")
+def _parse_split(split: str | None) -> list[int] | None:
+    if not split:
+        return None
+    try:
+        return [int(s) for s in split.split(",")]
+    except ValueError:
+        raise UserError(f"--split must be comma-separated layer counts, like 20,25,16 (got {split!r})")
+
+
+@click.command("run")
+@click.argument("model", type=click.Path())
+@click.option("--ranks", "-n", type=int, default=1, show_default=True, help="local ranks (processes)")
+@click.option("--split", default=None, help="layers per rank, e.g. 20,25,16 (default: even)")
+@click.option("--prompt", "-p", required=True, help="the prompt (sent through the chat template)")
+@click.option("--max-tokens", "-m", type=int, default=128, show_default=True)
+@click.option("--temp", type=float, default=0.0, show_default=True, help="0 = greedy")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--top-k", type=int, default=0, show_default=True)
+@click.option("--min-p", type=float, default=0.0, show_default=True)
+@click.option("--repetition-penalty", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=None)
+@click.option("--raw", is_flag=True, help="send the prompt as is, without the chat template")
+@click.option("--backend", default="ring", show_default=True, type=click.Choice(["ring", "jaccl", "mpi"]))
+@click.option("--stats", is_flag=True, help="print timing to stderr at the end")
+def run_command(model: str, ranks: int, split: str | None, prompt: str, max_tokens: int, temp: float,
+                top_p: float, top_k: int, min_p: float, repetition_penalty: float, seed: int | None,
+                raw: bool, backend: str, stats: bool) -> None:
+    """Generate an answer to PROMPT with MODEL spread over local ranks."""
+    import time
+
+    from mlxdist.runtime.api import GenerationRequest, SamplingParams
+    from mlxdist.runtime.engine import open_engine
+    from mlxdist.runtime.group import WorkerFailure
+
+    try:
+        engine = open_engine(model, ranks=ranks, split=_parse_split(split), backend=backend,
+                             in_process=ranks == 1)
+    except WorkerFailure as e:
+        raise UserError(str(e))
+    try:
+        tokens = list(engine.tokenizer.encode(prompt)) if raw else engine.encode_chat(
+            [{"role": "user", "content": prompt}])
+        req = GenerationRequest(tuple(tokens), max_tokens,
+                                SamplingParams(temp, top_p, top_k, min_p, repetition_penalty, seed=seed))
+        t0, n = time.monotonic(), 0
+        for ev in engine.submit(req):
+            if ev.error:
+                raise UserError(ev.error)
+            n += ev.token is not None
+            sys.stdout.write(ev.text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        if stats:
+            dt = time.monotonic() - t0
+            click.echo(f"[{n} tokens in {dt:.2f}s, {n / max(dt, 1e-9):.1f} tok/s, {ranks} ranks]", err=True)
+    except KeyboardInterrupt:
+        raise
+    finally:
+        engine.close()

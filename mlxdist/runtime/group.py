@@ -1,0 +1,182 @@
+"""ranks>1: a group of worker processes, driven over the control connection.
+
+The engine listens on a TCP port; each worker connects, says hello (rank, host, pid) and
+then sends a heartbeat every 0.5 s. A worker whose connection drops (it crashed or was
+killed) or whose heartbeats stop for `heartbeat_timeout_s` (it hangs, or was SIGSTOPped)
+fails the group: every request ends with an error naming the rank and host, and the
+launcher kills every worker (survivors blocked in a ring recv included).
+"""
+
+from __future__ import annotations
+
+import secrets
+import socket
+import threading
+import time
+from typing import Any, Callable
+
+from mlxdist.runtime.control import Channel
+from mlxdist.runtime.launcher import LocalLauncher, WorkerSpec
+from mlxdist.runtime.source import ModelSource
+
+
+class WorkerFailure(RuntimeError):
+    """A worker died, hung or refused its stage; the message names rank and host."""
+
+
+class WorkerGroupBackend:
+    def __init__(self, source: ModelSource, max_concurrent: int = 8, prefill_step: int = 2048,
+                 backend: str = "ring", launcher: Any = None, heartbeat_timeout_s: float = 5.0,
+                 startup_timeout_s: float = 300.0):
+        self.n = len(source.stages)
+        self.launcher = launcher or LocalLauncher()
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.session = secrets.token_hex(8)
+        self.listener = socket.create_server((self.launcher.control_host, 0))
+        control = f"{self.launcher.control_host}:{self.listener.getsockname()[1]}"
+        hosts = self.launcher.hosts(self.n)
+        hostfile = self.launcher.ring_addresses(self.n)
+        specs = [WorkerSpec(rank=p.rank, ranks=self.n, hostfile=self.launcher.hostfile_path(),
+                            model_dir=str(p.model_dir), start=p.start, end=p.end,
+                            num_layers=p.num_layers, control=control, session=self.session,
+                            backend=backend, shard_root=str(source.root) if p.shard else "",
+                            max_slots=max_concurrent, prefill_step=prefill_step, host=hosts[p.rank])
+                 for p in source.stages]
+        self.hosts = hosts
+        self.chans: dict[int, Channel] = {}
+        self.last_seen: dict[int, float] = {}
+        self.ready: set[int] = set()
+        self.failure: str | None = None
+        self.closing = False
+        self._on_event: Callable[[dict], None] = lambda ev: None
+        self._on_failure: Callable[[str], None] = lambda msg: None
+        self._cond = threading.Condition()
+        self.launcher.launch(specs, hostfile)
+        try:
+            self._await_ready(startup_timeout_s)
+        except BaseException:
+            self.launcher.terminate()
+            self.listener.close()
+            raise
+        threading.Thread(target=self._monitor, name="mlxdist-monitor", daemon=True).start()
+
+    # -- startup --------------------------------------------------------------------------
+    def _await_ready(self, timeout: float) -> None:
+        threading.Thread(target=self._accept, daemon=True).start()
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while len(self.ready) < self.n and self.failure is None:
+                self._check_exits()
+                if self.failure is None and time.monotonic() > deadline:
+                    missing = sorted(set(range(self.n)) - self.ready)
+                    self.failure = f"ranks {missing} did not become ready within {timeout:.0f} s"
+                self._cond.wait(0.2)
+        if self.failure:
+            raise WorkerFailure(self.failure)
+
+    def _accept(self) -> None:
+        while len(self.chans) < self.n and not self.closing:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return
+            chan = Channel(sock)
+            hello = chan.recv()
+            if not hello or hello.get("t") != "hello" or hello.get("session") != self.session:
+                chan.close()
+                continue
+            rank = int(hello["rank"])
+            with self._cond:
+                self.chans[rank] = chan
+                self.last_seen[rank] = time.monotonic()
+            threading.Thread(target=self._read, args=(rank, chan), daemon=True).start()
+
+    # -- running --------------------------------------------------------------------------
+    def start(self, on_event: Callable[[dict], None], on_failure: Callable[[str], None]) -> None:
+        self._on_event, self._on_failure = on_event, on_failure
+
+    def send(self, cmd: dict) -> None:
+        if self.failure:
+            return
+        try:
+            self.chans[0].send(cmd)
+        except OSError:
+            pass  # the reader notices the lost connection and reports it
+
+    def stats(self) -> dict[str, Any]:
+        return {"ranks": self.n}
+
+    def _read(self, rank: int, chan: Channel) -> None:
+        while True:
+            try:
+                msg = chan.recv()
+            except Exception as e:
+                msg = {"t": "error", "rank": rank, "msg": f"bad control frame: {e}"}
+            if msg is None:
+                if not self.closing:
+                    time.sleep(0.2)  # let the exit code arrive for a clearer message
+                    code = self.launcher.poll().get(rank)
+                    how = f"exited with code {code}" if code and code > 0 else (
+                        f"was killed by signal {-code}" if code and code < 0 else "closed its control connection")
+                    self._fail(f"rank {rank} on {self.hosts[rank]} {how}")
+                return
+            self.last_seen[rank] = time.monotonic()
+            t = msg.get("t")
+            if t == "hb":
+                continue
+            if t == "ready":
+                with self._cond:
+                    self.ready.add(rank)
+                    self._cond.notify_all()
+            elif t == "error":
+                self._fail(f"rank {rank} on {self.hosts[rank]} failed: {msg.get('msg')}")
+            elif t in ("token", "end"):
+                self._on_event(msg)
+
+    def _check_exits(self) -> None:
+        for rank, code in self.launcher.poll().items():
+            if code is not None and not self.closing and self.failure is None:
+                tail = getattr(self.launcher, "log_tail", lambda r: "")(rank)
+                self.failure = (f"rank {rank} on {self.hosts[rank]} exited with code {code}"
+                                + (f": {tail.splitlines()[-1]}" if tail else ""))
+
+    def _monitor(self) -> None:
+        while not self.closing and self.failure is None:
+            time.sleep(0.25)
+            now = time.monotonic()
+            for rank in range(self.n):
+                silent = now - self.last_seen.get(rank, now)
+                if silent > self.heartbeat_timeout_s:
+                    self._fail(f"rank {rank} on {self.hosts[rank]} stopped answering "
+                               f"(no heartbeat for {silent:.1f} s)")
+                    return
+            self._check_exits()
+            if self.failure:
+                msg, self.failure = self.failure, None
+                self._fail(msg)
+
+    def _fail(self, message: str) -> None:
+        with self._cond:
+            if self.failure is not None or self.closing:
+                return
+            self.failure = message
+            self._cond.notify_all()
+        self.launcher.terminate()
+        self._on_failure(message)
+
+    def close(self) -> None:
+        if self.closing:
+            return
+        if self.failure is None:
+            try:
+                self.chans[0].send({"t": "stop"})
+            except (OSError, KeyError):
+                pass
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and any(c is None for c in self.launcher.poll().values()):
+                time.sleep(0.05)
+        self.closing = True
+        self.launcher.terminate()
+        self.listener.close()
+        for c in self.chans.values():
+            c.close()

@@ -1,0 +1,119 @@
+"""How worker processes get started: pluggable. `LocalLauncher` runs them as subprocesses
+of this machine (ring over 127.0.0.1); the cluster supplies a launcher that starts the same
+`python -m mlxdist.runtime.worker ...` command on other hosts through its control plane."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything one worker needs; `argv()` is its command line."""
+
+    rank: int
+    ranks: int
+    hostfile: str  # path on the worker's host; the launcher writes it there
+    model_dir: str  # an mlx-lm directory, or the stage directory of a shard
+    start: int
+    end: int
+    num_layers: int
+    control: str  # host:port of the engine's control server
+    session: str  # token the worker presents in its hello
+    backend: str = "ring"
+    shard_root: str = ""  # shard directory holding manifest.json, when model_dir is a stage
+    max_slots: int = 8
+    prefill_step: int = 2048
+    host: str = "127.0.0.1"  # how this rank is named in messages
+
+    def argv(self) -> list[str]:
+        a = ["-m", "mlxdist.runtime.worker", "--rank", str(self.rank), "--ranks", str(self.ranks),
+             "--hostfile", self.hostfile, "--model-dir", self.model_dir,
+             "--layers", f"{self.start}:{self.end}", "--num-layers", str(self.num_layers),
+             "--control", self.control, "--session", self.session, "--backend", self.backend,
+             "--max-slots", str(self.max_slots), "--prefill-step", str(self.prefill_step),
+             "--host", self.host]
+        if self.shard_root:
+            a += ["--shard-root", self.shard_root]
+        return a
+
+
+class Launcher(Protocol):
+    control_host: str  # address the workers use to reach the engine's control server
+
+    def ring_addresses(self, ranks: int) -> list[list[str]]: ...
+    def hosts(self, ranks: int) -> list[str]: ...
+    def hostfile_path(self) -> str: ...  # where each worker finds the hostfile on its host
+    def launch(self, specs: list[WorkerSpec], hostfile: list[list[str]]) -> None: ...
+    def poll(self) -> dict[int, int | None]: ...  # rank -> exit code (None: running)
+    def terminate(self) -> None: ...  # kill every worker, wait for them
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class LocalLauncher:
+    control_host = "127.0.0.1"
+
+    def __init__(self, python: str = sys.executable, log_dir: str | None = None,
+                 rank_env: Callable[[int], dict[str, str]] | None = None):
+        self.python = python
+        # extra environment per rank, e.g. one GPU each: {"CUDA_VISIBLE_DEVICES": str(rank)}
+        self.rank_env = rank_env or (lambda rank: {})
+        self.dir = Path(log_dir or tempfile.mkdtemp(prefix="mlxdist-run-"))
+        self.procs: dict[int, subprocess.Popen] = {}
+
+    def ring_addresses(self, ranks: int) -> list[list[str]]:
+        return [[f"127.0.0.1:{free_port()}"] for _ in range(ranks)]
+
+    def hosts(self, ranks: int) -> list[str]:
+        return ["127.0.0.1"] * ranks
+
+    def hostfile_path(self) -> str:
+        return str(self.dir / "hostfile.json")
+
+    def launch(self, specs: list[WorkerSpec], hostfile: list[list[str]]) -> None:
+        Path(self.hostfile_path()).write_text(json.dumps(hostfile))
+        root = str(Path(__file__).resolve().parents[2])
+        env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        for spec in specs:
+            log = open(self.dir / f"rank{spec.rank}.log", "wb")
+            self.procs[spec.rank] = subprocess.Popen(
+                [self.python, *spec.argv()], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                env={**env, **self.rank_env(spec.rank)}, start_new_session=True)
+            log.close()
+
+    def poll(self) -> dict[int, int | None]:
+        return {r: p.poll() for r, p in self.procs.items()}
+
+    def log_tail(self, rank: int, lines: int = 5) -> str:
+        try:
+            text = (self.dir / f"rank{rank}.log").read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return "\n".join(text[-lines:])
+
+    def terminate(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)  # its own session: only what it started
+                except ProcessLookupError:
+                    pass
+        for p in self.procs.values():
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass

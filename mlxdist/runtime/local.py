@@ -1,0 +1,79 @@
+"""ranks=1: the whole model as one stage, its loop in a thread of this process.
+
+MLX streams belong to the thread that made them, and a model holds lazily computed
+constants besides its parameters (e.g. rotary frequencies), so one thread both loads the
+stage and runs it; `__init__` waits for the load and re-raises its errors."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable
+
+from mlxdist.runtime.pipeline import Coordinator, StageRunner
+from mlxdist.runtime.source import ModelSource
+from mlxdist.runtime.stage import Stage, StageSpec, load_stage
+
+
+class InProcessBackend:
+    def __init__(self, source: ModelSource, max_concurrent: int, prefill_step: int):
+        (self.plan,) = source.stages
+        self.source = source
+        self.max_concurrent, self.prefill_step = max_concurrent, prefill_step
+        self.coord: Coordinator | None = None
+        self._loaded = threading.Event()
+        self._started = threading.Event()
+        self._coord_ready = threading.Event()
+        self._load_error: BaseException | None = None
+        self._callbacks: tuple[Callable[[dict], None], Callable[[str], None]] | None = None
+        self.thread = threading.Thread(target=self._body, name="mlxdist-coordinator", daemon=True)
+        self.thread.start()
+        self._loaded.wait()
+        if self._load_error is not None:
+            raise self._load_error
+
+    def _load(self) -> Stage:
+        from mlxdist.runtime.shards import verify_stage
+
+        if self.plan.shard:
+            verify_stage(self.source.root, self.plan)
+        return load_stage(self.plan.model_dir, StageSpec(self.plan.start, self.plan.end, self.plan.num_layers),
+                          presanitized=self.plan.shard)
+
+    def _body(self) -> None:
+        try:
+            stage = self._load()
+        except BaseException as e:
+            self._load_error = e
+            self._loaded.set()
+            return
+        self._loaded.set()
+        self._started.wait()
+        if self._callbacks is None:  # closed before it was started
+            return
+        on_event, on_failure = self._callbacks
+        self.coord = Coordinator(StageRunner(stage), None, on_event,
+                                 max_slots=self.max_concurrent, prefill_step=self.prefill_step)
+        self._coord_ready.set()
+        try:
+            self.coord.run()
+        except BaseException as e:  # reported to every request; the thread then ends
+            on_failure(f"generation failed: {type(e).__name__}: {e}")
+
+    def start(self, on_event: Callable[[dict], None], on_failure: Callable[[str], None]) -> None:
+        self._callbacks = (on_event, on_failure)
+        self._started.set()
+        self._coord_ready.wait()
+
+    def send(self, cmd: dict) -> None:
+        assert self.coord is not None
+        self.coord.commands.put(cmd)
+
+    def stats(self) -> dict[str, Any]:
+        return {"ranks": 1, **(self.coord.stats if self.coord else {})}
+
+    def close(self) -> None:
+        if self.coord is not None:
+            self.coord.commands.put({"t": "stop"})
+            self.thread.join(timeout=30)
+        else:
+            self._started.set()

@@ -1,0 +1,84 @@
+"""Where each stage's weights come from: an mlx-lm directory cut by layer index, or a shard
+directory (docs/shard-format.md) with one self-contained directory per stage."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from mlxdist.errors import UserError
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """One rank's part: layers [start, end) of num_layers, loaded from `model_dir`.
+    `shard` is True when model_dir is a shard-format stage directory (verified before use)."""
+
+    rank: int
+    start: int
+    end: int
+    num_layers: int
+    model_dir: Path
+    shard: bool = False
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    root: Path
+    config: dict[str, Any]
+    stages: tuple[StagePlan, ...]
+
+    @property
+    def context_length(self) -> int:
+        return int(self.config.get("max_position_embeddings") or 4096)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config["hidden_size"])
+
+    def load_tokenizer(self) -> Any:
+        from mlx_lm.utils import load_tokenizer
+
+        eos = self.config.get("eos_token_id")
+        return load_tokenizer(self.root, eos_token_ids=[eos] if isinstance(eos, int) else eos)
+
+
+def even_split(num_layers: int, ranks: int) -> list[int]:
+    base, extra = divmod(num_layers, ranks)
+    return [base + (1 if r < extra else 0) for r in range(ranks)]
+
+
+def resolve_source(path: Path, ranks: int, split: Sequence[int] | None = None) -> ModelSource:
+    path = Path(path).expanduser()
+    if not (path / "config.json").exists():
+        raise UserError(f"{path} is not a model directory (no config.json)")
+    config = json.loads((path / "config.json").read_text())
+    num_layers = int(config.get("num_hidden_layers", 0))
+    if ranks < 1:
+        raise UserError("--ranks must be at least 1")
+    if ranks > num_layers:
+        raise UserError(f"{ranks} ranks but the model has only {num_layers} layers")
+    if split is None:
+        split = even_split(num_layers, ranks)
+    split = [int(s) for s in split]
+    if len(split) != ranks or any(s <= 0 for s in split) or sum(split) != num_layers:
+        raise UserError(f"split {','.join(map(str, split))} must have {ranks} positive entries "
+                        f"summing to the model's {num_layers} layers")
+    bounds, start = [], 0
+    for s in split:
+        bounds.append((start, start + s))
+        start += s
+    manifest = path / "manifest.json"
+    shard_dirs: dict[tuple[int, int], Path] = {}
+    if manifest.exists():
+        m = json.loads(manifest.read_text())
+        for st in m.get("stages", []):
+            shard_dirs[tuple(st["layers"])] = path / "stages" / str(st["stage"])
+    use_shards = bool(shard_dirs) and all(b in shard_dirs for b in bounds)
+    stages = tuple(
+        StagePlan(r, a, b, num_layers, shard_dirs[(a, b)] if use_shards else path, use_shards)
+        for r, (a, b) in enumerate(bounds)
+    )
+    return ModelSource(path, config, stages)

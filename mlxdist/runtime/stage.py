@@ -1,0 +1,173 @@
+"""One pipeline stage: an mlx-lm model cut down to a layer range, with only that range's
+weights loaded.
+
+We do not re-implement any architecture. The stage keeps mlx-lm's own model object with
+its `model.layers` list replaced by the stage's layers; on a stage that is not the first
+the embedding becomes a pass-through (the input *is* the hidden state), on a stage that is
+not the last the final norm becomes the identity and the head is dropped. Calling the
+inner model then runs exactly mlx-lm's code for this range (its masks, its layer call
+signature, its caches), which is what keeps the output token-exact with one process.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """Which part of the model this process runs. `end` is exclusive."""
+
+    start: int
+    end: int
+    num_layers: int
+
+    @property
+    def is_first(self) -> bool:
+        return self.start == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.end == self.num_layers
+
+
+class _Passthrough(nn.Module):
+    """Stands in for the embedding on later stages; keeps the real one only when the last
+    stage needs it as a tied head."""
+
+    def __init__(self, tied_head: nn.Module | None = None):
+        super().__init__()
+        if tied_head is not None:
+            self.tied_head = tied_head
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return x
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return self.tied_head.as_linear(x)
+
+
+def _keep_tensor(name: str, spec: StageSpec, tied: bool) -> bool:
+    m = LAYER_KEY.match(name)
+    if m:
+        return spec.start <= int(m.group(1)) < spec.end
+    if name.startswith("model.embed_tokens."):
+        return spec.is_first or (spec.is_last and tied)
+    if name.startswith("lm_head.") or name.startswith("model.norm."):
+        return spec.is_last
+    return spec.is_first or spec.is_last  # anything else global: keep where it may be used
+
+
+def _to_local(name: str, spec: StageSpec) -> str:
+    m = LAYER_KEY.match(name)
+    if m:
+        return f"model.layers.{int(m.group(1)) - spec.start}.{m.group(2)}"
+    if not spec.is_first and name.startswith("model.embed_tokens."):
+        return "model.embed_tokens.tied_head." + name[len("model.embed_tokens."):]
+    return name
+
+
+def read_config(model_dir: Path) -> dict[str, Any]:
+    with open(model_dir / "config.json") as f:
+        return json.load(f)
+
+
+def weight_files(model_dir: Path) -> list[str]:
+    files = sorted(glob.glob(str(model_dir / "model*.safetensors")))
+    if not files:
+        files = sorted(glob.glob(str(model_dir / "*.safetensors")))
+    return files
+
+
+class Stage:
+    """A loaded layer range. `forward` takes token ids [1, n] on the first stage or a
+    hidden state [1, n, D] on the others, and returns hidden states, or logits [1, n, V]
+    on the last stage when `logits=True`."""
+
+    def __init__(self, model: nn.Module, spec: StageSpec, config: dict[str, Any]):
+        self.model = model
+        self.spec = spec
+        self.config = config
+
+    def make_cache(self) -> list[Any]:
+        from mlx_lm.models.cache import make_prompt_cache
+
+        return make_prompt_cache(self.model)
+
+    def forward(self, x: mx.array, cache: list[Any], logits: bool = False) -> mx.array:
+        if logits:
+            return self.model(x, cache=cache)
+        return self.model.model(x, cache=cache)
+
+
+def _restrict(model: nn.Module, spec: StageSpec, tied: bool) -> None:
+    inner = model.model
+    inner.layers = inner.layers[spec.start:spec.end]
+    if hasattr(inner, "pipeline_size"):  # mlx-lm's PipelineMixin: one stage, all kept layers
+        inner.start_idx, inner.end_idx, inner.pipeline_size, inner.pipeline_rank = 0, None, 1, 0
+    if hasattr(inner, "num_hidden_layers"):
+        inner.num_hidden_layers = len(inner.layers)
+    if not spec.is_first:
+        inner.embed_tokens = _Passthrough(inner.embed_tokens if (spec.is_last and tied) else None)
+    if not spec.is_last:
+        inner.norm = nn.Identity()
+        if "lm_head" in model:
+            model.pop("lm_head")
+
+
+def load_stage(model_dir: str | Path, spec: StageSpec, files: list[str] | None = None,
+               presanitized: bool = False) -> Stage:
+    """Build the model from config.json, drop every layer outside `spec`, and load only
+    the stage's tensors (lazily, straight from the safetensors files)."""
+    from mlx_lm.utils import _get_classes, infer_quant_config
+
+    model_dir = Path(model_dir)
+    config = read_config(model_dir)
+    if config["num_hidden_layers"] != spec.num_layers:
+        raise ValueError(f"config has {config['num_hidden_layers']} layers, plan says {spec.num_layers}")
+    model_class, args_class = _get_classes(config)
+    model = model_class(args_class.from_dict(config))
+    tied = "lm_head" not in model
+    _restrict(model, spec, tied)
+
+    weights: dict[str, mx.array] = {}
+    for f in files if files is not None else weight_files(model_dir):
+        for name, value in mx.load(f).items():  # lazy: nothing is read until evaluated
+            if _keep_tensor(name, spec, tied) or (not presanitized and not LAYER_KEY.match(name)):
+                weights[name] = value
+    if not presanitized and hasattr(model, "sanitize"):
+        weights = model.sanitize(weights)  # mlx-lm's own renames; they use args, not layers
+    weights = {_to_local(k, spec): v for k, v in weights.items() if _keep_tensor(k, spec, tied)}
+
+    if (q := config.get("quantization")) is not None:
+        def predicate(path: str, module: nn.Module) -> Any:
+            if not hasattr(module, "to_quantized") or f"{path}.scales" not in weights:
+                return False
+            return infer_quant_config(path, module, weights)
+
+        nn.quantize(model, group_size=q["group_size"], bits=q["bits"],
+                    mode=q.get("mode", "affine"), class_predicate=predicate)
+    model.eval()
+    model.load_weights(list(weights.items()), strict=False)
+    _check_loaded(model, weights)
+    mx.eval(model.parameters())
+    return Stage(model, spec, config)
+
+
+def _check_loaded(model: nn.Module, weights: dict[str, mx.array]) -> None:
+    from mlx.utils import tree_flatten
+
+    expected = {k for k, _ in tree_flatten(model.parameters())}
+    missing = sorted(expected - set(weights))
+    if missing:
+        raise ValueError(f"stage weights are missing {len(missing)} tensors, e.g. {missing[:3]}")

@@ -1,0 +1,70 @@
+"""The messages that travel the ring of stages, over `mx.distributed` send/recv only.
+
+Every message is a fixed int32 header of HEADER_WORDS words, optionally followed by one
+payload array whose shape and dtype the header gives:
+
+    [op, slot, n, flags, dtype, token, logprob_bits, tag]
+
+rank r sends only to r+1 and receives only from r-1 (mod N), which is all the ring and
+jaccl backends allow; the last stage's reply to rank 0 is the ring's wrap-around link.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+HEADER_WORDS = 8
+OP_SETUP, OP_FORWARD, OP_FREE, OP_STOP, OP_TOKEN, OP_ACK = 1, 2, 3, 4, 5, 6
+OP_NAMES = {1: "setup", 2: "forward", 3: "free", 4: "stop", 5: "token", 6: "ack"}
+FLAG_SAMPLE = 1  # run the head and sample after this chunk
+
+DTYPES = [mx.float32, mx.float16, mx.bfloat16, mx.int32]
+
+
+def dtype_code(dtype: mx.Dtype) -> int:
+    return DTYPES.index(dtype)
+
+
+def header(op: int, slot: int, n: int = 0, flags: int = 0, dtype: int = 0, tag: int = 0) -> mx.array:
+    return mx.array([op, slot, n, flags, dtype, 0, 0, tag], dtype=mx.int32)
+
+
+def token_header(slot: int, token: mx.array, logprob: mx.array, tag: int) -> mx.array:
+    """The last stage's reply, built on the device so that sending it needs no host sync."""
+    head = mx.array([OP_TOKEN, slot, 1, 0, 0], dtype=mx.int32)
+    return mx.concatenate([head, token.astype(mx.int32), logprob.astype(mx.float32).view(mx.int32),
+                           mx.array([tag], dtype=mx.int32)])
+
+
+def read_token(h: np.ndarray) -> tuple[int, float]:
+    return int(h[5]), float(np.array([h[6]], np.int32).view(np.float32)[0])
+
+
+class RingLink:
+    """send to the next rank, receive from the previous one."""
+
+    def __init__(self, group: mx.distributed.Group):
+        self.group = group
+        self.rank, self.size = group.rank(), group.size()
+        self.next, self.prev = (self.rank + 1) % self.size, (self.rank - 1) % self.size
+        self.bytes_sent = 0
+
+    def send(self, head: mx.array, payload: mx.array | None = None) -> list[mx.array]:
+        """Lazy sends; the caller evaluates them (asynchronously) with whatever else."""
+        out = [mx.distributed.send(head, self.next, group=self.group)]
+        self.bytes_sent += HEADER_WORDS * 4
+        if payload is not None:
+            # the payload must leave after its header: independent sends may run in any order
+            payload = mx.depends(payload, out[0])
+            out.append(mx.distributed.send(payload, self.next, group=self.group))
+            self.bytes_sent += payload.nbytes
+        return out
+
+    def recv_header(self) -> np.ndarray:
+        h = mx.distributed.recv((HEADER_WORDS,), mx.int32, self.prev, group=self.group)
+        mx.eval(h)  # the header says what comes next: this wait is the data's own
+        return np.array(h)
+
+    def recv_payload(self, shape: tuple[int, ...], dtype: mx.Dtype) -> mx.array:
+        return mx.distributed.recv(shape, dtype, self.prev, group=self.group)
