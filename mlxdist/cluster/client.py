@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from mlxdist.cluster.auth import client_handshake
-from mlxdist.cluster.shards import files_wire, stage_files
+from mlxdist.cluster.shards import FileDigest, files_wire, stage_sources
 from mlxdist.cluster.wire import Channel
 
 CHUNK = 1 << 20
@@ -76,7 +76,10 @@ class NodeClient:
         """Give the node `stage_dir` as its `model`/`stage`: nothing if it holds a verified
         copy, else the missing bytes from where it left off (or, with `shared_path`, the
         node copies from that path, as it sees it, e.g. an NFS mount)."""
-        files = stage_files(Path(stage_dir))
+        from mlxdist.cluster.shards import cached_sha256
+
+        sources = stage_sources(Path(stage_dir))
+        files = {n: FileDigest(p.stat().st_size, cached_sha256(p)) for n, p in sources.items()}
         wire_files = files_wire(files)
         if shared_path is not None:
             reply = self.request({"t": "shard_pull", "model": model, "stage": stage,
@@ -89,7 +92,7 @@ class NodeClient:
         sent = 0
         for name, offset in sorted(state["offsets"].items()):
             size = files[name].size
-            with open(Path(stage_dir) / name, "rb") as f:
+            with open(sources[name], "rb") as f:
                 f.seek(offset)
                 while offset < size:
                     data = f.read(min(CHUNK, size - offset))
@@ -103,10 +106,16 @@ class NodeClient:
         return Delivery(model, stage, sent, False)
 
     def launch(self, job: str, rank: int, hostfile: Sequence[Sequence[str]], model: str,
-               stage: int, backend: str = "ring", options: dict | None = None) -> int:
+               stage: int, control: str, session: str, layers: tuple[int, int] | None = None,
+               max_slots: int = 8, prefill_step: int = 2048, host: str = "node",
+               backend: str = "ring") -> int:
+        """Ask the node to start `python -m mlxdist.runtime.worker` as `rank` on the stage
+        it holds (or the `layers` part of it); see workers.parse_launch for the checks."""
         reply = self.request({"t": "launch", "job": job, "rank": rank,
                               "hostfile": [list(h) for h in hostfile], "model": model,
-                              "stage": stage, "backend": backend, "options": options or {}})
+                              "stage": stage, "layers": list(layers) if layers else None,
+                              "control": control, "session": session, "max_slots": max_slots,
+                              "prefill_step": prefill_step, "host": host, "backend": backend})
         return int(reply["pid"])
 
     def free_ports(self, count: int) -> list[int]:

@@ -4,15 +4,14 @@ cluster (mDNS browse + authenticated status), deliver stages, launch and watch w
 from __future__ import annotations
 
 import concurrent.futures as cf
-import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from mlxdist.cluster.client import Delivery, NodeClient
 from mlxdist.cluster.hardware import Interface
-from mlxdist.cluster.ring import RingMember, choose_ring, hostfile_for
+from mlxdist.cluster.ring import RingMember, choose_ring
 from mlxdist.cluster.wire import Refused
 
 
@@ -111,58 +110,10 @@ def deliver(nodes: dict[str, NodeView], assignments: dict[str, Sequence[tuple[Pa
         return [d for ds in pool.map(one, list(assignments)) for d in ds]
 
 
-@dataclass
-class Job:
-    job: str
-    hostfile: list[list[str]]
-    ranks: list[tuple[NodeView, str, int]]  # (node, model, stage) per rank
-    clients: list[NodeClient] = field(default_factory=list)
-
-    def status(self) -> list[list[dict]]:
-        return [c.job_status(self.job) for c in self.clients]
-
-    def stop(self) -> None:
-        for c in self.clients:
-            try:
-                c.stop_job(self.job)
-            except Exception:
-                pass
-            c.close()
-        self.clients = []
-
-
 def ring_order(nodes: Sequence[NodeView]) -> list[NodeView]:
     """The nodes in the ring order that uses the best links (the first stays first)."""
     members = [RingMember(v.node_id, v.interfaces, fallback=v.host) for v in nodes]
     return [nodes[i] for i in choose_ring(members)]
 
 
-def launch(ranks: Sequence[tuple[NodeView, str, int]], cluster: str, secret: bytes,
-           options: dict | None = None) -> Job:
-    """Start one worker per rank, rank r on ranks[r]'s node for (model, stage), in the
-    given order (see `ring_order`). Each rank listens on an address its ring neighbours
-    share a subnet with (Thunderbolt first), on a port its node reported free."""
-    members = [RingMember(v.node_id, v.interfaces, fallback=v.host) for v, _, _ in ranks]
-    job = Job(secrets.token_hex(8), [], list(ranks))
-    try:
-        by_node: dict[str, NodeClient] = {}
-        ports: list[int] = []
-        for v, _, _ in ranks:
-            if v.node_id not in by_node:
-                by_node[v.node_id] = NodeClient(v.host, v.port, secret, cluster, timeout=10)
-                job.clients.append(by_node[v.node_id])
-        free = {nid: c.free_ports(sum(1 for v, _, _ in ranks if v.node_id == nid))
-                for nid, c in by_node.items()}
-        for v, _, _ in ranks:
-            ports.append(free[v.node_id].pop(0))
-        job.hostfile = hostfile_for(members, ports)
-        for rank, (v, model, stage) in enumerate(ranks):
-            by_node[v.node_id].launch(job.job, rank, job.hostfile, model, stage, options=options)
-    except BaseException:
-        job.stop()
-        raise
-    return job
-
-
-__all__ = ["NodeView", "discover_nodes", "query_nodes", "deliver", "ring_order", "launch",
-           "Job"]
+__all__ = ["NodeView", "discover_nodes", "query_nodes", "deliver", "ring_order"]

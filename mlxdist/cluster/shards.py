@@ -92,8 +92,13 @@ def cached_sha256(path: Path) -> str:
     return digest
 
 
-def stage_files(stage_dir: Path) -> dict[str, FileDigest]:
-    """The files that make up a stage directory (regular files, no hidden ones)."""
+MANIFEST = "manifest.json"
+
+
+def stage_sources(stage_dir: Path) -> dict[str, Path]:
+    """The files a node gets for a stage: the stage directory's regular files, plus the
+    model's manifest.json (OUT/manifest.json, two levels up) so the worker can check the
+    shard against it."""
     stage_dir = Path(stage_dir)
     if not (stage_dir / "stage.json").is_file():
         raise ShardError(f"{stage_dir} is not a stage directory (no stage.json)")
@@ -103,8 +108,16 @@ def stage_files(stage_dir: Path) -> dict[str, FileDigest]:
             continue
         if not FILE_RE.match(p.name):
             raise ShardError(f"file name {p.name!r} in {stage_dir} cannot be delivered")
-        files[p.name] = FileDigest(p.stat().st_size, cached_sha256(p))
+        files[p.name] = p
+    manifest = stage_dir.parent.parent / MANIFEST
+    if MANIFEST not in files and stage_dir.parent.name == "stages" and manifest.is_file():
+        files[MANIFEST] = manifest
     return files
+
+
+def stage_files(stage_dir: Path) -> dict[str, FileDigest]:
+    return {n: FileDigest(p.stat().st_size, cached_sha256(p))
+            for n, p in stage_sources(stage_dir).items()}
 
 
 def _fsync_dir(path: Path) -> None:
@@ -251,7 +264,10 @@ class ShardStore:
             return {"model": model, "stage": stage, "copied": 0, "complete": True}
         copied = 0
         for name, offset in state["offsets"].items():
-            with open(Path(source) / name, "rb") as f:
+            path = Path(source) / name
+            if name == MANIFEST and not path.exists():  # OUT/stages/k -> OUT/manifest.json
+                path = Path(source).parent.parent / MANIFEST
+            with open(path, "rb") as f:
                 f.seek(offset)
                 while offset < files[name].size:
                     data = f.read(min(chunk, files[name].size - offset))

@@ -1,9 +1,10 @@
 """Starting workers on a node at the coordinator's request, safely.
 
 The control plane never carries a command line. A launch order names a job, a rank, the
-hostfile (validated addresses) and a stage the node already holds (resolved in its own
-data dir); the node builds the argument list itself and runs only
-`python -m mlxdist.runtime.worker`. Options are allow-listed by name and type.
+hostfile (validated addresses), a stage the node already holds (resolved in its own data
+dir), optionally a layer range inside it, the engine's control address and session, and
+two integers; the node checks each field and builds the argument list itself with the
+runtime's `WorkerSpec`, and runs only `python -m mlxdist.runtime.worker`.
 """
 
 from __future__ import annotations
@@ -24,14 +25,10 @@ WORKER_MODULE = "mlxdist.runtime.worker"
 # The node operator (not the network) may point at another module for tests.
 _MODULE_OVERRIDE_RE = re.compile(r"^(mlxdist|tests)(\.[A-Za-z_][A-Za-z0-9_]*)+$")
 JOB_RE = re.compile(r"^[0-9a-f]{8,32}$")
+SESSION_RE = re.compile(r"^[0-9a-f]{8,64}$")
+HOST_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 BACKENDS = ("ring",)
 MAX_RANKS = 64
-# option name -> type; values become `--name value` (bool: `--name` when true)
-OPTIONS: dict[str, type] = {
-    "max_tokens": int, "max_batch": int, "context_length": int, "prefill_step": int,
-    "seed": int, "log_level": str,
-}
-SAFE_STR = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:,=+-]{0,127}$")
 
 
 class LaunchError(Exception):
@@ -46,7 +43,12 @@ class LaunchSpec:
     backend: str
     model: str
     stage: int
-    options: tuple[tuple[str, object], ...]
+    layers: tuple[int, int] | None  # None: the stage's own range (from its stage.json)
+    control: str  # ip:port of the engine's control server
+    session: str
+    max_slots: int = 8
+    prefill_step: int = 2048
+    host: str = "node"  # how the engine names this rank in messages
 
 
 def _check_endpoint(text: object) -> str:
@@ -62,8 +64,15 @@ def _check_endpoint(text: object) -> str:
     return text
 
 
+def _int(msg: dict, key: str, lo: int, hi: int, default: int | None = None) -> int:
+    value = msg.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise LaunchError(f"bad {key}")
+    return value
+
+
 def parse_launch(msg: dict) -> LaunchSpec:
-    job, rank, hostfile = msg.get("job"), msg.get("rank"), msg.get("hostfile")
+    job, hostfile = msg.get("job"), msg.get("hostfile")
     if not isinstance(job, str) or not JOB_RE.match(job):
         raise LaunchError("bad job id")
     if not isinstance(hostfile, list) or not 1 <= len(hostfile) <= MAX_RANKS:
@@ -73,8 +82,7 @@ def parse_launch(msg: dict) -> LaunchSpec:
         if not isinstance(entry, list) or not 1 <= len(entry) <= 8:
             raise LaunchError("bad hostfile entry")
         hosts.append(tuple(_check_endpoint(e) for e in entry))
-    if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank < len(hosts):
-        raise LaunchError("bad rank")
+    rank = _int(msg, "rank", 0, len(hosts) - 1)
     backend = msg.get("backend", "ring")
     if backend not in BACKENDS:
         raise LaunchError(f"backend {backend!r} not supported")
@@ -83,20 +91,22 @@ def parse_launch(msg: dict) -> LaunchSpec:
         model, stage = check_name(msg.get("model"), msg.get("stage"))
     except ShardError as e:
         raise LaunchError(str(e)) from None
-    options = msg.get("options", {})
-    if not isinstance(options, dict):
-        raise LaunchError("bad options")
-    checked = []
-    for name, value in sorted(options.items()):
-        kind = OPTIONS.get(name)
-        if kind is None:
-            raise LaunchError(f"option {name!r} not allowed")
-        if type(value) is not kind and not (kind is float and type(value) is int):
-            raise LaunchError(f"option {name!r} must be {kind.__name__}")
-        if kind is str and not SAFE_STR.match(value):
-            raise LaunchError(f"option {name!r} has unsafe characters")
-        checked.append((name, value))
-    return LaunchSpec(job, rank, tuple(hosts), backend, model, stage, tuple(checked))
+    layers = msg.get("layers")
+    if layers is not None:
+        if not isinstance(layers, list) or len(layers) != 2 or not all(
+                isinstance(x, int) and not isinstance(x, bool) for x in layers) \
+                or not 0 <= layers[0] < layers[1] <= 100000:
+            raise LaunchError("bad layers")
+        layers = (layers[0], layers[1])
+    session, host = msg.get("session"), msg.get("host", "node")
+    if not isinstance(session, str) or not SESSION_RE.match(session):
+        raise LaunchError("bad session")
+    if not isinstance(host, str) or not HOST_RE.match(host):
+        raise LaunchError("bad host name")
+    return LaunchSpec(job, rank, tuple(hosts), backend, model, stage, layers,
+                      _check_endpoint(msg.get("control")), session,
+                      _int(msg, "max_slots", 1, 1024, 8), _int(msg, "prefill_step", 1, 1 << 20, 2048),
+                      host)
 
 
 def worker_module() -> str:
@@ -106,17 +116,38 @@ def worker_module() -> str:
     return WORKER_MODULE
 
 
+def stage_layers(stage_dir: Path) -> tuple[int, int, int]:
+    """(start, end, num_layers) of a held stage, from its stage.json and config.json."""
+    try:
+        stage = json.loads((stage_dir / "stage.json").read_text())
+        config = json.loads((stage_dir / "config.json").read_text())
+        start, end = (int(x) for x in stage["layers"])
+        return start, end, int(config["num_hidden_layers"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise LaunchError(f"stage {stage_dir.name} has no readable layer range: {e}") from None
+
+
 def worker_argv(spec: LaunchSpec, stage_dir: Path, hostfile_path: Path) -> list[str]:
-    argv = [sys.executable, "-m", worker_module(), "--stage-dir", str(stage_dir),
-            "--rank", str(spec.rank), "--world-size", str(len(spec.hostfile)),
-            "--hostfile", str(hostfile_path), "--backend", spec.backend]
-    for name, value in spec.options:
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            argv += [flag] if value else []
-        else:
-            argv += [flag, str(value)]
-    return argv
+    """The command line, built here from the runtime's own WorkerSpec. A rank may run the
+    whole layer range of a stage it holds, or a part of it (re-placement); only for the
+    whole stage is the shard checked against its manifest (--shard-root)."""
+    from mlxdist.runtime.launcher import WorkerSpec
+
+    have_start, have_end, num_layers = stage_layers(stage_dir)
+    start, end = spec.layers or (have_start, have_end)
+    if not have_start <= start < end <= have_end:
+        raise LaunchError(f"layers [{start}, {end}) are not in the held stage "
+                          f"[{have_start}, {have_end})")
+    whole = (start, end) == (have_start, have_end)
+    shard_root = str(stage_dir) if whole and (stage_dir / "manifest.json").exists() else ""
+    ws = WorkerSpec(rank=spec.rank, ranks=len(spec.hostfile), hostfile=str(hostfile_path),
+                    model_dir=str(stage_dir), start=start, end=end, num_layers=num_layers,
+                    control=spec.control, session=spec.session, backend=spec.backend,
+                    shard_root=shard_root, max_slots=spec.max_slots,
+                    prefill_step=spec.prefill_step, host=spec.host)
+    argv = ws.argv()
+    assert argv[:2] == ["-m", WORKER_MODULE]
+    return [sys.executable, "-m", worker_module(), *argv[2:]]
 
 
 class Workers:
@@ -139,11 +170,14 @@ class Workers:
             run_dir.mkdir(parents=True, exist_ok=True)
             hostfile = run_dir / "hostfile.json"
             hostfile.write_text(json.dumps([list(h) for h in spec.hostfile]))
+            # the worker imports the same mlxdist as this node, installed or not
+            root = str(Path(__file__).resolve().parents[2])
             env = dict(os.environ, MLX_RANK=str(spec.rank), MLX_HOSTFILE=str(hostfile),
-                       MLX_WORLD_SIZE=str(len(spec.hostfile)))
+                       PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+            argv = worker_argv(spec, stage_dir, hostfile)  # refuses before anything runs
             log = open(run_dir / "worker.log", "wb")
             try:
-                proc = subprocess.Popen(worker_argv(spec, stage_dir, hostfile), env=env,
+                proc = subprocess.Popen(argv, env=env,
                                         cwd=run_dir, stdout=log, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL, start_new_session=True)
             finally:
