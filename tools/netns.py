@@ -142,21 +142,30 @@ class TestNet:
 
 def kill_namespace(ns: str) -> None:
     """Kill the processes inside `ns` (started by us, in it) and delete it."""
+    kill_processes(ns)
+    _ip("netns", "del", ns, check=False)
+
+
+def kill_processes(ns: str) -> None:
+    """Kill every process inside `ns` (all started by us, in it): a host dying."""
     out = _ip("netns", "pids", ns, check=False).stdout.split()
     pids = [int(p) for p in out if p.isdigit()]
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + 3
-        while pids and time.monotonic() < deadline:
-            pids = [p for p in pids if os.path.exists(f"/proc/{p}")]
-            time.sleep(0.05)
-        if not pids:
-            break
-    _ip("netns", "del", ns, check=False)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 5
+    while pids and time.monotonic() < deadline:
+        pids = [p for p in pids if _alive(p)]
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    try:  # a zombie (killed, not yet reaped by its parent) counts as dead
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def cleanup_leftovers() -> list[str]:

@@ -22,8 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 WORKER_MODULE = "mlxdist.runtime.worker"
-# The node operator (not the network) may point at another module for tests.
-_MODULE_OVERRIDE_RE = re.compile(r"^(mlxdist|tests)(\.[A-Za-z_][A-Za-z0-9_]*)+$")
 JOB_RE = re.compile(r"^[0-9a-f]{8,32}$")
 SESSION_RE = re.compile(r"^[0-9a-f]{8,64}$")
 HOST_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -109,13 +107,6 @@ def parse_launch(msg: dict) -> LaunchSpec:
                       host)
 
 
-def worker_module() -> str:
-    override = os.environ.get("MLXDIST_WORKER_MODULE")
-    if override and _MODULE_OVERRIDE_RE.match(override):
-        return override
-    return WORKER_MODULE
-
-
 def stage_layers(stage_dir: Path) -> tuple[int, int, int]:
     """(start, end, num_layers) of a held stage, from its stage.json and config.json."""
     try:
@@ -146,8 +137,9 @@ def worker_argv(spec: LaunchSpec, stage_dir: Path, hostfile_path: Path) -> list[
                     shard_root=shard_root, max_slots=spec.max_slots,
                     prefill_step=spec.prefill_step, host=spec.host)
     argv = ws.argv()
-    assert argv[:2] == ["-m", WORKER_MODULE]
-    return [sys.executable, "-m", worker_module(), *argv[2:]]
+    if argv[:2] != ["-m", WORKER_MODULE]:  # never anything but the runtime's worker
+        raise LaunchError("the runtime's worker command changed shape")
+    return [sys.executable, *argv]
 
 
 class Workers:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from mlxdist.cluster.coordinator import deliver, discover_nodes, launch, ring_order  # noqa: E402
+from mlxdist.cluster.coordinator import deliver, discover_nodes, ring_order  # noqa: E402
 from mlxdist.cluster.health import Monitor  # noqa: E402
 from mlxdist.cluster.secret import load_secret  # noqa: E402
 
@@ -32,6 +32,39 @@ def nodes(a: dict) -> list:
                           mdns_addresses=[a["address"]], expect=a.get("expect")), secret
 
 
+def serve(a: dict, views: list, secret: bytes) -> None:
+    """A ClusterEngine over the nodes found (ring order), one greedy request; with
+    `progress_at`, a line is printed when that many tokens have come (the test then
+    cuts something), and the request runs on through any re-placement."""
+    from mlxdist.cluster.engine import ClusterEngine
+    from mlxdist.runtime.api import GenerationRequest
+
+    by_name = {v.name: v for v in views}
+    order = ring_order([by_name[n] for n in a["names"]])
+    engine = ClusterEngine(Path(a["out"]), a["model"], order, a["cluster"], secret,
+                           startup_timeout_s=60)
+    try:
+        out({"placement": [v.name for v in engine.placement]})
+        for round_ in range(a.get("rounds", 1)):
+            t0 = time.perf_counter()
+            handle = engine.submit(GenerationRequest(tuple(a["prompt"]), a["max_tokens"]))
+            tokens, error = [], None
+            for ev in handle:
+                if ev.token is not None:
+                    tokens.append(ev.token)
+                    if len(tokens) == a.get("progress_at"):
+                        out({"progress": len(tokens), "time": time.time()})
+                error = ev.error or error
+            dt = time.perf_counter() - t0
+            out({"tokens": tokens, "error": error, "seconds": round(dt, 3),
+                 "tok_per_s": round(len(tokens) / dt, 2), "recoveries": engine.recoveries,
+                 "placement": [v.name for v in engine.placement]})
+            if a.get("pause_between") and round_ + 1 < a.get("rounds", 1):
+                sys.stdin.readline()  # the test changes the links, then says go on
+    finally:
+        engine.close()
+
+
 def main() -> None:
     cmd, a = sys.argv[1], json.loads(sys.argv[2])
     views, secret = nodes(a)
@@ -45,19 +78,8 @@ def main() -> None:
             [d] = deliver(by_name, {name: [(Path(path), model, stage)]}, a["cluster"], secret)
             out({"node": name, "stage": stage, "bytes": d.bytes_sent, "skipped": d.skipped,
                  "seconds": round(time.perf_counter() - t0, 3)})
-    elif cmd == "launch":
-        order = ring_order([by_name[n] for n in a["names"]])
-        job = launch([(v, a["model"], k) for k, v in enumerate(order)], a["cluster"], secret,
-                     options={"seed": 1})
-        out({"hostfile": job.hostfile, "order": [v.name for v in order]})
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            ranks = [r for s in job.status() for r in s]
-            if all(r["returncode"] is not None for r in ranks):
-                break
-            time.sleep(0.2)
-        out(ranks)
-        job.stop()
+    elif cmd == "serve":
+        serve(a, views, secret)
     elif cmd == "monitor":
         names = {v.node_id: v.name for v in views}
         mon = Monitor(secret, a["cluster"], on_change=lambda nid, state: out(
