@@ -112,6 +112,11 @@ class ClusterEngine:
         self._fatal: str | None = None
         self._closed = False
         self._inner = self._open(place_stages(self.nodes, self.sizes))
+        self._home = list(self.placement)  # where each stage runs when every node is up
+        self._handles: dict[int, _Handle] = {}
+        self._stop = threading.Event()
+        threading.Thread(target=self._take_back_loop, name="mlxdist-take-back",
+                         daemon=True).start()
         self.model_name = engine_opts.get("model_name") or model
         self.tokenizer = self._inner.tokenizer
         self.context_length = self._inner.context_length
@@ -184,6 +189,34 @@ class ClusterEngine:
             log.warning("re-placed after %r on %s in %.1f s", reason,
                         [v.name for v in self.placement], time.monotonic() - t0)
 
+    def _take_back_loop(self, interval_s: float = 2.0) -> None:
+        """A node that comes back gets its stages back, at a moment with no request in
+        flight (so nobody waits for the model to move)."""
+        while not self._stop.wait(interval_s):
+            if self._fatal or self.placement == self._home or self._handles:
+                continue
+            if len(self._alive()) < len({v.node_id for v in self._home}):
+                continue
+            with self._lock:
+                if self._handles or self._closed or self.placement == self._home:
+                    continue
+                t0 = time.monotonic()
+                try:
+                    self._inner.close()
+                    self._inner = self._open(list(self._home))
+                    self._generation += 1
+                    self.recoveries.append({"reason": "nodes back", "noticed_at": time.time(),
+                                            "seconds": time.monotonic() - t0,
+                                            "nodes": [v.name for v in self._home],
+                                            "fatal": None})
+                except Exception as e:  # stay down; the next failure re-places again
+                    log.warning("could not take the nodes back: %s", e)
+                    try:
+                        self._inner = self._open(place_stages(self._alive(), self.sizes))
+                        self._generation += 1
+                    except Exception as e2:
+                        self._fatal = f"re-placement failed: {type(e2).__name__}: {e2}"
+
     # -- the Engine interface -------------------------------------------------------------
     def submit(self, request: GenerationRequest) -> _Handle:
         if self._fatal:
@@ -192,10 +225,18 @@ class ClusterEngine:
         with self._lock:
             generation = self._generation
             handle.inner = self._inner.submit(request)
+            self._handles[handle.request_id] = handle
         threading.Thread(target=self._relay, args=(handle, generation), daemon=True).start()
         return handle
 
     def _relay(self, h: _Handle, generation: int) -> None:
+        try:
+            self._relay_events(h, generation)
+        finally:
+            with self._lock:
+                self._handles.pop(h.request_id, None)
+
+    def _relay_events(self, h: _Handle, generation: int) -> None:
         while True:
             failed = False
             for ev in h.inner:
@@ -241,5 +282,6 @@ class ClusterEngine:
 
     def close(self) -> None:
         self._closed = True
+        self._stop.set()
         with self._lock:
             self._inner.close()

@@ -61,6 +61,11 @@ def serve(a: dict, views: list, secret: bytes) -> None:
                  "placement": [v.name for v in engine.placement]})
             if a.get("pause_between") and round_ + 1 < a.get("rounds", 1):
                 sys.stdin.readline()  # the test changes the links, then says go on
+                if a.get("wait_for_home"):  # until the engine has taken the nodes back
+                    deadline = time.monotonic() + 60
+                    while time.monotonic() < deadline and [
+                            v.name for v in engine.placement] != a["names"]:
+                        time.sleep(0.2)
     finally:
         engine.close()
 
