@@ -46,6 +46,7 @@ class WorkerGroupBackend:
         self.chans: dict[int, Channel] = {}
         self.last_seen: dict[int, float] = {}
         self.ready: set[int] = set()
+        self.errors: dict[int, str] = {}  # what a worker said before it went
         self.failure: str | None = None
         self.closing = False
         self._on_event: Callable[[dict], None] = lambda ev: None
@@ -114,11 +115,13 @@ class WorkerGroupBackend:
                 msg = {"t": "error", "rank": rank, "msg": f"bad control frame: {e}"}
             if msg is None:
                 if not self.closing:
-                    time.sleep(0.2)  # let the exit code arrive for a clearer message
-                    code = self.launcher.poll().get(rank)
-                    how = f"exited with code {code}" if code and code > 0 else (
-                        f"was killed by signal {-code}" if code and code < 0 else "closed its control connection")
-                    self._fail(f"rank {rank} on {self.hosts[rank]} {how}")
+                    code = None
+                    for _ in range(10):  # let the exit code arrive for a clearer message
+                        code = self.launcher.poll().get(rank)
+                        if code is not None:
+                            break
+                        time.sleep(0.05)
+                    self._fail(self._describe(rank, code))
                 return
             self.last_seen[rank] = time.monotonic()
             t = msg.get("t")
@@ -129,16 +132,29 @@ class WorkerGroupBackend:
                     self.ready.add(rank)
                     self._cond.notify_all()
             elif t == "error":
-                self._fail(f"rank {rank} on {self.hosts[rank]} failed: {msg.get('msg')}")
+                # A dead peer makes its neighbours' ring calls fail too: give the dead
+                # rank's own report a moment to arrive, so the message names the cause.
+                self.errors[rank] = str(msg.get("msg"))
+                text = f"rank {rank} on {self.hosts[rank]} failed: {msg.get('msg')}"
+                threading.Timer(1.0, self._fail, args=(text,)).start()
             elif t in ("token", "end"):
                 self._on_event(msg)
 
     def _check_exits(self) -> None:
         for rank, code in self.launcher.poll().items():
             if code is not None and not self.closing and self.failure is None:
-                tail = getattr(self.launcher, "log_tail", lambda r: "")(rank)
-                self.failure = (f"rank {rank} on {self.hosts[rank]} exited with code {code}"
-                                + (f": {tail.splitlines()[-1]}" if tail else ""))
+                self.failure = self._describe(rank, code)
+
+    def _describe(self, rank: int, code: int | None) -> str:
+        where = f"rank {rank} on {self.hosts[rank]}"
+        if rank in self.errors:
+            return f"{where} failed: {self.errors[rank]}"
+        if code is not None and code < 0:
+            return f"{where} was killed by signal {-code}"
+        if code is not None:
+            tail = getattr(self.launcher, "log_tail", lambda r: "")(rank)
+            return f"{where} exited with code {code}" + (f": {tail.splitlines()[-1]}" if tail else "")
+        return f"{where} closed its control connection"
 
     def _monitor(self) -> None:
         while not self.closing and self.failure is None:

@@ -14,11 +14,12 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from mlxdist.errors import UserError
 from mlxdist.runtime.source import StagePlan
 
 
-class ShardMismatch(Exception):
-    pass
+class ShardMismatch(UserError):
+    """The stage on disk is not the stage the plan asks for."""
 
 
 def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
@@ -39,8 +40,10 @@ def verify_stage(root: Path, plan: StagePlan, check_hashes: bool = True) -> None
     if list(stage_json.get("layers", [])) != [plan.start, plan.end]:
         raise ShardMismatch(f"stage {stage_dir} holds layers {stage_json.get('layers')}, "
                             f"the plan gives rank {plan.rank} layers [{plan.start}, {plan.end}]")
-    wanted = {name: t for name, t in manifest.get("tensors", {}).items()
-              if int(t.get("stage", -1)) == int(stage_json.get("stage", -2))}
+    tensors = manifest.get("tensors", {})
+    if isinstance(tensors, dict):  # the doc's {name: {...}}; the converter writes a list
+        tensors = [{"name": n, **t} for n, t in tensors.items()]
+    wanted = {t["name"]: t for t in tensors if int(t.get("stage", -1)) == int(stage_json.get("stage", -2))}
     path = stage_dir / "weights.safetensors"
     if not path.exists():
         raise ShardMismatch(f"stage {stage_dir}: weights.safetensors is missing")

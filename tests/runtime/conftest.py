@@ -22,14 +22,3 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
         "qwen3_moe": make_tiny_model(root / "qwen3_moe", "qwen3_moe", layers=4),
         "llama_q4": make_tiny_model(root / "llama_q4", "llama", layers=4, bits=4, seed=1),
     }
-
-
-def reference_tokens(path: Path, prompt: list[int], max_tokens: int, prefill_step: int = 2048) -> list[int]:
-    """Greedy tokens from single-process mlx-lm: the independent reference."""
-    import mlx.core as mx
-    from mlx_lm import load
-    from mlx_lm.generate import generate_step
-
-    model, _ = load(str(path))
-    return [t for t, _ in generate_step(mx.array(prompt), model, max_tokens=max_tokens,
-                                        prefill_step_size=prefill_step)]

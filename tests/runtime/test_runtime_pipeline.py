@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 
 import pytest
-from conftest import reference_tokens
+from runtime_helpers import reference_tokens
 
 from mlxdist.runtime.api import GenerationRequest, SamplingParams
 from mlxdist.runtime.engine import open_engine

@@ -1,0 +1,79 @@
+"""Helpers shared by the runtime tests (a plain module: both conftest.py files would be
+imported as `conftest`)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def reference_tokens(path: Path, prompt: list[int], max_tokens: int, prefill_step: int = 2048) -> list[int]:
+    """Greedy tokens from single-process mlx-lm: the independent reference."""
+    import mlx.core as mx
+    from mlx_lm import load
+    from mlx_lm.generate import generate_step
+
+    model, _ = load(str(path))
+    return [t for t, _ in generate_step(mx.array(prompt), model, max_tokens=max_tokens,
+                                        prefill_step_size=prefill_step)]
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-m", "mlxdist", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def write_shard_dir(model_dir: Path, out: Path, bounds: list[tuple[int, int]]) -> Path:
+    """A shard directory as docs/shard-format.md describes it, written here with
+    safetensors + json (independent of the runtime's reader)."""
+    import hashlib
+    import json
+    import re
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    tensors: dict = {}
+    for f in sorted(model_dir.glob("model*.safetensors")):
+        tensors.update(load_file(str(f)))
+    config = json.loads((model_dir / "config.json").read_text())
+    tied = "lm_head.weight" not in tensors
+    n = len(bounds)
+    manifest_tensors = []
+    out.mkdir(parents=True)
+    for k, (a, b) in enumerate(bounds):
+        stage = out / "stages" / str(k)
+        stage.mkdir(parents=True)
+        mine = {}
+        for name, arr in tensors.items():
+            m = re.match(r"model\.layers\.(\d+)\.", name)
+            keep = (a <= int(m.group(1)) < b) if m else (
+                (k == 0 or (k == n - 1 and tied)) if name.startswith("model.embed_tokens.")
+                else k == n - 1)
+            if keep:
+                mine[name] = arr
+                manifest_tensors.append({"name": name, "file": f"stages/{k}/weights.safetensors",
+                                         "stage": k, "layer": int(m.group(1)) if m else None,
+                                         "shape": list(arr.shape), "dtype": str(arr.dtype),
+                                         "bytes": arr.nbytes,
+                                         "sha256": hashlib.sha256(arr.tobytes()).hexdigest()})
+        save_file(mine, str(stage / "weights.safetensors"))
+        for p in model_dir.iterdir():
+            if p.suffix in (".json", ".jinja") and p.name != "model.safetensors.index.json":
+                shutil.copyfile(p, stage / p.name)
+                shutil.copyfile(p, out / p.name)
+        (stage / "stage.json").write_text(json.dumps({
+            "format_version": 1, "stage": k, "num_stages": n, "layers": [a, b],
+            "has_embedding": k == 0, "has_head": k == n - 1}))
+        (out / f"model-{k + 1:05d}-of-{n:05d}.safetensors").symlink_to(f"stages/{k}/weights.safetensors")
+    (out / "manifest.json").write_text(json.dumps({
+        "format_version": 1, "source": {"path": str(model_dir), "sha256": ""}, "config": config,
+        "stages": [{"stage": k, "layers": list(bd), "files": [f"stages/{k}/weights.safetensors"]}
+                   for k, bd in enumerate(bounds)],
+        "tensors": manifest_tensors}))
+    return out
