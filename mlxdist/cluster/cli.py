@@ -105,8 +105,9 @@ def _row(v) -> dict:
               help="Run mDNS only on these local addresses (repeatable).")
 @click.option("--node", "nodes", multiple=True,
               help="Also ask this node directly, as HOST:PORT (repeatable).")
+@click.option("--no-mdns", is_flag=True, help="Only ask the --node addresses.")
 def cluster_command(cluster: str, secret_file: str | None, as_json: bool, browse: float,
-                    addresses: tuple[str, ...], nodes: tuple[str, ...]) -> None:
+                    addresses: tuple[str, ...], nodes: tuple[str, ...], no_mdns: bool) -> None:
     """Show the nodes of a cluster: chip, memory, links, shards, health, role."""
     from mlxdist.cluster.coordinator import discover_nodes, query_nodes
     from mlxdist.cluster.secret import DEFAULT_SECRET_FILE, load_secret
@@ -120,7 +121,8 @@ def cluster_command(cluster: str, secret_file: str | None, as_json: bool, browse
             raise UserError(f"--node {n!r}: want HOST:PORT")
         targets.append(([host], int(port), "", n))
     views = query_nodes(targets, cluster, secret) if targets else []
-    views += discover_nodes(cluster, secret, browse_s=browse, mdns_addresses=addresses)
+    if not no_mdns:
+        views += discover_nodes(cluster, secret, browse_s=browse, mdns_addresses=addresses)
     seen, unique = set(), []
     for v in views:
         key = v.node_id or f"{v.host}:{v.port}"

@@ -5,10 +5,41 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import Iterator
+
+import pytest
 
 SECRET = b"0123456789abcdef0123456789abcdef-test-secret"
 CLUSTER = "testcluster"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator:
+    """An in-process node on 127.0.0.1 with a fake hardware report and no mDNS. (Kept out
+    of a conftest.py: a second module named `conftest` shadows tests/conftest.py for
+    `from conftest import ...`.)"""
+    from mlxdist.cluster.hardware import Hardware
+    from mlxdist.cluster.node import Node, NodeConfig
+
+    n = Node(NodeConfig(name="n0", cluster=CLUSTER, data_dir=tmp_path / "node", secret=SECRET,
+                        port=0, bind="127.0.0.1", mdns=False),
+             hardware=Hardware("Test Chip", 16 << 30, 8 << 30, 10, 100.0))
+    n.start()
+    try:
+        yield n
+    finally:
+        n.stop()
+
+
+def run_mlxdist(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """The real CLI in a subprocess (as tests/conftest.py's helper)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "mlxdist", *args], capture_output=True,
+                          text=True, timeout=timeout, env=env)
 
 
 def make_stage(root: Path, k: int = 0, weights_bytes: int = 3 * (1 << 20) + 12345) -> Path:

@@ -15,7 +15,8 @@ from mlxdist.cluster.hardware import Interface
 from mlxdist.cluster.ring import RingMember, choose_ring, hostfile_for, link
 from mlxdist.cluster.workers import LaunchError, parse_launch, worker_argv
 
-from cluster_fixtures import CLUSTER, SECRET, make_shards, reference_tokens, tiny_model
+from cluster_fixtures import (  # noqa: F401 (node: fixture)
+    CLUSTER, SECRET, make_shards, node, reference_tokens, tiny_model)
 
 GOOD = {"job": "0123abcd", "rank": 1, "hostfile": [["10.0.0.1:5000"], ["10.0.0.2:5001"]],
         "model": "tiny", "stage": 1, "backend": "ring", "layers": None,

@@ -18,7 +18,7 @@ from mlxdist import PROTOCOL_VERSION
 from mlxdist.cluster.client import NodeClient
 from mlxdist.cluster.wire import Refused
 
-from cluster_fixtures import CLUSTER, SECRET  # tests/cluster is on sys.path
+from cluster_fixtures import CLUSTER, SECRET, node  # noqa: F401 (node: fixture)
 
 
 

@@ -11,7 +11,7 @@ import pytest
 from mlxdist.cluster.client import NodeClient, RemoteError
 from mlxdist.cluster.shards import stage_files
 
-from cluster_fixtures import CLUSTER, SECRET, make_stage  # noqa: E402 (tests/cluster is on sys.path)
+from cluster_fixtures import CLUSTER, SECRET, make_stage, node  # noqa: F401 (node: fixture)
 
 
 
