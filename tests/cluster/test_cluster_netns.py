@@ -49,7 +49,8 @@ class Cluster:
         self.procs[i] = self.net.popen(i, [
             sys.executable, "-m", "mlxdist", "node", "--name", f"n{i}", "--cluster", CLUSTER,
             "--data-dir", str(self.data_dir(i)), "--secret-file", str(self.secret_file),
-            "--address", h.ip], env=self.env, stdout=subprocess.DEVNULL,
+            "--address", h.ip, *(["--thunderbolt", "eth0"] if i < 2 else [])],
+            env=self.env, stdout=subprocess.DEVNULL,
             stderr=open(self.tmp / f"node{i}.log", "ab"))
 
     def data_dir(self, i: int) -> Path:
@@ -130,6 +131,10 @@ def test_cluster_command_table_and_json(cluster):
     assert r.returncode == 0, r.stderr
     data = json.loads(r.stdout)
     assert sorted(n["name"] for n in data["nodes"]) == ["n0", "n1", "n2"]
+    links = {n["name"]: n["links"] for n in data["nodes"]}
+    assert {name: [(l["interface"], l["thunderbolt"]) for l in ls] for name, ls in links.items()} \
+        == {"n0": [("eth0", True)], "n1": [("eth0", True)], "n2": [("eth0", False)]}
+    assert links["n2"][0]["addresses"] == [f"{cluster.net.hosts[2].ip}/24"]
     r = cluster.net.run(0, base, env=cluster.env)
     assert r.stdout.splitlines()[0].split() == ["NAME", "CHIP", "MEMORY", "LINKS", "SHARDS",
                                                 "HEALTH", "ROLE"]
