@@ -116,4 +116,65 @@ def ring_order(nodes: Sequence[NodeView]) -> list[NodeView]:
     return [nodes[i] for i in choose_ring(members)]
 
 
-__all__ = ["NodeView", "discover_nodes", "query_nodes", "deliver", "ring_order"]
+__all__ = ["NodeView", "discover_nodes", "query_nodes", "deliver", "ring_order",
+           "open_cluster_engine"]
+
+
+def _local_addresses() -> set[str]:
+    import ifaddr
+
+    return {ip.ip for a in ifaddr.get_adapters() for ip in a.ips if isinstance(ip.ip, str)}
+
+
+def open_cluster_engine(model_path: str | Path, nodes: str = "auto", cluster: str | None = None,
+                        secret_file: str | Path | None = None, browse_s: float = 3.0,
+                        mdns_addresses: Sequence[str] = (), progress=None, **engine_opts):
+    """What `mlxdist serve MODEL --nodes auto|HOST:PORT,...` calls: find the nodes (mDNS,
+    or the given list), keep those that answer an authenticated status, order them (ours
+    first, then Thunderbolt links), and return a `ClusterEngine` (the runtime Engine
+    interface) with every stage delivered and its worker started. Cluster name and secret
+    default to $MLXDIST_CLUSTER ("default") and $MLXDIST_SECRET_FILE
+    (~/.config/mlxdist/secret); $MLXDIST_MDNS_ADDRESSES (comma-separated local addresses)
+    limits where mDNS runs."""
+    import os
+    import re
+
+    from mlxdist.cluster.engine import ClusterEngine
+    from mlxdist.cluster.secret import DEFAULT_SECRET_FILE, load_secret
+    from mlxdist.errors import UserError
+
+    say = progress or (lambda msg: None)
+    path = Path(model_path).expanduser()
+    if not (path / "manifest.json").is_file():
+        raise UserError(f"{path}: serving on nodes needs a converted model (the output of "
+                        "`mlxdist quantize`, with manifest.json and stages/)")
+    cluster = cluster or os.environ.get("MLXDIST_CLUSTER", "default")
+    if not mdns_addresses and os.environ.get("MLXDIST_MDNS_ADDRESSES"):  # e.g. tests, VPNs
+        mdns_addresses = tuple(os.environ["MLXDIST_MDNS_ADDRESSES"].split(","))
+    secret_file = secret_file or os.environ.get("MLXDIST_SECRET_FILE") or DEFAULT_SECRET_FILE
+    secret, _ = load_secret(Path(secret_file), create=False)
+    if nodes == "auto":
+        say(f"looking for nodes of cluster {cluster!r} ...")
+        views = discover_nodes(cluster, secret, browse_s=browse_s, mdns_addresses=mdns_addresses)
+    else:
+        targets = []
+        for item in nodes.split(","):
+            host, _, port = item.strip().rpartition(":")
+            if not host or not port.isdigit():
+                raise UserError(f"--nodes {item!r}: want auto or HOST:PORT,HOST:PORT,...")
+            targets.append(([host], int(port), "", item.strip()))
+        views = query_nodes(targets, cluster, secret)
+    for v in views:
+        if v.health != "ok":
+            say(f"node {v.name or v.host} is {v.health}: {v.error}")
+    ok = [v for v in views if v.health == "ok"]
+    if not ok:
+        raise UserError(f"no node of cluster {cluster!r} answered (run `mlxdist node` on each "
+                        "Mac, with the same secret file)")
+    mine = _local_addresses()
+    ok.sort(key=lambda v: not any(a.split("/")[0] in mine for i in v.interfaces
+                                  for a in i.addresses))
+    ordered = ring_order(ok)
+    model = re.sub(r"[^A-Za-z0-9._-]", "-", path.resolve().name).strip(".-")[:64] or "model"
+    say(f"placing {model} on {', '.join(v.name for v in ordered)} ...")
+    return ClusterEngine(path, model, ordered, cluster, secret, **engine_opts)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from mlxdist.cluster.coordinator import deliver, discover_nodes, ring_order  # noqa: E402
+from mlxdist.cluster.coordinator import deliver, discover_nodes  # noqa: E402
 from mlxdist.cluster.health import Monitor  # noqa: E402
 from mlxdist.cluster.secret import load_secret  # noqa: E402
 
@@ -32,17 +32,17 @@ def nodes(a: dict) -> list:
                           mdns_addresses=[a["address"]], expect=a.get("expect")), secret
 
 
-def serve(a: dict, views: list, secret: bytes) -> None:
-    """A ClusterEngine over the nodes found (ring order), one greedy request; with
+def serve(a: dict) -> None:
+    """A ClusterEngine over the nodes found by mDNS, one greedy request; with
     `progress_at`, a line is printed when that many tokens have come (the test then
     cuts something), and the request runs on through any re-placement."""
-    from mlxdist.cluster.engine import ClusterEngine
+    from mlxdist.cluster.coordinator import open_cluster_engine
     from mlxdist.runtime.api import GenerationRequest
 
-    by_name = {v.name: v for v in views}
-    order = ring_order([by_name[n] for n in a["names"]])
-    engine = ClusterEngine(Path(a["out"]), a["model"], order, a["cluster"], secret,
-                           startup_timeout_s=60)
+    # what `mlxdist serve OUT --nodes auto` calls (mDNS bound to our namespace address)
+    engine = open_cluster_engine(a["out"], "auto", a["cluster"], a["secret_file"],
+                                 browse_s=3.0, mdns_addresses=[a["address"]],
+                                 startup_timeout_s=60)
     try:
         out({"placement": [v.name for v in engine.placement]})
         for round_ in range(a.get("rounds", 1)):
@@ -72,6 +72,9 @@ def serve(a: dict, views: list, secret: bytes) -> None:
 
 def main() -> None:
     cmd, a = sys.argv[1], json.loads(sys.argv[2])
+    if cmd == "serve":
+        serve(a)
+        return
     views, secret = nodes(a)
     by_name = {v.name: v for v in views}
     if cmd == "discover":
@@ -83,8 +86,6 @@ def main() -> None:
             [d] = deliver(by_name, {name: [(Path(path), model, stage)]}, a["cluster"], secret)
             out({"node": name, "stage": stage, "bytes": d.bytes_sent, "skipped": d.skipped,
                  "seconds": round(time.perf_counter() - t0, 3)})
-    elif cmd == "serve":
-        serve(a, views, secret)
     elif cmd == "monitor":
         names = {v.node_id: v.name for v in views}
         mon = Monitor(secret, a["cluster"], on_change=lambda nid, state: out(
