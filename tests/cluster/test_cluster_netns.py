@@ -199,6 +199,49 @@ def test_model_served_across_namespaces_token_exact(cluster):
             p.wait(timeout=5)
 
 
+def test_mlxdist_serve_nodes_auto_over_openai(cluster):
+    """`mlxdist serve OUT --nodes auto` in n0's namespace (the server's hook into
+    open_cluster_engine), asked with the official openai client: the greedy completion is
+    the text of the single-process tokens."""
+    import importlib.util
+
+    if importlib.util.find_spec("mlxdist.server.app") is None:
+        pytest.skip("needs the server (mlxdist/server/app.py), not in this build yet")
+    from mlx_lm.utils import load_tokenizer
+
+    env = dict(cluster.env, MLXDIST_CLUSTER=CLUSTER, MLXDIST_SECRET_FILE=str(cluster.secret_file),
+               MLXDIST_MDNS_ADDRESSES=cluster.net.hosts[0].ip)
+    serve = cluster.net.popen(0, [sys.executable, "-m", "mlxdist", "serve", str(cluster.out),
+                                  "--nodes", "auto", "--port", "8099", "--quiet"], env=env,
+                              cwd=str(ROOT), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True)
+    try:
+        deadline, lines = time.monotonic() + 90, []
+        while time.monotonic() < deadline:
+            line = serve.stderr.readline()
+            lines.append(line)
+            if not line or "serving" in line:
+                break
+        assert "serving" in lines[-1], "".join(lines)
+        n = 20
+        code = ("import json; from openai import OpenAI; "
+                "c = OpenAI(base_url='http://127.0.0.1:8099/v1', api_key='x'); "
+                f"r = c.completions.create(model='out', prompt={cluster.prompt}, max_tokens={n}, "
+                "temperature=0); print(json.dumps([r.choices[0].text, r.usage.completion_tokens]))")
+        r = cluster.net.run(0, [sys.executable, "-c", code], env=env, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        text, count = json.loads(r.stdout)
+        assert count == n
+        assert text == load_tokenizer(cluster.model).decode(cluster.expected[:n])
+    finally:
+        serve.terminate()
+        try:
+            serve.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            serve.kill()
+            serve.wait(timeout=5)
+
+
 def read_events(proc: subprocess.Popen, until, timeout: float) -> list[dict]:
     events, deadline = [], time.monotonic() + timeout
     while time.monotonic() < deadline:
