@@ -2,7 +2,7 @@
 
 It places one stage per rank (rank k runs stage k; the nodes in ring order), delivers each
 node the stages it lacks, and opens the runtime's engine with a `ClusterLauncher`. When a
-node is lost (the runtime's heartbeats fail the group within `heartbeat_timeout_s`), it
+node is lost (the runtime's heartbeats fail the group within `heartbeat_timeout_s`, 2.5 s), it
 probes the nodes, re-places the lost stages on the nodes left (where memory allows; else
 every request ends with an error naming what is missing), delivers them, opens a new
 engine, and re-submits every request in flight as its prompt plus the tokens generated so
@@ -102,7 +102,8 @@ class ClusterEngine:
         self.nodes = list(nodes)  # ring order; the first is the coordinator's own node
         self.cluster, self.secret = cluster, secret
         self.max_recoveries = max_recoveries
-        self.engine_opts = {"heartbeat_timeout_s": 3.0, **engine_opts}
+        # workers beat every 0.5 s; 2.5 s of silence leaves room to notice a loss in < 5 s
+        self.engine_opts = {"heartbeat_timeout_s": 2.5, **engine_opts}
         self.sizes = stage_bytes(self.out_dir)
         self.placement: list[NodeView] = []
         self.recoveries: list[dict] = []  # what happened, for tests and /metrics

@@ -311,6 +311,30 @@ def test_node_killed_mid_generation_replaced_tokens_exact(cluster):
             p.wait(timeout=5)
 
 
+def test_link_cut_mid_generation_replaced_tokens_exact(cluster):
+    """n2's cable is pulled mid-generation (no FIN, no RST: only silence): noticed within
+    5 s by heartbeats, stage 2 re-placed, the request ends with the uninterrupted tokens."""
+    p = cluster.serve(progress_at=8)
+    try:
+        assert json.loads(p.stdout.readline())["placement"] == ["n0", "n1", "n2"]
+        assert json.loads(p.stdout.readline())["progress"] == 8
+        t_cut = time.time()
+        cluster.net.link_down(2)
+        result = json.loads(p.stdout.readline())
+        assert result["error"] is None and result["tokens"] == cluster.expected, result
+        [rec] = result["recoveries"]
+        assert rec["noticed_at"] - t_cut <= 5.0 and rec["fatal"] is None, rec
+        assert "n2" not in result["placement"]
+        print(f"\nlink cut noticed after {rec['noticed_at'] - t_cut:.2f} s, re-placed in "
+              f"{rec['seconds']:.2f} s")
+        assert p.wait(timeout=30) == 0
+    finally:
+        cluster.net.link_up(2)
+        if p.poll() is None:
+            p.kill()
+            p.wait(timeout=5)
+
+
 def test_node_that_leaves_is_noticed(cluster):
     """A node stopped cleanly says goodbye over mDNS; its peers mark it as left."""
     cluster.procs[1].terminate()
