@@ -1,4 +1,4 @@
-from conftest import run_mlxdist
+from tests.conftest import run_mlxdist
 
 
 def test_help_lists_every_subcommand() -> None:

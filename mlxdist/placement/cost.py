@@ -1,0 +1,194 @@
+"""The cost model: bytes read per token over memory bandwidth, plus the links.
+
+Decode on Apple GPUs is memory-bound: a step costs the bytes it reads (weights it
+touches + the KV cache it attends over) divided by the bandwidth it achieves, or the
+FLOPs over the compute it achieves, whichever is larger, plus a fixed overhead per layer
+for kernel launches. Links cost latency + bytes / bandwidth per message; an `all_sum`
+over G ranks is a ring all-reduce: 2(G-1) messages of 1/G of the buffer each.
+Routing is taken as uniform: a batch of b tokens touches E*(1-(1-k/E)^b) distinct experts
+of a layer, spread evenly over the experts' owners (real routing is skewed, so
+expert-parallel estimates are optimistic; docs/placement.md says by how much).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import accumulate
+
+from mlxdist.placement.hardware import Cluster, NodeSpec
+from mlxdist.placement.model import ModelSpec
+
+KV_STEP = 256  # mlx-lm's KVCache grows in steps of 256 tokens
+
+
+@dataclass(frozen=True)
+class CostParams:
+    compute_efficiency: float = 0.4  # fraction of peak FLOPs matmuls reach
+    layer_overhead_s: float = 20e-6  # kernel launches etc. per layer per step
+    prefill_chunk: int = 512  # tokens per prefill step
+    kv_position: float = 0.5  # decode is priced at this fraction of the context
+
+
+def kv_tokens(context: int) -> int:
+    return -(-context // KV_STEP) * KV_STEP
+
+
+def _prefix(values: list[int]) -> list[int]:
+    return [0, *accumulate(values)]
+
+
+class Profile:
+    """Prefix sums over a model's layers, so that any range is priced in O(1)."""
+
+    def __init__(self, model: ModelSpec):
+        self.model = model
+        ls = model.layers
+        self.L = len(ls)
+        self.rep = _prefix([x.replicated_bytes for x in ls])
+        self.routed = _prefix([x.routed_experts for x in ls])
+        self.xbytes = _prefix([x.expert_bytes for x in ls])  # one expert of each MoE layer
+        self.kv = _prefix([x.kv_bytes_per_token for x in ls])
+        self.rep_params = _prefix([x.params_active - x.experts_per_token * x.expert_params for x in ls])
+        self.xparams = _prefix([x.expert_params for x in ls])
+        self.attn_flops = _prefix([x.attn_flops_per_position for x in ls])
+        self.n_moe = _prefix([1 if x.is_moe else 0 for x in ls])
+        moe = [x for x in ls if x.is_moe]
+        self.E = moe[0].n_routed if moe else 0
+        self.k = moe[0].experts_per_token if moe else 0
+
+    def s(self, prefix: list[int], a: int, b: int) -> int:
+        return prefix[b] - prefix[a]
+
+    # -- memory -------------------------------------------------------------------
+    def ends(self, a: int, b: int) -> int:
+        m = self.model
+        return (m.embedding if a == 0 else 0) + (m.head if b == self.L else 0)
+
+    def stage_weights(self, a: int, b: int) -> int:
+        return self.s(self.rep, a, b) + self.s(self.routed, a, b) + self.ends(a, b)
+
+    def ep_weights(self, a: int, b: int, owned: int, with_ends: bool = True) -> int:
+        """An expert-parallel member: every non-expert weight, `owned` experts per layer,
+        and (in a whole-model EP stage) the embedding and head, since every rank runs them."""
+        ends = self.model.embedding + self.model.head if with_ends else 0
+        return self.s(self.rep, a, b) + owned * self.s(self.xbytes, a, b) + ends
+
+    def kv_bytes(self, a: int, b: int, context: int, concurrency: int) -> int:
+        return self.s(self.kv, a, b) * kv_tokens(context) * concurrency
+
+    # -- time ---------------------------------------------------------------------
+    def distinct_experts(self, tokens: int, owned: int | None = None) -> float:
+        if not self.E:
+            return 0.0
+        owned = self.E if owned is None else owned
+        return owned * (1.0 - (1.0 - self.k / self.E) ** tokens)
+
+    def busy_time(self, node: NodeSpec, cl: Cluster, cp: CostParams, a: int, b: int, tokens: int,
+                  position: int, owned: int | None = None, head: bool = False) -> float:
+        """Seconds `node` spends on layers [a, b) for a batch of `tokens`, each attending
+        over `position` cached tokens; `owned` = experts it holds (None: all)."""
+        if b <= a and not head:
+            return 0.0
+        read = (self.s(self.rep, a, b) + self.distinct_experts(tokens, owned) * self.s(self.xbytes, a, b)
+                + self.s(self.kv, a, b) * position * tokens)
+        share = 1.0 if owned is None or not self.E else owned / self.E
+        flops = 2 * tokens * (self.s(self.rep_params, a, b) + self.k * share * self.s(self.xparams, a, b))
+        flops += tokens * position * self.s(self.attn_flops, a, b)
+        if head:
+            m = self.model
+            read += m.head
+            flops += 2 * tokens * m.vocab_size * m.hidden_size
+        t_mem = read / (node.bandwidth * cl.efficiency)
+        t_flop = flops / (node.flops * cp.compute_efficiency)
+        return max(t_mem, t_flop) + (b - a) * cp.layer_overhead_s
+
+
+def hop_time(cl: Cluster, a: str, b: str, nbytes: float) -> float:
+    link = cl.link(a, b)
+    return link.latency_s + nbytes / link.bandwidth
+
+
+def ring_links(cl: Cluster, group: tuple[str, ...]):
+    return [cl.link(group[i], group[(i + 1) % len(group)]) for i in range(len(group))]
+
+
+def allsum_time(cl: Cluster, group: tuple[str, ...], nbytes: float) -> float:
+    """Ring all-reduce over the whole group (what MLX's ring and jaccl backends do)."""
+    g = len(group)
+    if g < 2:
+        return 0.0
+    links = ring_links(cl, group)
+    alpha = max(x.latency_s for x in links)
+    beta = min(x.bandwidth for x in links)
+    return 2 * (g - 1) * (alpha + nbytes / (g * beta))
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def position(context: int, cp: CostParams) -> int:
+    return max(1, int(context * cp.kv_position))
+
+
+def pipeline_times(p: Profile, cl: Cluster, cp: CostParams, stages: list[tuple[str, int, int]],
+                   context: int, concurrency: int) -> tuple[float, float, float, float, list[float]]:
+    """(single-stream s/token, per-stream s/token at concurrency, prefill tok/s,
+    comm s/token, busy s per step per stage) for a pipeline of (node, start, end)."""
+    pos = position(context, cp)
+    S = len(stages)
+    act = p.model.activation_bytes_per_token
+    names = [n for n, _, _ in stages]
+
+    def hops(tokens: int) -> list[float]:
+        if S == 1:
+            return [0.0]
+        # stage i sends to stage i+1; the last one sends the sampled token back to rank 0
+        return [hop_time(cl, names[i], names[(i + 1) % S], act * tokens if i < S - 1 else 4 * tokens)
+                for i in range(S)]
+
+    def busy(tokens: int, pos_: int) -> list[float]:
+        return [p.busy_time(cl.node(n), cl, cp, a, b, tokens, pos_, head=(i == S - 1))
+                for i, (n, a, b) in enumerate(stages)]
+
+    b1 = busy(1, pos)
+    h1 = hops(1)
+    single = sum(b1) + sum(h1)
+    m = min(concurrency, S)
+    bt = ceil_div(concurrency, m)
+    bc, hc = busy(bt, pos), hops(bt)
+    cycle = max(sum(bc) + sum(hc), m * max(x + y for x, y in zip(bc, hc)))
+    P = cp.prefill_chunk
+    bp, hp = busy(P, P // 2), hops(P)
+    prefill = P / max(x + y for x, y in zip(bp, hp))
+    return single, cycle, prefill, sum(h1), b1
+
+
+def ep_times(p: Profile, cl: Cluster, cp: CostParams, group: tuple[str, ...], owned: dict[str, int],
+             context: int, concurrency: int) -> tuple[float, float, float, float, list[float]]:
+    """The whole model as one expert-parallel stage over `group`: every rank runs every
+    layer's attention; each MoE layer ends with one all_sum; each step ends with one more
+    all_sum to hand rank 0's sampled token to all ranks."""
+    pos = position(context, cp)
+    act = p.model.activation_bytes_per_token
+    nodes = [cl.node(n) for n in group]
+    moe_layers = [i for i in range(p.L) if p.model.layers[i].is_moe]
+
+    def step(tokens: int, pos_: int) -> tuple[float, float, list[float]]:
+        # per layer the slowest rank sets the pace; dense layers run replicated
+        total, comm = 0.0, 0.0
+        busy = [0.0] * len(nodes)
+        for i in range(p.L):
+            ts = [p.busy_time(nd, cl, cp, i, i + 1, tokens, pos_, owned=owned[nd.name]) for nd in nodes]
+            busy = [x + y for x, y in zip(busy, ts)]
+            total += max(ts)
+        c = len(moe_layers) * allsum_time(cl, group, act * tokens) + allsum_time(cl, group, 4 * tokens)
+        heads = [p.busy_time(nd, cl, cp, 0, 0, tokens, 0, head=True) for nd in nodes]
+        total += max(heads)
+        return total + c, c, [x + h for x, h in zip(busy, heads)]
+
+    single, comm, busy1 = step(1, pos)
+    cyc, _, _ = step(concurrency, pos)
+    P = cp.prefill_chunk
+    pre, _, _ = step(P, P // 2)
+    return single, cyc, P / pre, comm, busy1

@@ -1,0 +1,254 @@
+"""`convert`: a checkpoint in, 4-bit MLX shards cut by pipeline stage out.
+
+    OUT/.partial/        work in progress (job, stage files, done records, tokenizer)
+    OUT/stages/<k>/      config.json, tokenizer files, stage.json, weights.safetensors
+    OUT/model-*.safetensors -> stages/<k>/weights.safetensors, config.json, index
+    OUT/manifest.json    written last: its presence means the output is complete
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from mlxdist.errors import UserError
+from quantize.groups import COMPUTE_DTYPES, Group, Planner
+from quantize.model_info import model_info
+from quantize.produce import produce
+from quantize.progress import Progress
+from quantize.recipe import RECIPES
+from quantize.safetensors_io import Slot
+from quantize.source import open_source
+from quantize.stages import even_ranges, read_plan, stage_of
+from quantize.writer import JobDir, StageFile, disk_error
+
+FORMAT_VERSION = 1
+# seconds to pause after each group: lets the resume test kill a run part-way on any machine
+SYNC_SECONDS = 5.0  # a crash loses at most this much work
+THROTTLE = float(os.environ.get("MLXDIST_QUANTIZE_THROTTLE", "0") or 0)
+VALID_BITS = (2, 3, 4, 5, 6, 8)
+VALID_GROUP_SIZES = (32, 64, 128)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _check_out(out: Path, options: dict[str, Any]) -> bool:
+    """True when OUT already holds this very conversion, finished."""
+    manifest = out / "manifest.json"
+    if manifest.exists():
+        try:
+            done = json.loads(manifest.read_text()).get("options")
+        except (OSError, ValueError):
+            done = None
+        if done == options:
+            shutil.rmtree(out / ".partial", ignore_errors=True)  # killed just after the manifest
+            return True
+        raise UserError(f"{out} holds a finished conversion with other settings; choose another OUT")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} exists and is not a directory")
+    if out.exists() and any(out.iterdir()) and not (out / ".partial").exists():
+        raise UserError(f"{out} exists and is not empty; choose another OUT or remove it")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise disk_error(e, out) from None
+    return False
+
+
+def _quant_config(groups: list[Group], bits: int, group_size: int, num_layers: int) -> dict[str, Any]:
+    """mlx-lm's "quantization" entry: defaults plus one entry per module quantized otherwise."""
+    q: dict[str, Any] = {"group_size": group_size, "bits": bits, "mode": "affine"}
+    for g in groups:
+        if g.layer is not None and g.layer >= num_layers:
+            continue
+        paths = [g.key] if g.kind in ("linear", "experts") else []
+        if g.kind == "kv_b":
+            attn = g.key[: -len(".kv_b_proj")]
+            paths = [f"{attn}.embed_q", f"{attn}.unembed_out"]
+        for path, spec in zip(paths, g.specs):
+            if spec is not None and (spec.bits, spec.group_size) != (bits, group_size):
+                q[path] = {"group_size": spec.group_size, "bits": spec.bits}
+    return q
+
+
+def convert(src: str | Path, out: str | Path, bits: int | None = None, group_size: int | None = None,
+            recipe: str = "uniform", stages: int | None = None, plan: str | Path | None = None,
+            keep_mtp: bool = False, progress: bool = True, dtype: str | None = None) -> Path:
+    """Convert SRC (HF directory, .gguf file or hub repo id) into OUT; returns OUT.
+    bits/group_size default to 4/64, or to a GGUF's own quantization (kept as is).
+    dtype (bfloat16/float16/float32) is that of unquantized parameters and of scales:
+    config.json's torch_dtype by default (float32 runs far faster on CPU backends)."""
+    out = Path(out).expanduser()
+    if dtype is not None and dtype not in COMPUTE_DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(COMPUTE_DTYPES)}")
+    if recipe not in RECIPES:
+        raise UserError(f"unknown recipe {recipe!r} (choose from {', '.join(RECIPES)})")
+    if plan is not None and stages is not None:
+        raise UserError("give --stages or --plan, not both")
+    source = open_source(str(src))
+    keep_native = bits is None and group_size is None and bool(source.native)
+    native = Counter(source.native.values()).most_common(1)[0][0] if source.native else (4, 64)
+    bits = native[0] if bits is None else bits
+    group_size = native[1] if group_size is None else group_size
+    if bits not in VALID_BITS:
+        raise UserError(f"--bits must be one of {', '.join(map(str, VALID_BITS))}")
+    if group_size not in VALID_GROUP_SIZES:
+        raise UserError(f"--group-size must be one of {', '.join(map(str, VALID_GROUP_SIZES))}")
+    info = model_info(source.config)
+    planner = Planner(source, info, bits, group_size, recipe, keep_mtp, keep_native, dtype)
+    groups = planner.plan()
+    L = info.num_layers
+    ranges = read_plan(Path(plan), L) if plan is not None else even_ranges(groups, L, stages or 1, info.tied)
+    options = {"bits": bits, "group_size": group_size, "recipe": recipe, "keep_mtp": keep_mtp, "dtype": dtype,
+               "stages": [list(r) for r in ranges], "source": str(src)}
+    if _check_out(out, options):
+        return out
+    N = len(ranges)
+    per_stage: list[list[Group]] = [[] for _ in range(N)]
+    for g in groups:
+        ks = stage_of(g, ranges, L)
+        if g.part == "embed" and info.tied and N > 1:
+            ks = [0, N - 1]  # the last stage uses the embedding as its head
+        for k in ks:
+            per_stage[k].append(g)
+
+    job_dir = out / ".partial"
+    files = [StageFile(job_dir / f"stage-{k}.safetensors",
+                       [Slot(o.name, o.dtype, o.shape) for g in per_stage[k] for o in g.outs]) for k in range(N)]
+    job = {"format_version": FORMAT_VERSION, "options": options, "source": source.fingerprint(),
+           "headers": [f.header_sha() for f in files]}
+    jobs = JobDir(out, job)
+    tokenizer_dir = jobs.dir / "tokenizer"
+    try:
+        if not tokenizer_dir.exists():  # first, so a missing tokenizer fails before hours of work
+            tmp = jobs.dir / "tokenizer.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            source.write_tokenizer(tmp)
+            tmp.rename(tokenizer_dir)
+    except OSError as e:
+        raise disk_error(e, tokenizer_dir) from None
+
+    bar = Progress(sum(len(g.outs) for s in per_stage for g in s),
+                   sum(g.read_bytes for s in per_stage for g in s), enabled=progress)
+    final = [out / "stages" / str(k) / "weights.safetensors" for k in range(N)]
+    try:
+        for k, f in enumerate(files):
+            if final[k].exists() and not f.path.exists():  # moved into place by an earlier run
+                bar.skip(sum(len(g.outs) for g in per_stage[k]), sum(g.read_bytes for g in per_stage[k]))
+                continue
+            f.open()
+            pending: list[dict[str, Any]] = []  # done but not yet synced and recorded
+            last_sync = time.monotonic()
+            for g in per_stage[k]:
+                rid = f"{k}:{g.key}"
+                if rid in jobs.done:
+                    bar.skip(len(g.outs), g.read_bytes)
+                    continue
+                source.hashes.clear()
+                hashes: dict[str, Any] = {}
+                f.write_group(produce(planner, g), hashes)
+                pending.append({"id": rid, "out": {n: h.hexdigest() for n, h in hashes.items()},
+                                "src": dict(source.hashes)})
+                bar.advance(len(g.outs), g.read_bytes)
+                if THROTTLE:
+                    time.sleep(THROTTLE)
+                if THROTTLE or time.monotonic() - last_sync > SYNC_SECONDS:
+                    f.sync()  # one fsync per few seconds, not per tensor
+                    jobs.record(pending)
+                    pending, last_sync = [], time.monotonic()
+            f.sync()
+            jobs.record(pending)
+            f.close()
+        bar.close()
+        _finish(out, source, info, groups, per_stage, ranges, files, final, jobs, options)
+    finally:
+        for f in files:
+            f.close()
+        jobs.close()
+    return out
+
+
+def _finish(out: Path, source, info, groups, per_stage, ranges, files, final, jobs, options) -> None:
+    N, L = len(ranges), info.num_layers
+    config = {k: v for k, v in source.config.items() if k not in ("quantization_config", "_name_or_path")}
+    if options["dtype"]:
+        config["torch_dtype"] = options["dtype"]
+    config["quantization"] = _quant_config(groups, options["bits"], options["group_size"], L)
+    config["quantization_config"] = config["quantization"]  # mlx-lm writes both
+    tokenizer_dir = jobs.dir / "tokenizer"
+    try:
+        for k in range(N):
+            stage_dir = final[k].parent
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            for p in sorted(tokenizer_dir.iterdir()):
+                shutil.copyfile(p, stage_dir / p.name)
+            _write_json(stage_dir / "config.json", config)
+            _write_json(stage_dir / "stage.json", {
+                "format_version": FORMAT_VERSION, "stage": k, "num_stages": N, "layers": list(ranges[k]),
+                "has_embedding": k == 0 or any(g.part == "embed" for g in per_stage[k]),
+                "has_head": k == N - 1})
+            if files[k].path.exists():
+                os.replace(files[k].path, final[k])
+        for p in sorted(tokenizer_dir.iterdir()):
+            shutil.copyfile(p, out / p.name)
+        _write_json(out / "config.json", config)
+        names = [f"model-{k + 1:05d}-of-{N:05d}.safetensors" for k in range(N)]
+        for k, name in enumerate(names):
+            link = out / name
+            if link.is_symlink() or link.exists():
+                link.unlink()
+            link.symlink_to(Path("stages") / str(k) / "weights.safetensors")
+        weight_map: dict[str, str] = {}
+        tensors: dict[str, dict[str, Any]] = {}
+        src_hashes: dict[str, str] = {}
+        total = 0
+        for k in range(N):
+            for g in per_stage[k]:
+                rec = jobs.done[f"{k}:{g.key}"]
+                src_hashes.update(rec["src"])
+                for o in g.outs:
+                    nbytes = Slot(o.name, o.dtype, o.shape).nbytes
+                    if o.name in tensors:  # the tied embedding, copied onto the last stage
+                        tensors[o.name]["stages"].append(k)
+                        continue
+                    weight_map[o.name] = names[k]
+                    total += nbytes
+                    tensors[o.name] = {"file": f"stages/{k}/weights.safetensors", "stage": k, "stages": [k],
+                                       "layer": g.layer, "shape": list(o.shape), "dtype": o.dtype,
+                                       "bytes": nbytes, "sha256": rec["out"][o.name]}
+        _write_json(out / "model.safetensors.index.json",
+                    {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
+        if hasattr(source, "sha256"):
+            checksum = {"kind": "file-sha256", "sha256": source.sha256()}
+        else:  # the tensors' bytes, as read: no second pass over a 700 GB checkpoint
+            lines = "".join(f"{n} {h}\n" for n, h in sorted(src_hashes.items()))
+            checksum = {"kind": "tensors-sha256", "sha256": hashlib.sha256(lines.encode()).hexdigest()}
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "source": {"path": str(options["source"]), **checksum},
+            "options": options,
+            "config": config,
+            "stages": [{"stage": k, "layers": list(ranges[k]), "files": [f"stages/{k}/weights.safetensors"],
+                        "bytes": final[k].stat().st_size} for k in range(N)],
+            "tensors": tensors,
+        }
+        jobs.close()
+        _write_json(out / "manifest.json", manifest)
+        shutil.rmtree(jobs.dir)
+    except OSError as e:
+        raise disk_error(e, out) from None
+

@@ -1,0 +1,244 @@
+"""The control plane: handshake, refusals, malformed input, fuzzing. The raw client here
+follows docs/protocol.md with hashlib/hmac directly, not the code under test."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import random
+import socket
+import struct
+import time
+
+import msgpack
+import pytest
+
+from mlxdist import PROTOCOL_VERSION
+from mlxdist.cluster.client import NodeClient
+from mlxdist.cluster.wire import Refused
+
+from cluster_fixtures import CLUSTER, SECRET, node  # noqa: F401 (node: fixture)
+
+
+
+def frame(body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + body
+
+
+def read_frame(sock: socket.socket) -> bytes:
+    def exact(n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            part = sock.recv(n - len(buf))
+            if not part:
+                raise ConnectionError("closed")
+            buf += part
+        return buf
+    (n,) = struct.unpack(">I", exact(4))
+    return exact(n)
+
+
+def transcript(hello: bytes, challenge: bytes) -> bytes:
+    return hashlib.sha256(len(hello).to_bytes(4, "big") + hello
+                          + len(challenge).to_bytes(4, "big") + challenge).digest()
+
+
+def mac(secret: bytes, label: bytes, t: bytes) -> bytes:
+    return hmac.new(secret, b"mlxdist-auth-v1|" + label + b"|" + t, hashlib.sha256).digest()
+
+
+class RawClient:
+    """A client written from the protocol document."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+
+    def hello(self, nonce: bytes | None = None, proto: int = PROTOCOL_VERSION,
+              cluster: str = CLUSTER) -> tuple[bytes, dict]:
+        body = msgpack.packb({"t": "hello", "proto": proto, "sw": "x", "cluster": cluster,
+                              "nonce": nonce or os.urandom(32)})
+        self.sock.sendall(frame(body))
+        self.challenge_raw = read_frame(self.sock)
+        return body, msgpack.unpackb(self.challenge_raw)
+
+    def send(self, message: dict) -> None:
+        self.sock.sendall(frame(msgpack.packb(message)))
+
+    def recv(self) -> dict:
+        return msgpack.unpackb(read_frame(self.sock))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def authenticate(port: int, secret: bytes = SECRET) -> tuple[RawClient, bytes, bytes]:
+    c = RawClient(port)
+    hello, challenge = c.hello()
+    assert challenge["t"] == "challenge"
+    t = transcript(hello, c.challenge_raw)
+    c.send({"t": "proof", "mac": mac(secret, b"client", t)})
+    welcome = c.recv()
+    assert welcome["t"] == "welcome"
+    assert hmac.compare_digest(welcome["mac"], mac(SECRET, b"server", t))  # node proved itself
+    return c, hello, t
+
+
+def test_raw_client_from_the_spec_gets_status(node):
+    c, _, t = authenticate(node.port)
+    key = mac(SECRET, b"session", t)
+    body = msgpack.packb({"t": "status"})
+    tag = hmac.new(key, b"c>s" + (0).to_bytes(8, "big") + body, hashlib.sha256).digest()
+    c.sock.sendall(frame(tag + body))
+    reply = read_frame(c.sock)
+    expect = hmac.new(key, b"s>c" + (0).to_bytes(8, "big") + reply[32:], hashlib.sha256).digest()
+    assert reply[:32] == expect
+    status = msgpack.unpackb(reply[32:])
+    assert status["t"] == "status" and status["node"]["name"] == "n0"
+    assert status["node"]["protocol"] == PROTOCOL_VERSION
+    c.close()
+
+
+def test_client_status_and_ping(node):
+    with NodeClient("127.0.0.1", node.port, SECRET, CLUSTER) as c:
+        assert c.ping()["node_id"] == node.node_id
+        s = c.status()
+        assert s["node"]["chip"] == "Test Chip" and s["shards"] == []
+
+
+def test_wrong_secret_is_refused_and_learns_nothing(node):
+    c = RawClient(node.port)
+    hello, challenge = c.hello()
+    c.send({"t": "proof", "mac": mac(b"x" * 40, b"client", transcript(hello, c.challenge_raw))})
+    reply = c.recv()
+    assert reply == {"t": "refused", "reason": "authentication failed"}
+    c.close()
+    with pytest.raises(Refused):
+        NodeClient("127.0.0.1", node.port, b"y" * 40, CLUSTER)
+    with NodeClient("127.0.0.1", node.port, SECRET, CLUSTER) as ok:
+        assert ok.ping()["t"] == "pong"
+
+
+@pytest.mark.parametrize("proto,cluster,reason", [
+    (PROTOCOL_VERSION + 1, CLUSTER, "protocol version"), (0, CLUSTER, "protocol version"),
+    (PROTOCOL_VERSION, "other", "wrong cluster"),
+])
+def test_wrong_version_or_cluster_refused(node, proto, cluster, reason):
+    c = RawClient(node.port)
+    _, reply = c.hello(proto=proto, cluster=cluster)
+    assert reply["t"] == "refused" and reason in reply["reason"]
+    c.close()
+
+
+def test_replayed_authentication_is_refused(node):
+    c, hello, t = authenticate(node.port)
+    proof = mac(SECRET, b"client", t)
+    c.close()
+    # same hello again (same client nonce): refused outright
+    r = RawClient(node.port)
+    r.sock.sendall(frame(hello))
+    assert msgpack.unpackb(read_frame(r.sock))["reason"] == "replayed nonce"
+    r.close()
+    # a fresh hello with the old proof: the node's new nonce makes the proof worthless
+    r = RawClient(node.port)
+    r.hello()
+    r.send({"t": "proof", "mac": proof})
+    assert r.recv()["t"] == "refused"
+    r.close()
+
+
+def test_forged_frame_after_auth_ends_the_connection(node):
+    c, _, t = authenticate(node.port)
+    body = msgpack.packb({"t": "status"})
+    c.sock.sendall(frame(b"\0" * 32 + body))  # wrong tag
+    with pytest.raises((ConnectionError, OSError)):
+        read_frame(c.sock)
+    c.close()
+    with NodeClient("127.0.0.1", node.port, SECRET, CLUSTER) as ok:
+        assert ok.ping()["t"] == "pong"
+
+
+@pytest.mark.parametrize("payload", [
+    struct.pack(">I", 1 << 30),  # oversized length
+    struct.pack(">I", 5000) + b"x" * 5000,  # over the handshake limit
+    frame(b"\xc1\xc1\xc1"),  # not msgpack
+    frame(msgpack.packb([1, 2, 3])),  # not a map
+    frame(msgpack.packb({"t": 5})),  # type not a string
+    frame(msgpack.packb({"t": "status"})),  # before authentication
+    frame(msgpack.packb({"t": "hello", "proto": 1, "cluster": CLUSTER, "nonce": "short"})),
+    frame(b"\xd4\x05\x00"),  # msgpack extension type
+    frame(b"\x91" * 3000),  # deeply nested
+])
+def test_malformed_frames_refused_node_survives(node, payload):
+    s = socket.create_connection(("127.0.0.1", node.port), timeout=5)
+    s.sendall(payload)
+    s.shutdown(socket.SHUT_WR)
+    data = b""
+    try:
+        while chunk := s.recv(4096):
+            data += chunk
+    except ConnectionResetError:  # closed with our bytes unread: also a refusal
+        pass
+    s.close()
+    if data:
+        assert msgpack.unpackb(data[4:])["t"] == "refused"
+    with NodeClient("127.0.0.1", node.port, SECRET, CLUSTER) as ok:
+        assert ok.ping()["t"] == "pong"
+
+
+def test_fuzz_random_bytes_then_serves(node):
+    rng = random.Random(1234)
+    valid_hello = msgpack.packb({"t": "hello", "proto": PROTOCOL_VERSION, "cluster": CLUSTER,
+                                 "nonce": b"n" * 32})
+    deadline = time.monotonic() + 5.0
+    sent = 0
+    for _ in range(20000):  # bounded in count and time
+        if time.monotonic() > deadline:
+            break
+        kind = rng.randrange(4)
+        if kind == 0:
+            data = rng.randbytes(rng.randrange(1, 200))
+        elif kind == 1:  # plausible length, random body
+            body = rng.randbytes(rng.randrange(0, 300))
+            data = frame(body)
+        elif kind == 2:  # valid hello then garbage where the proof goes
+            data = frame(valid_hello) + rng.randbytes(rng.randrange(1, 100))
+        else:  # a mutated valid hello
+            b = bytearray(frame(valid_hello))
+            for _ in range(rng.randrange(1, 4)):
+                b[rng.randrange(len(b))] = rng.randrange(256)
+            data = bytes(b)
+        try:
+            s = socket.create_connection(("127.0.0.1", node.port), timeout=2)
+            s.sendall(data)
+            s.shutdown(socket.SHUT_WR)
+            s.settimeout(2)
+            while s.recv(4096):
+                pass
+        except OSError:
+            pass
+        finally:
+            s.close()
+        sent += 1
+    assert sent > 50
+    with NodeClient("127.0.0.1", node.port, SECRET, CLUSTER) as ok:
+        assert ok.status()["node"]["node_id"] == node.node_id
+
+
+def test_authenticated_garbage_messages_get_errors(node):
+    """Well-tagged but nonsensical requests: an error reply each, the session goes on."""
+    rng = random.Random(7)
+    values = [None, -1, 2**40, "x", "../../etc", b"\0" * 10, [], {}, {"a": 1}, 1.5, True]
+    with NodeClient("127.0.0.1", node.port, SECRET, CLUSTER) as c:
+        for i in range(300):
+            kind = rng.choice(["shard_state", "shard_chunk", "shard_commit", "shard_pull",
+                               "launch", "job_status", "stop_job", "nope", "status"])
+            msg = {"t": kind}
+            for key in rng.sample(["model", "stage", "files", "file", "offset", "data", "path",
+                                   "job", "rank", "hostfile", "options"], rng.randrange(0, 6)):
+                msg[key] = rng.choice(values)
+            try:
+                c.request(msg)
+            except Exception as e:
+                assert type(e).__name__ == "RemoteError", e
+        assert c.ping()["t"] == "pong"
