@@ -36,7 +36,7 @@ def open_engine_for(model: str, local: int | None, nodes: str | None, progress=p
         except ImportError:
             raise UserError("--nodes needs mlxdist.cluster.coordinator.open_cluster_engine, which this build "
                             "does not have yet; use --local N to run ranks on this machine")
-        return start_engine(open_cluster_engine, path, nodes=nodes, **opts)
+        return start_engine(open_cluster_engine, path, nodes=nodes, progress=progress, **opts)
     try:
         from mlxdist.runtime.engine import open_engine  # type: ignore[import-not-found]
     except ImportError:
