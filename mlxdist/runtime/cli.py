@@ -34,9 +34,11 @@ def _parse_split(split: str | None) -> list[int] | None:
 @click.option("--raw", is_flag=True, help="send the prompt as is, without the chat template")
 @click.option("--backend", default="ring", show_default=True, type=click.Choice(["ring", "jaccl", "mpi"]))
 @click.option("--stats", is_flag=True, help="print timing to stderr at the end")
+@click.option("--expert-parallel", is_flag=True,
+              help="MoE models: every rank runs all layers with 1/N of the routed experts")
 def run_command(model: str, ranks: int, split: str | None, prompt: str, max_tokens: int, temp: float,
                 top_p: float, top_k: int, min_p: float, repetition_penalty: float, seed: int | None,
-                raw: bool, backend: str, stats: bool) -> None:
+                raw: bool, backend: str, stats: bool, expert_parallel: bool) -> None:
     """Generate an answer to PROMPT with MODEL spread over local ranks."""
     import time
 
@@ -46,7 +48,7 @@ def run_command(model: str, ranks: int, split: str | None, prompt: str, max_toke
 
     try:
         engine = open_engine(model, ranks=ranks, split=_parse_split(split), backend=backend,
-                             in_process=ranks == 1)
+                             in_process=ranks == 1, expert_parallel=expert_parallel)
     except WorkerFailure as e:
         raise UserError(str(e))
     try:

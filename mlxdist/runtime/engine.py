@@ -251,7 +251,8 @@ class Engine:
         self._backend.close()
         self._opts.update(opts)
         n = ranks or len(getattr(self._backend, "hosts", [None]))
-        source = resolve_source(Path(model_path or self.model_path), n, split)
+        source = resolve_source(Path(model_path or self.model_path), n, split,
+                                expert_parallel=bool(self._opts.get("expert_parallel")))
         backend = make_backend(source, n, self._opts)
         with self._events_lock:
             self._failed = None
@@ -318,7 +319,9 @@ def open_engine(model_path: str | os.PathLike, ranks: int = 1, split: Sequence[i
                 **opts: Any) -> Engine:
     """Load a model (an mlx-lm directory or a shard directory) over `ranks` stages.
 
-    opts: max_concurrent (slots, default 8), prefill_step (2048, as mlx-lm), backend
+    opts: expert_parallel (False: pipeline stages; True: the whole model as one
+    expert-parallel stage, every rank all layers and 1/N of the routed experts, see
+    ep_stage.py), max_concurrent (slots, default 8), prefill_step (2048, as mlx-lm), backend
     ("ring"), launcher (a Launcher; default: local processes), heartbeat_timeout_s (5),
     startup_timeout_s (300), model_name, in_process (ranks=1 only; default True),
     on_failure (callable(engine, message): called in its own thread instead of ending the
@@ -326,7 +329,8 @@ def open_engine(model_path: str | os.PathLike, ranks: int = 1, split: Sequence[i
     `engine.fail(message)`)."""
     from mlxdist.runtime.source import resolve_source
 
-    source = resolve_source(Path(model_path), ranks, split)
+    source = resolve_source(Path(model_path), ranks, split,
+                            expert_parallel=bool(opts.get("expert_parallel")))
     tokenizer = source.load_tokenizer()
     backend = make_backend(source, ranks, opts)
     return Engine(source.root, tokenizer, backend, source.context_length,

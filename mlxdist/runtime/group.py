@@ -42,7 +42,8 @@ class WorkerGroupBackend:
                             model_dir=str(p.model_dir), start=p.start, end=p.end,
                             num_layers=p.num_layers, control=control, session=self.session,
                             backend=backend, shard_root=str(source.root) if p.shard else "",
-                            max_slots=max_concurrent, prefill_step=prefill_step, host=hosts[p.rank])
+                            max_slots=max_concurrent, prefill_step=prefill_step, host=hosts[p.rank],
+                            expert_parallel=source.expert_parallel)
                  for p in source.stages]
         self.hosts = hosts
         self.chans: dict[int, Channel] = {}

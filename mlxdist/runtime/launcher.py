@@ -34,6 +34,7 @@ class WorkerSpec:
     max_slots: int = 8
     prefill_step: int = 2048
     host: str = "127.0.0.1"  # how this rank is named in messages
+    expert_parallel: bool = False  # all layers on every rank, routed experts divided
 
     def argv(self) -> list[str]:
         a = ["-m", "mlxdist.runtime.worker", "--rank", str(self.rank), "--ranks", str(self.ranks),
@@ -44,6 +45,8 @@ class WorkerSpec:
              "--host", self.host]
         if self.shard_root:
             a += ["--shard-root", self.shard_root]
+        if self.expert_parallel:
+            a += ["--expert-parallel"]
         return a
 
 

@@ -29,6 +29,7 @@ class ModelSource:
     root: Path
     config: dict[str, Any]
     stages: tuple[StagePlan, ...]
+    expert_parallel: bool = False  # every stage is all layers; the ranks divide the experts
 
     @property
     def context_length(self) -> int:
@@ -50,7 +51,8 @@ def even_split(num_layers: int, ranks: int) -> list[int]:
     return [base + (1 if r < extra else 0) for r in range(ranks)]
 
 
-def resolve_source(path: Path, ranks: int, split: Sequence[int] | None = None) -> ModelSource:
+def resolve_source(path: Path, ranks: int, split: Sequence[int] | None = None,
+                   expert_parallel: bool = False) -> ModelSource:
     path = Path(path).expanduser()
     if not (path / "config.json").exists():
         raise UserError(f"{path} is not a model directory (no config.json)")
@@ -58,6 +60,8 @@ def resolve_source(path: Path, ranks: int, split: Sequence[int] | None = None) -
     num_layers = int(config.get("num_hidden_layers", 0))
     if ranks < 1:
         raise UserError("--ranks must be at least 1")
+    if expert_parallel and ranks > 1:
+        return _expert_parallel_source(path, config, ranks, split)
     if ranks > num_layers:
         raise UserError(f"{ranks} ranks but the model has only {num_layers} layers")
     if split is None:
@@ -82,3 +86,29 @@ def resolve_source(path: Path, ranks: int, split: Sequence[int] | None = None) -
         for r, (a, b) in enumerate(bounds)
     )
     return ModelSource(path, config, stages)
+
+
+def _expert_parallel_source(path: Path, config: dict[str, Any], ranks: int,
+                            split: Sequence[int] | None) -> ModelSource:
+    """One expert-parallel stage over all ranks: each rank reads every layer (from the
+    mlx-lm directory, or a shard's single all-layer stage) and keeps its own experts."""
+    num_layers = int(config.get("num_hidden_layers", 0))
+    experts = int(config.get("n_routed_experts") or config.get("num_experts") or 0)
+    if split is not None:
+        raise UserError("--split is for pipeline stages; expert parallel runs every layer on every rank")
+    if experts == 0:
+        raise UserError(f"{path}: --expert-parallel needs an MoE model (deepseek_v3, qwen3_moe); "
+                        f"config.json names no routed experts")
+    if ranks > experts:
+        raise UserError(f"{ranks} ranks but the model has only {experts} routed experts per layer")
+    model_dir, shard = path, False
+    manifest = path / "manifest.json"
+    if manifest.exists():
+        for st in json.loads(manifest.read_text()).get("stages", []):
+            if tuple(st["layers"]) == (0, num_layers):
+                model_dir, shard = path / "stages" / str(st["stage"]), True
+        if not shard:
+            raise UserError(f"{path}: expert parallel needs a shard with one all-layer stage "
+                            f"(quantize it with a single stage) or the mlx-lm directory")
+    stages = tuple(StagePlan(r, 0, num_layers, num_layers, model_dir, shard) for r in range(ranks))
+    return ModelSource(path, config, stages, expert_parallel=True)

@@ -16,7 +16,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -126,9 +126,10 @@ def _restrict(model: nn.Module, spec: StageSpec, tied: bool) -> None:
 
 
 def load_stage(model_dir: str | Path, spec: StageSpec, files: list[str] | None = None,
-               presanitized: bool = False) -> Stage:
+               presanitized: bool = False, prepare: Callable[[nn.Module], Any] | None = None) -> Stage:
     """Build the model from config.json, drop every layer outside `spec`, and load only
-    the stage's tensors (lazily, straight from the safetensors files)."""
+    the stage's tensors (lazily, straight from the safetensors files). `prepare(model)`
+    runs before anything is read (expert parallel drops other ranks' experts there)."""
     from mlx_lm.utils import _get_classes, infer_quant_config
 
     model_dir = Path(model_dir)
@@ -160,6 +161,8 @@ def load_stage(model_dir: str | Path, spec: StageSpec, files: list[str] | None =
     model.eval()
     model.load_weights(list(weights.items()), strict=False)
     _check_loaded(model, weights)
+    if prepare is not None:
+        prepare(model)
     mx.eval(model.parameters())
     return Stage(model, spec, config)
 

@@ -36,6 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-slots", type=int, default=8)
     p.add_argument("--prefill-step", type=int, default=2048)
     p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--expert-parallel", action="store_true",
+                   help="all layers, this rank's share of the routed experts (ep_stage.py)")
     return p.parse_args(argv)
 
 
@@ -95,6 +97,8 @@ def run(a: argparse.Namespace, chan: Channel) -> None:
         from mlxdist.runtime.shards import verify_stage
 
         verify_stage(Path(a.shard_root), plan)
+    if a.expert_parallel:
+        return run_expert_parallel(a, chan, plan)
     stage = load_stage(plan.model_dir, StageSpec(start, end, a.num_layers), presanitized=plan.shard)
 
     os.environ["MLX_RANK"] = str(a.rank)
@@ -131,6 +135,53 @@ def run(a: argparse.Namespace, chan: Channel) -> None:
         chan.send({"t": "ready", "rank": a.rank})
         wait_for_wake(0)  # start parked: the first request's wake-up starts the loop
         follower_loop(runner, link, int(stage.config["hidden_size"]), wait_for_wake)
+
+
+def run_expert_parallel(a: argparse.Namespace, chan: Channel, plan) -> None:
+    """One expert-parallel stage: join the group first (the MoE blocks hold it), load
+    every layer keeping this rank's experts, then rank 0 coordinates, the others follow."""
+    import mlx.core as mx
+
+    from mlxdist.runtime.ep_stage import Broadcast, EPCoordinator, EPRunner, ep_follower_loop, keep_own_experts
+    from mlxdist.runtime.stage import StageSpec, load_stage
+
+    os.environ["MLX_RANK"] = str(a.rank)
+    os.environ["MLX_HOSTFILE"] = a.hostfile
+    group = mx.distributed.init(backend=a.backend, strict=True)
+    if group.size() != a.ranks or group.rank() != a.rank:
+        raise RuntimeError(f"joined a group of {group.size()} as rank {group.rank()}, "
+                           f"expected {a.ranks} as rank {a.rank}")
+    owned: list[int] = []
+    stage = load_stage(plan.model_dir, StageSpec(plan.start, plan.end, plan.num_layers), presanitized=plan.shard,
+                       prepare=lambda model: owned.extend(keep_own_experts(model.model, group)))
+    print(f"rank {a.rank}: expert parallel, all {plan.num_layers} layers, experts "
+          f"{owned[0]}..{owned[-1]}", file=sys.stderr, flush=True)
+    bcast = Broadcast(group)
+    if a.rank == 0:
+        coord = EPCoordinator(EPRunner(stage, bcast), None, chan.send, max_slots=a.max_slots,
+                              prefill_step=a.prefill_step)
+        threading.Thread(target=_reader, args=(chan, coord.commands.put), daemon=True).start()
+        chan.send({"t": "ready", "rank": a.rank})
+        coord.run()
+        print(f"rank 0: done, {coord.stats}, {bcast.messages} broadcasts", file=sys.stderr, flush=True)
+        return
+    wakes = threading.Condition()
+    count = [0]
+
+    def on_command(msg: dict) -> None:
+        if msg.get("t") == "wake":
+            with wakes:
+                count[0] += 1
+                wakes.notify_all()
+
+    def wait_for_wake(kicks: int) -> None:
+        with wakes:
+            wakes.wait_for(lambda: count[0] > kicks)
+
+    threading.Thread(target=_reader, args=(chan, on_command), daemon=True).start()
+    chan.send({"t": "ready", "rank": a.rank})
+    wait_for_wake(0)  # start parked: the first request's wake-up starts the loop
+    ep_follower_loop(stage, bcast, wait_for_wake)
 
 
 def _inbound_sockets(a: argparse.Namespace) -> list:
