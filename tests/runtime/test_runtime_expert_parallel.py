@@ -1,0 +1,131 @@
+"""The engine's expert-parallel stage (ep_stage.py): the whole model on every rank, the
+routed experts divided, real ring ranks on 127.0.0.1. Greedy tokens equal single-process
+mlx-lm's generate_step; concurrent requests equal the same requests alone; seeded sampling
+equals one rank; a lost rank is reported and regroup carries the request over."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from runtime_helpers import ROOT, reference_tokens, run_cli, tiny_models  # noqa: F401 (fixture)
+
+from mlxdist.errors import UserError
+from mlxdist.runtime.api import GenerationRequest, SamplingParams
+from mlxdist.runtime.engine import open_engine
+
+PROMPT = list(b"Experts, divided.")
+SAMPLING = SamplingParams(temperature=0.8, top_k=40, repetition_penalty=1.1, seed=5)
+N_TOK = 8
+
+
+@pytest.fixture(scope="module")
+def tiny_deepseek(tmp_path_factory) -> Path:
+    """16 routed experts with random (not all-zero) gates, so that routing varies per token
+    and every rank's experts are used; float32 (gather_mm on CPU takes float32 only)."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    from tiny_models import VOCAB, write_tokenizer
+
+    from tests.placement.tiny import TINY_DEEPSEEK, make_tiny_deepseek
+
+    path = make_tiny_deepseek(tmp_path_factory.mktemp("ep") / "deepseek",
+                              config={**TINY_DEEPSEEK, "vocab_size": VOCAB})
+    write_tokenizer(path)
+    return path
+
+
+def _sampled(path: Path, **kw) -> list[int]:
+    with open_engine(path, **kw) as eng:
+        return eng.submit(GenerationRequest(tuple(PROMPT), N_TOK, SAMPLING)).tokens()
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_expert_parallel_matches_single_process(tiny_deepseek, ranks):
+    ref = reference_tokens(tiny_deepseek, PROMPT, N_TOK)
+    seeded = _sampled(tiny_deepseek)
+    with open_engine(tiny_deepseek, ranks=ranks, expert_parallel=True, max_concurrent=4) as eng:
+        assert eng.generate(PROMPT, max_tokens=N_TOK) == ref
+        assert eng.submit(GenerationRequest(tuple(PROMPT), N_TOK, SAMPLING)).tokens() == seeded
+        prompts = [PROMPT, list(b"xyz")]
+        alone = [eng.generate(p, max_tokens=N_TOK) for p in prompts]
+        handles = [eng.submit(GenerationRequest(tuple(p), N_TOK)) for p in prompts]
+        out: dict[int, list[int]] = {}
+        ts = [threading.Thread(target=lambda i=i, h=h: out.__setitem__(i, h.tokens()))
+              for i, h in enumerate(handles)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(120)
+        assert [out[i] for i in range(2)] == alone
+        assert eng.failure is None
+    assert all(code == 0 for code in eng._backend.launcher.poll().values())
+
+
+def test_expert_parallel_qwen3_moe_and_chunked_prefill(tiny_models, tiny_deepseek):
+    path = tiny_models["qwen3_moe"]
+    with open_engine(path, ranks=2, expert_parallel=True) as eng:
+        assert eng.generate(PROMPT, max_tokens=N_TOK) == reference_tokens(path, PROMPT, N_TOK)
+    with open_engine(tiny_deepseek, ranks=2, expert_parallel=True, prefill_step=5) as eng:
+        assert eng.generate(PROMPT, max_tokens=4) == reference_tokens(tiny_deepseek, PROMPT, 4, prefill_step=5)
+
+
+def test_each_rank_holds_only_its_experts(tiny_deepseek):
+    """What load_stage keeps with the expert-parallel hook: the owned experts' rows only,
+    the shared experts on the shared rank (rank 0 of a one-process group here)."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from mlxdist.runtime.ep_stage import keep_own_experts
+    from mlxdist.runtime.stage import StageSpec, load_stage
+
+    group = mx.distributed.init()
+    full = load_stage(tiny_deepseek, StageSpec(0, 4, 4))
+    part = load_stage(tiny_deepseek, StageSpec(0, 4, 4),
+                      prepare=lambda m: keep_own_experts(m.model, group, owned=[3, 4, 5, 6]))
+
+    def switch_bytes(stage) -> int:
+        return sum(v.nbytes for k, v in tree_flatten(stage.model.parameters()) if "switch_mlp" in k)
+
+    for layer in part.model.model.layers[1:]:
+        assert layer.mlp.switch_mlp.gate_proj.weight.shape[0] == 4
+        assert layer.mlp.shared_experts is not None
+    assert switch_bytes(part) * 4 == switch_bytes(full)  # 4 of 16 experts
+
+
+def test_refusals(tiny_models, tiny_deepseek):
+    with pytest.raises(UserError, match="needs an MoE model"):
+        open_engine(tiny_models["llama"], ranks=2, expert_parallel=True)
+    with pytest.raises(UserError, match="only 4 routed experts"):
+        open_engine(tiny_models["qwen3_moe"], ranks=5, expert_parallel=True)
+    with pytest.raises(UserError, match="--split is for pipeline"):
+        open_engine(tiny_deepseek, ranks=2, split=[2, 2], expert_parallel=True)
+
+
+def test_lost_rank_regroups_and_finishes(tiny_deepseek):
+    """A follower SIGKILLed mid-generation: the failure hook regroups onto 2 expert-parallel
+    ranks, the request is re-prefilled and ends with the uninterrupted run's tokens."""
+    ref = reference_tokens(tiny_deepseek, PROMPT, 60)
+    eng = open_engine(tiny_deepseek, ranks=3, expert_parallel=True, heartbeat_timeout_s=3.0,
+                      on_failure=lambda e, msg: e.regroup(ranks=2))
+    try:
+        pid = eng._backend.launcher.procs[2].pid
+        events = iter(eng.submit(GenerationRequest(tuple(PROMPT), 60)))
+        got = [next(events).token for _ in range(3)]
+        os.kill(pid, signal.SIGKILL)
+        got += [ev.token for ev in events if ev.token is not None]
+        assert got == ref
+        assert len(eng._backend.hosts) == 2 and eng.failure is None
+    finally:
+        eng.close()
+
+
+def test_run_cli_expert_parallel(tiny_deepseek):
+    with open_engine(tiny_deepseek) as eng:
+        tokens = eng.generate(eng.encode_chat([{"role": "user", "content": "hi"}]), max_tokens=6)
+        expected = eng.tokenizer.decode(tokens)
+    r = run_cli("run", str(tiny_deepseek), "--ranks", "2", "--expert-parallel", "-p", "hi", "--max-tokens", "6")
+    assert (r.returncode, r.stdout.rstrip("\n")) == (0, expected), r.stderr
