@@ -5,7 +5,10 @@ local ring ranks, with the cost model's prediction beside each measurement.
 
 The model is a tiny-ish random deepseek_v3 (float32: MLX's CPU gather_mm takes only
 float32). The pipeline baseline is mlx-lm's own even pipeline (`model.model.pipeline`);
-the expert-parallel run is mlxdist.runtime.expert_parallel. The cost model is calibrated
+the expert-parallel run is mlxdist.runtime.expert_parallel. Both run in a self-contained
+runner (tests/placement/ep_worker.py) and, under "engine", through the real engine
+(`open_engine(ranks=N)` and `open_engine(ranks=N, expert_parallel=True)`: worker processes,
+Coordinator, broadcasts, heartbeats), timed between streamed tokens. The cost model is calibrated
 with two numbers measured in the same run -- the single-process step time (giving the
 per-layer overhead that dominates a tiny model on a CPU) and one all_sum's latency on
 loopback -- and then predicts both plans. Prints one JSON object.
@@ -32,7 +35,7 @@ from tests.placement.tiny import TINY_DEEPSEEK, make_tiny_deepseek  # noqa: E402
 
 CONFIG = dict(TINY_DEEPSEEK, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
               num_hidden_layers=8, n_routed_experts=32, num_experts_per_tok=4, n_group=4, topk_group=2,
-              q_lora_rank=128, kv_lora_rank=64, vocab_size=512)
+              q_lora_rank=128, kv_lora_rank=64, vocab_size=259)  # the tiny byte tokenizer's
 PROMPT = [3, 14, 15, 92, 65, 35, 89, 79]
 NOMINAL_BW = 10 * GB  # bytes/s; irrelevant once the overhead is calibrated (bytes are tiny)
 
@@ -57,6 +60,22 @@ def _run_once(model_dir: Path, ranks: int, mode: str, tokens: int) -> dict:
         return json.loads(out.read_text())
 
 
+def engine_step(model_dir: Path, ranks: int, expert_parallel: bool, tokens: int) -> tuple[float, list[int]]:
+    """Median time between streamed tokens of one request through the engine (warmed up)."""
+    from mlxdist.runtime.api import GenerationRequest
+    from mlxdist.runtime.engine import open_engine
+
+    with open_engine(model_dir, ranks=ranks, expert_parallel=expert_parallel) as eng:
+        eng.generate(PROMPT, max_tokens=4)
+        times, out, t0 = [], [], time.perf_counter()
+        for ev in eng.submit(GenerationRequest(tuple(PROMPT), tokens)):
+            if ev.token is not None:
+                out.append(ev.token)
+                times.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+    return statistics.median(times[1:]), out
+
+
 def single_process_step(model_dir: Path, tokens: int) -> tuple[float, list[int]]:
     import mlx.core as mx
     from mlx_lm.generate import generate_step
@@ -79,6 +98,10 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = make_tiny_deepseek(Path(tmp) / "model", seed=3, config=CONFIG)
+        sys.path.insert(0, str(ROOT / "tools"))
+        from tiny_models import write_tokenizer
+
+        write_tokenizer(model_dir)  # the engine wants a tokenizer
         spec = describe(CONFIG, bits=16, dtype_bytes=4, name="bench-deepseek")
         prof = Profile(spec)
         _, single_tokens = single_process_step(model_dir, args.tokens)  # mlx-lm alone: the tokens
@@ -88,6 +111,8 @@ def main() -> None:
         for n in args.ranks:
             pp = run(model_dir, n, "pp", args.tokens)
             ep = run(model_dir, n, "ep", args.tokens)
+            eng_pp, eng_pp_tokens = engine_step(model_dir, n, False, args.tokens)
+            eng_ep, eng_ep_tokens = engine_step(model_dir, n, True, args.tokens)
             alpha = ep["allsum_s"] / (2 * (n - 1))  # ring all-reduce: 2(n-1) messages
             # calibrate: one node's step = bytes / bandwidth + layers x overhead
             node = NodeSpec("local", 64 * GB, NOMINAL_BW, 1e15, 0, "cpu")
@@ -113,6 +138,11 @@ def main() -> None:
                 "expert_parallel": {"measured_ms_per_token": round(median_step(ep) * 1e3, 2),
                                     "predicted_ms_per_token": round(pred_ep * 1e3, 2),
                                     "tokens_equal_single_process": ep["tokens"] == single_tokens},
+                "engine": {"pipeline_ms_per_token": round(eng_pp * 1e3, 2),
+                           "expert_parallel_ms_per_token": round(eng_ep * 1e3, 2),
+                           "ep_over_pipeline": round(eng_ep / eng_pp, 3),
+                           "pipeline_tokens_equal_single_process": eng_pp_tokens == single_tokens,
+                           "ep_tokens_equal_single_process": eng_ep_tokens == single_tokens},
                 "measured_ep_over_pipeline": round(median_step(ep) / median_step(pp), 3),
                 "measured_pipeline_over_one_rank": round(median_step(pp) / single_s, 3),
                 "measured_ep_over_one_rank": round(median_step(ep) / single_s, 3),
