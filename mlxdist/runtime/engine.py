@@ -252,7 +252,8 @@ class Engine:
         self._opts.update(opts)
         n = ranks or len(getattr(self._backend, "hosts", [None]))
         source = resolve_source(Path(model_path or self.model_path), n, split,
-                                expert_parallel=bool(self._opts.get("expert_parallel")))
+                                expert_parallel=bool(self._opts.get("expert_parallel")),
+                                experts=self._opts.get("experts") if n == len(self._opts.get("experts") or ()) else None)
         backend = make_backend(source, n, self._opts)
         with self._events_lock:
             self._failed = None
@@ -321,7 +322,8 @@ def open_engine(model_path: str | os.PathLike, ranks: int = 1, split: Sequence[i
 
     opts: expert_parallel (False: pipeline stages; True: the whole model as one
     expert-parallel stage, every rank all layers and 1/N of the routed experts, see
-    ep_stage.py), max_concurrent (slots, default 8), prefill_step (2048, as mlx-lm), backend
+    ep_stage.py), experts (with expert_parallel: the expert ids of each rank, e.g. from
+    `ep_stage.experts_from_plan`; default an even contiguous split), max_concurrent (slots, default 8), prefill_step (2048, as mlx-lm), backend
     ("ring"), launcher (a Launcher; default: local processes), heartbeat_timeout_s (5),
     startup_timeout_s (300), model_name, in_process (ranks=1 only; default True),
     on_failure (callable(engine, message): called in its own thread instead of ending the
@@ -330,7 +332,7 @@ def open_engine(model_path: str | os.PathLike, ranks: int = 1, split: Sequence[i
     from mlxdist.runtime.source import resolve_source
 
     source = resolve_source(Path(model_path), ranks, split,
-                            expert_parallel=bool(opts.get("expert_parallel")))
+                            expert_parallel=bool(opts.get("expert_parallel")), experts=opts.get("experts"))
     tokenizer = source.load_tokenizer()
     backend = make_backend(source, ranks, opts)
     return Engine(source.root, tokenizer, backend, source.context_length,

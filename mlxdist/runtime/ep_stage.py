@@ -62,6 +62,16 @@ def keep_own_experts(model: nn.Module, group: mx.distributed.Group,
     return mine
 
 
+def experts_from_plan(plan: dict) -> list[list[int]]:
+    """Each rank's expert ids from a plan's JSON (`mlxdist plan --json`) whose single stage
+    is expert-parallel over all layers; ranks in the plan's node order (its ring order)."""
+    stages = plan.get("stages", [])
+    if len(stages) != 1 or len(stages[0].get("nodes", [])) < 2 or "experts" not in stages[0]:
+        raise ValueError("the plan is not one expert-parallel stage over the whole group")
+    st = stages[0]
+    return [list(st["experts"][node]) for node in st["nodes"]]
+
+
 class Broadcast:
     """Rank 0 -> every rank, as `all_sum`s in which the other ranks contribute zeros."""
 

@@ -43,7 +43,8 @@ class WorkerGroupBackend:
                             num_layers=p.num_layers, control=control, session=self.session,
                             backend=backend, shard_root=str(source.root) if p.shard else "",
                             max_slots=max_concurrent, prefill_step=prefill_step, host=hosts[p.rank],
-                            expert_parallel=source.expert_parallel)
+                            expert_parallel=source.expert_parallel,
+                            experts=",".join(map(str, source.experts[p.rank])) if source.experts else "")
                  for p in source.stages]
         self.hosts = hosts
         self.chans: dict[int, Channel] = {}

@@ -35,6 +35,7 @@ class WorkerSpec:
     prefill_step: int = 2048
     host: str = "127.0.0.1"  # how this rank is named in messages
     expert_parallel: bool = False  # all layers on every rank, routed experts divided
+    experts: str = ""  # with expert_parallel: this rank's expert ids, comma-separated (default: even)
 
     def argv(self) -> list[str]:
         a = ["-m", "mlxdist.runtime.worker", "--rank", str(self.rank), "--ranks", str(self.ranks),
@@ -47,6 +48,8 @@ class WorkerSpec:
             a += ["--shard-root", self.shard_root]
         if self.expert_parallel:
             a += ["--expert-parallel"]
+        if self.experts:
+            a += ["--experts", self.experts]
         return a
 
 

@@ -30,6 +30,7 @@ class ModelSource:
     config: dict[str, Any]
     stages: tuple[StagePlan, ...]
     expert_parallel: bool = False  # every stage is all layers; the ranks divide the experts
+    experts: tuple[tuple[int, ...], ...] = ()  # per rank, when not the even split
 
     @property
     def context_length(self) -> int:
@@ -52,7 +53,8 @@ def even_split(num_layers: int, ranks: int) -> list[int]:
 
 
 def resolve_source(path: Path, ranks: int, split: Sequence[int] | None = None,
-                   expert_parallel: bool = False) -> ModelSource:
+                   expert_parallel: bool = False,
+                   experts: Sequence[Sequence[int]] | None = None) -> ModelSource:
     path = Path(path).expanduser()
     if not (path / "config.json").exists():
         raise UserError(f"{path} is not a model directory (no config.json)")
@@ -61,7 +63,7 @@ def resolve_source(path: Path, ranks: int, split: Sequence[int] | None = None,
     if ranks < 1:
         raise UserError("--ranks must be at least 1")
     if expert_parallel and ranks > 1:
-        return _expert_parallel_source(path, config, ranks, split)
+        return _expert_parallel_source(path, config, ranks, split, experts)
     if ranks > num_layers:
         raise UserError(f"{ranks} ranks but the model has only {num_layers} layers")
     if split is None:
@@ -88,19 +90,26 @@ def resolve_source(path: Path, ranks: int, split: Sequence[int] | None = None,
     return ModelSource(path, config, stages)
 
 
-def _expert_parallel_source(path: Path, config: dict[str, Any], ranks: int,
-                            split: Sequence[int] | None) -> ModelSource:
+def _expert_parallel_source(path: Path, config: dict[str, Any], ranks: int, split: Sequence[int] | None,
+                            experts: Sequence[Sequence[int]] | None) -> ModelSource:
     """One expert-parallel stage over all ranks: each rank reads every layer (from the
     mlx-lm directory, or a shard's single all-layer stage) and keeps its own experts."""
     num_layers = int(config.get("num_hidden_layers", 0))
-    experts = int(config.get("n_routed_experts") or config.get("num_experts") or 0)
+    n_experts = int(config.get("n_routed_experts") or config.get("num_experts") or 0)
     if split is not None:
         raise UserError("--split is for pipeline stages; expert parallel runs every layer on every rank")
-    if experts == 0:
+    if n_experts == 0:
         raise UserError(f"{path}: --expert-parallel needs an MoE model (deepseek_v3, qwen3_moe); "
                         f"config.json names no routed experts")
-    if ranks > experts:
-        raise UserError(f"{ranks} ranks but the model has only {experts} routed experts per layer")
+    if ranks > n_experts:
+        raise UserError(f"{ranks} ranks but the model has only {n_experts} routed experts per layer")
+    owned: tuple[tuple[int, ...], ...] = ()
+    if experts is not None:
+        owned = tuple(tuple(sorted(int(e) for e in mine)) for mine in experts)
+        flat = sorted(e for mine in owned for e in mine)
+        if len(owned) != ranks or flat != list(range(n_experts)) or not all(owned):
+            raise UserError(f"experts must give each of the {ranks} ranks a non-empty share, and "
+                            f"every expert 0..{n_experts - 1} to exactly one rank")
     model_dir, shard = path, False
     manifest = path / "manifest.json"
     if manifest.exists():
@@ -111,4 +120,4 @@ def _expert_parallel_source(path: Path, config: dict[str, Any], ranks: int,
             raise UserError(f"{path}: expert parallel needs a shard with one all-layer stage "
                             f"(quantize it with a single stage) or the mlx-lm directory")
     stages = tuple(StagePlan(r, 0, num_layers, num_layers, model_dir, shard) for r in range(ranks))
-    return ModelSource(path, config, stages, expert_parallel=True)
+    return ModelSource(path, config, stages, expert_parallel=True, experts=owned)

@@ -38,6 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--expert-parallel", action="store_true",
                    help="all layers, this rank's share of the routed experts (ep_stage.py)")
+    p.add_argument("--experts", default="", help="with --expert-parallel: this rank's expert ids (a,b,c)")
     return p.parse_args(argv)
 
 
@@ -152,10 +153,11 @@ def run_expert_parallel(a: argparse.Namespace, chan: Channel, plan) -> None:
         raise RuntimeError(f"joined a group of {group.size()} as rank {group.rank()}, "
                            f"expected {a.ranks} as rank {a.rank}")
     owned: list[int] = []
+    mine = [int(e) for e in a.experts.split(",")] if a.experts else None
     stage = load_stage(plan.model_dir, StageSpec(plan.start, plan.end, plan.num_layers), presanitized=plan.shard,
-                       prepare=lambda model: owned.extend(keep_own_experts(model.model, group)))
-    print(f"rank {a.rank}: expert parallel, all {plan.num_layers} layers, experts "
-          f"{owned[0]}..{owned[-1]}", file=sys.stderr, flush=True)
+                       prepare=lambda model: owned.extend(keep_own_experts(model.model, group, mine)))
+    print(f"rank {a.rank}: expert parallel, all {plan.num_layers} layers, {len(owned)} experts "
+          f"({owned[0]}..{owned[-1]})", file=sys.stderr, flush=True)
     bcast = Broadcast(group)
     if a.rank == 0:
         coord = EPCoordinator(EPRunner(stage, bcast), None, chan.send, max_slots=a.max_slots,

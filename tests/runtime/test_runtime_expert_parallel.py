@@ -129,3 +129,23 @@ def test_run_cli_expert_parallel(tiny_deepseek):
         expected = eng.tokenizer.decode(tokens)
     r = run_cli("run", str(tiny_deepseek), "--ranks", "2", "--expert-parallel", "-p", "hi", "--max-tokens", "6")
     assert (r.returncode, r.stdout.rstrip("\n")) == (0, expected), r.stderr
+
+
+def test_uneven_experts_from_a_plan(tiny_deepseek):
+    """The planner's own expert-parallel plan for two unequal nodes (more experts on the
+    faster one) runs token-exact through the engine."""
+    import json
+
+    from mlxdist.placement import NodeSpec, place
+    from mlxdist.runtime.ep_stage import experts_from_plan
+
+    GB = 1 << 30
+    nodes = [NodeSpec("big", 64 * GB, 800e9, 1e14, 0), NodeSpec("small", 64 * GB, 200e9, 1e14, 0)]
+    plan = json.loads(json.dumps(place(str(tiny_deepseek), nodes, context=256, concurrency=1,
+                                       strategy="expert-parallel").to_json()))
+    experts = experts_from_plan(plan)
+    assert len(experts) == 2 and len(experts[0]) != len(experts[1])
+    with open_engine(tiny_deepseek, ranks=2, expert_parallel=True, experts=experts) as eng:
+        assert eng.generate(PROMPT, max_tokens=N_TOK) == reference_tokens(tiny_deepseek, PROMPT, N_TOK)
+    with pytest.raises(UserError, match="every expert 0..15 to exactly one rank"):
+        open_engine(tiny_deepseek, ranks=2, expert_parallel=True, experts=[[0, 1], [2]])
