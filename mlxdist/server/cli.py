@@ -73,16 +73,21 @@ def start_engine(opener: Callable[..., Any], *args: Any, **kw: Any) -> Any:
 @click.option("--max-queue", default=64, show_default=True, type=int,
               help="Requests that may wait for a slot; more get 429.")
 @click.option("--quiet", is_flag=True, help="Do not log each request.")
+@click.option("--expert-parallel", is_flag=True,
+              help="With --local N (an MoE model): every rank all layers, 1/N of the routed experts.")
 def serve_command(model: str, host: str, port: int, local: int | None, nodes: str | None,
-                  api_key: str | None, max_queue: int, quiet: bool) -> None:
+                  api_key: str | None, max_queue: int, quiet: bool, expert_parallel: bool = False) -> None:
     """Serve MODEL (a converted model directory, an mlx-lm directory, or `demo`) over an
     OpenAI-compatible HTTP API."""
     from mlxdist.server.app import ApiServer
 
     if local is not None and nodes:
         raise UserError("give --local or --nodes, not both")
+    if expert_parallel and nodes:
+        raise UserError("--expert-parallel runs with --local N; the cluster launches pipeline stages only")
     progress = lambda msg: click.echo(msg, err=True)  # noqa: E731
-    engine = open_engine_for(model, local, nodes, progress=progress)
+    engine = open_engine_for(model, local, nodes, progress=progress,
+                             **({"expert_parallel": True} if expert_parallel else {}))
     try:
         try:
             server = ApiServer(engine, host, port, api_key=api_key, max_queue=max_queue, quiet=quiet)

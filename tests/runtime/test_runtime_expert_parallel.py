@@ -149,3 +149,24 @@ def test_uneven_experts_from_a_plan(tiny_deepseek):
         assert eng.generate(PROMPT, max_tokens=N_TOK) == reference_tokens(tiny_deepseek, PROMPT, N_TOK)
     with pytest.raises(UserError, match="every expert 0..15 to exactly one rank"):
         open_engine(tiny_deepseek, ranks=2, expert_parallel=True, experts=[[0, 1], [2]])
+
+
+def test_openai_server_over_expert_parallel(tiny_deepseek):
+    """The server stack is unchanged on top: a chat completion through the OpenAI client
+    gives the same text as the engine on one rank."""
+    import openai
+
+    from mlxdist.server.app import ApiServer
+
+    messages = [{"role": "user", "content": "hi"}]
+    with open_engine(tiny_deepseek) as eng:
+        expected = eng.tokenizer.decode(eng.generate(eng.encode_chat(messages), max_tokens=6))
+    eng = open_engine(tiny_deepseek, ranks=2, expert_parallel=True)
+    server = ApiServer(eng, "127.0.0.1", 0, quiet=True).start()
+    try:
+        c = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120)
+        r = c.chat.completions.create(model=eng.model_name, messages=messages, max_tokens=6, temperature=0)
+        assert r.choices[0].message.content == expected
+    finally:
+        server.shutdown()
+        eng.close()
