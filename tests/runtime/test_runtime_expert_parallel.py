@@ -65,6 +65,17 @@ def test_expert_parallel_matches_single_process(tiny_deepseek, ranks):
     assert all(code == 0 for code in eng._backend.launcher.poll().values())
 
 
+def test_top_logprobs_match_one_rank(tiny_deepseek):
+    with open_engine(tiny_deepseek) as eng:
+        want = list(eng.submit(GenerationRequest(tuple(PROMPT), 4, logprobs=3)))
+    with open_engine(tiny_deepseek, ranks=2, expert_parallel=True) as eng:
+        got = list(eng.submit(GenerationRequest(tuple(PROMPT), 4, logprobs=3)))
+    assert [e.token for e in got] == [e.token for e in want]
+    for g, w in zip(got, want):
+        assert [i for i, _ in g.top_logprobs] == [i for i, _ in w.top_logprobs]
+        assert all(abs(a - b) < 1e-4 for (_, a), (_, b) in zip(g.top_logprobs, w.top_logprobs))
+
+
 def test_expert_parallel_qwen3_moe_and_chunked_prefill(tiny_models, tiny_deepseek):
     path = tiny_models["qwen3_moe"]
     with open_engine(path, ranks=2, expert_parallel=True) as eng:
@@ -108,14 +119,16 @@ def test_refusals(tiny_models, tiny_deepseek):
 def test_lost_rank_regroups_and_finishes(tiny_deepseek):
     """A follower SIGKILLed mid-generation: the failure hook regroups onto 2 expert-parallel
     ranks, the request is re-prefilled and ends with the uninterrupted run's tokens."""
-    ref = reference_tokens(tiny_deepseek, PROMPT, 60)
+    ref = reference_tokens(tiny_deepseek, PROMPT, 100)
     eng = open_engine(tiny_deepseek, ranks=3, expert_parallel=True, heartbeat_timeout_s=3.0,
                       on_failure=lambda e, msg: e.regroup(ranks=2))
     try:
         pid = eng._backend.launcher.procs[2].pid
-        events = iter(eng.submit(GenerationRequest(tuple(PROMPT), 60)))
+        events = iter(eng.submit(GenerationRequest(tuple(PROMPT), 100)))
         got = [next(events).token for _ in range(3)]
         os.kill(pid, signal.SIGKILL)
+        (state,) = eng.in_flight_state()  # killed mid-generation, not after
+        assert len(state["generated"]) < 100
         got += [ev.token for ev in events if ev.token is not None]
         assert got == ref
         assert len(eng._backend.hosts) == 2 and eng.failure is None
