@@ -20,6 +20,9 @@ async_eval returns ("block"). One JSON table on stdout, one row per way of writi
 
   nccl_*           the hand-off as an NCCL all_sum on the GPU stream (see nccl_main)
 
+With --model DIR (iters = decode steps): the bench's real R1-shaped layers split over the
+two GPUs with NCCL hand-offs (see model_main); compare with `bench_gpu.py mlxlm` on one GPU.
+
 plus baselines: the stage alone (one GPU, two stages back to back) and the bare hand-off.
 """
 
@@ -141,6 +144,89 @@ def nccl_main(stage_ms: float, iters: int) -> None:
     print(json.dumps(res), flush=True)
 
 
+def model_main(model_dir: str, steps: int) -> None:
+    """Real layers with NCCL hand-offs: the model tools/bench_gpu.py prepares, split in half
+    (rank 0: embedding + first half of the layers; rank 1: the rest, norm, head and argmax),
+    decoding one stream greedily. Rank 0 sends hidden states as an all_sum that rank 1 joins
+    with zeros; the token comes back the same way. model_chain: rank 0 queues step i+1 on
+    the lazy token of step i, then reads token i (mlxdist's chained step); model_sync: rank
+    0 reads each token before the next step; model_follower_sync: as chain, and rank 1 reads
+    the received hidden state on the host before its layers (a follower that must see a
+    header first)."""
+    from pathlib import Path
+
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+    from mlx_lm.utils import load_model
+
+    # PROBE_MODEL_BACKEND=ring: a CPU smoke test of this code (ring has all_sum too)
+    group = mx.distributed.init(backend=os.environ.get("PROBE_MODEL_BACKEND", "nccl"), strict=True)
+    rank = group.rank()
+    model, _ = load_model(Path(model_dir), lazy=True)
+    inner = model.model
+    half = len(inner.layers) // 2
+    mine = list(inner.layers[:half] if rank == 0 else inner.layers[half:])
+    for layer in mine:  # only this rank's half is ever read from disk
+        mx.eval(layer.parameters())
+    mx.eval(inner.embed_tokens.parameters() if rank == 0 else [inner.norm.parameters(), model.lm_head.parameters()])
+    caches = make_prompt_cache(model)
+    caches = caches[:half] if rank == 0 else caches[half:]
+    dt = inner.norm.weight.dtype
+    zeros_h = mx.zeros((1, 1, int(inner.norm.weight.shape[0])), dt)
+    zeros_t = mx.zeros((1, 1), mx.float32)
+
+    def step0(tok: mx.array) -> mx.array:
+        h = inner.embed_tokens(tok)
+        for layer, c in zip(mine, caches):
+            h = layer(h, None, c)
+        b = mx.distributed.all_sum(h.astype(dt), group=group)
+        return mx.distributed.all_sum(mx.depends(zeros_t, b), group=group)  # the token
+
+    def step1(read_first: bool) -> mx.array:
+        h = mx.distributed.all_sum(zeros_h, group=group)
+        if read_first:
+            mx.eval(h)
+        for layer, c in zip(mine, caches):
+            h = layer(h, None, c)
+        logits = model.lm_head(inner.norm(h))
+        tok = mx.argmax(logits[:, -1, :], axis=-1).astype(mx.float32).reshape(1, 1)
+        return mx.distributed.all_sum(tok, group=group)
+
+    def as_tok(t: mx.array) -> mx.array:
+        return t.astype(mx.int32)
+
+    rows, warm = {}, 8
+    for v in ["model_chain", "model_sync", "model_follower_sync"]:
+        stamps, toks = [], []
+        if rank == 0:
+            t = step0(mx.array([[0]], mx.int32))
+            mx.async_eval(t)
+            for i in range(steps):
+                nxt = step0(as_tok(t)) if (v != "model_sync" and i < steps - 1) else None
+                if nxt is not None:
+                    mx.async_eval(nxt)
+                toks.append(int(t.item()))
+                stamps.append(time.perf_counter())
+                if i < steps - 1:
+                    t = nxt if nxt is not None else step0(mx.array([[toks[-1]]], mx.int32))
+                    mx.async_eval(t)
+        else:
+            prev = None
+            for i in range(steps):
+                c = step1(v == "model_follower_sync")
+                mx.async_eval(c)
+                if prev is not None:
+                    mx.eval(prev)
+                prev = c
+            mx.eval(prev)
+        mx.synchronize()
+        if rank == 0:
+            rows[v] = {"ms_per_token": (stamps[-1] - stamps[warm]) / (steps - 1 - warm) * 1e3,
+                       "tokens": toks[:12]}
+        print(f"[probe r{rank}] {v} {rows.get(v)}", file=sys.stderr, flush=True)
+    print(json.dumps({"rank": rank, "rows": rows, "peak_gb": mx.get_peak_memory() / 1e9}), flush=True)
+
+
 def rank_main(stage_ms: float, iters: int) -> None:
     import mlx.core as mx
 
@@ -250,14 +336,23 @@ def main() -> None:
     ap.add_argument("--stage-ms", type=float, default=1.5)
     ap.add_argument("--iters", type=int, default=150)
     ap.add_argument("--timeout", type=float, default=150)
+    ap.add_argument("--model", help="a model dir from tools/bench_gpu.py prepare: real layers, NCCL hand-offs")
     ap.add_argument("--ring-only", action="store_true", help="skip the NCCL rows (no GPU: CPU smoke test)")
     a = ap.parse_args()
+    if "MLX_RANK" in os.environ and os.environ.get("PROBE_MODEL"):
+        model_main(os.environ["PROBE_MODEL"], a.iters)
+        return
     if "MLX_RANK" in os.environ:
         (nccl_main if os.environ.get("PROBE_BACKEND") == "nccl" else rank_main)(a.stage_ms, a.iters)
         return
     hostfile = f"/tmp/probe_overlap_{os.getpid()}.json"
     with open(hostfile, "w") as f:
         json.dump([[f"127.0.0.1:{free_port()}"], [f"127.0.0.1:{free_port()}"]], f)
+    if a.model:
+        env = {"PROBE_MODEL": a.model, "NCCL_HOST_IP": "127.0.0.1", "NCCL_PORT": str(free_port()),
+               "MLX_WORLD_SIZE": "2"}
+        print(json.dumps({"model": a.model, "ranks": two_ranks(a, env)}, indent=1))
+        return
     ring_env = {"MLX_HOSTFILE": hostfile}
     nccl_env = {"PROBE_BACKEND": "nccl", "NCCL_HOST_IP": "127.0.0.1", "NCCL_PORT": str(free_port()),
                 "MLX_WORLD_SIZE": "2"}
