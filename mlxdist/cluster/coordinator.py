@@ -4,6 +4,7 @@ cluster (mDNS browse + authenticated status), deliver stages, launch and watch w
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,9 +127,35 @@ def _local_addresses() -> set[str]:
     return {ip.ip for a in ifaddr.get_adapters() for ip in a.ips if isinstance(ip.ip, str)}
 
 
+def order_by_plan(views: Sequence[NodeView], plan_path: str | Path, manifest: dict) -> list[NodeView]:
+    """The nodes in the order a placement plan (`mlxdist plan --json`) gives its stages;
+    refuses a plan whose stages are not the converted model's or whose nodes are missing."""
+    from mlxdist.errors import UserError
+
+    try:
+        plan = json.loads(Path(plan_path).read_text())
+        stages = plan["stages"]
+        names = [st["nodes"][0] for st in stages]
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
+        raise UserError(f"--plan {plan_path}: not a plan from `mlxdist plan --json` ({e})")
+    if any(len(st.get("nodes", [])) != 1 for st in stages):
+        raise UserError(f"--plan {plan_path}: expert-parallel stages are not served on nodes yet; "
+                        "plan with --strategy pipeline")
+    converted = [list(st["layers"]) for st in sorted(manifest["stages"], key=lambda s: s["stage"])]
+    if [list(st["layers"]) for st in stages] != converted:
+        raise UserError(f"--plan {plan_path}: its layer ranges {[st['layers'] for st in stages]} are not "
+                        f"the converted model's {converted}; convert with `mlxdist quantize --plan` first")
+    by_name = {v.name: v for v in views}
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise UserError(f"--plan places stages on {', '.join(missing)}, which did not answer")
+    return [by_name[n] for n in names]
+
+
 def open_cluster_engine(model_path: str | Path, nodes: str = "auto", cluster: str | None = None,
                         secret_file: str | Path | None = None, browse_s: float = 3.0,
-                        mdns_addresses: Sequence[str] = (), progress=None, **engine_opts):
+                        mdns_addresses: Sequence[str] = (), progress=None,
+                        plan: str | Path | None = None, **engine_opts):
     """What `mlxdist serve MODEL --nodes auto|HOST:PORT,...` calls: find the nodes (mDNS,
     or the given list), keep those that answer an authenticated status, order them (ours
     first, then Thunderbolt links), and return a `ClusterEngine` (the runtime Engine
@@ -175,6 +202,8 @@ def open_cluster_engine(model_path: str | Path, nodes: str = "auto", cluster: st
     ok.sort(key=lambda v: not any(a.split("/")[0] in mine for i in v.interfaces
                                   for a in i.addresses))
     ordered = ring_order(ok)
+    if plan is not None:
+        ordered = order_by_plan(ok, plan, json.loads((path / "manifest.json").read_text()))
     model = re.sub(r"[^A-Za-z0-9._-]", "-", path.resolve().name).strip(".-")[:64] or "model"
     say(f"placing {model} on {', '.join(v.name for v in ordered)} ...")
     return ClusterEngine(path, model, ordered, cluster, secret, **engine_opts)

@@ -69,6 +69,9 @@ def start_engine(opener: Callable[..., Any], *args: Any, **kw: Any) -> Any:
 @click.option("--port", default=8080, show_default=True, type=int, help="Port to listen on.")
 @click.option("--local", type=int, default=None, help="Run N ranks on this machine.")
 @click.option("--nodes", default=None, help="'auto' (discover with mDNS) or a comma-separated list of nodes.")
+@click.option("--plan", "plan", default=None, type=click.Path(dir_okay=False),
+              help="With --nodes: a plan from `mlxdist plan --json` (the one the model was "
+                   "converted with); its nodes run the stages, in its order.")
 @click.option("--api-key", default=None, envvar="MLXDIST_API_KEY", help="Require this bearer key.")
 @click.option("--max-queue", default=64, show_default=True, type=int,
               help="Requests that may wait for a slot; more get 429.")
@@ -76,18 +79,21 @@ def start_engine(opener: Callable[..., Any], *args: Any, **kw: Any) -> Any:
 @click.option("--expert-parallel", is_flag=True,
               help="With --local N (an MoE model): every rank all layers, 1/N of the routed experts.")
 def serve_command(model: str, host: str, port: int, local: int | None, nodes: str | None,
-                  api_key: str | None, max_queue: int, quiet: bool, expert_parallel: bool = False) -> None:
+                  plan: str | None, api_key: str | None, max_queue: int, quiet: bool,
+                  expert_parallel: bool = False) -> None:
     """Serve MODEL (a converted model directory, an mlx-lm directory, or `demo`) over an
     OpenAI-compatible HTTP API."""
     from mlxdist.server.app import ApiServer
 
     if local is not None and nodes:
         raise UserError("give --local or --nodes, not both")
+    if plan and not nodes:
+        raise UserError("--plan places stages on cluster nodes: give --nodes too")
     if expert_parallel and nodes:
         raise UserError("--expert-parallel runs with --local N; the cluster launches pipeline stages only")
     progress = lambda msg: click.echo(msg, err=True)  # noqa: E731
-    engine = open_engine_for(model, local, nodes, progress=progress,
-                             **({"expert_parallel": True} if expert_parallel else {}))
+    opts = {**({"plan": plan} if plan else {}), **({"expert_parallel": True} if expert_parallel else {})}
+    engine = open_engine_for(model, local, nodes, progress=progress, **opts)
     try:
         try:
             server = ApiServer(engine, host, port, api_key=api_key, max_queue=max_queue, quiet=quiet)
