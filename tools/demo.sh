@@ -4,10 +4,5 @@
 #   bash tools/demo.sh ["your question"]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=${MLXDIST_VENV:-.venv}
-if [ ! -x "$VENV/bin/python" ]; then
-  python3 -m venv "$VENV"
-fi
-"$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
-"$VENV/bin/python" -m pip install -q -e .
+source tools/venv.sh "."
 exec "$VENV/bin/mlxdist" demo "$@"
