@@ -343,9 +343,8 @@ def main() -> None:
             prof = Path(a.workdir) / "profile"
             log("ours 2"); res["mlxdist_2rank"] = _sub(["ours", *common, "--ranks", "2", "--concurrency", a.concurrency])
             # where the time goes: one decode step per stage, timestamps only, then with a
-            # sync after each stage's compute; and the design before chaining (depth 1)
-            for variant, env in (("profile", {}), ("profile_sync", {"MLXDIST_PROFILE_SYNC": "1"}),
-                                 ("chain1", {"MLXDIST_CHAIN_DEPTH": "1"})):
+            # sync after each stage's compute
+            for variant, env in (("profile", {}), ("profile_sync", {"MLXDIST_PROFILE_SYNC": "1"})):
                 vdir = prof / variant
                 vdir.mkdir(parents=True, exist_ok=True)
                 for f in vdir.glob("*.tsv"):
