@@ -67,7 +67,7 @@ class InProcessBackend:
         self._coord_ready.set()
         try:
             self.coord.run()
-        except BaseException as e:  # reported to every request; the thread then ends
+        except BaseException as e:  # reported to every request
             on_failure(f"generation failed: {type(e).__name__}: {e}")
 
     def start(self, on_event: Callable[[dict], None], on_failure: Callable[[str], None]) -> None:

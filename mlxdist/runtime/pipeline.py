@@ -404,17 +404,3 @@ class Coordinator:
         if s.generated >= s.max_tokens or token in s.stop_ids:
             s.finished = True
 
-
-def run_coordinator_thread(coord: Coordinator, on_crash: Callable[[BaseException], None]):
-    import threading
-
-    def body() -> None:
-        try:
-            coord.run()
-        except BaseException as e:  # reported to every request; the thread then ends
-            on_crash(e)
-
-    t = threading.Thread(target=body, name="mlxdist-coordinator", daemon=True)
-    t.start()
-    return t
-
