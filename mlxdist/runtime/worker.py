@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import traceback
+from typing import Callable
 
 from mlxdist.runtime.control import HEARTBEAT_INTERVAL_S, Channel, connect
 
@@ -85,8 +86,6 @@ def main(argv: list[str] | None = None) -> None:
 def run(a: argparse.Namespace, chan: Channel) -> None:
     from pathlib import Path
 
-    import mlx.core as mx
-
     from mlxdist.runtime.pipeline import Coordinator, StageRunner, follower_loop
     from mlxdist.runtime.source import StagePlan
     from mlxdist.runtime.stage import StageSpec, load_stage
@@ -102,12 +101,7 @@ def run(a: argparse.Namespace, chan: Channel) -> None:
         return run_expert_parallel(a, chan, plan)
     stage = load_stage(plan.model_dir, StageSpec(start, end, a.num_layers), presanitized=plan.shard)
 
-    os.environ["MLX_RANK"] = str(a.rank)
-    os.environ["MLX_HOSTFILE"] = a.hostfile
-    group = mx.distributed.init(backend=a.backend, strict=True)
-    if group.size() != a.ranks or group.rank() != a.rank:
-        raise RuntimeError(f"joined a group of {group.size()} as rank {group.rank()}, "
-                           f"expected {a.ranks} as rank {a.rank}")
+    group = _join_group(a)
     link = RingLink(group, _inbound_sockets(a))
     print(f"rank {a.rank}: layers {start}:{end}, waiting on {len(link.wait_on)} inbound ring socket(s)",
           file=sys.stderr, flush=True)
@@ -119,39 +113,17 @@ def run(a: argparse.Namespace, chan: Channel) -> None:
         coord.run()
         print(f"rank 0: done, {coord.stats}", file=sys.stderr, flush=True)
     else:
-        wakes = threading.Condition()
-        count = [0]
-
-        def on_command(msg: dict) -> None:
-            if msg.get("t") == "wake":
-                with wakes:
-                    count[0] += 1
-                    wakes.notify_all()
-
-        def wait_for_wake(kicks: int) -> None:
-            with wakes:
-                wakes.wait_for(lambda: count[0] > kicks)
-
-        threading.Thread(target=_reader, args=(chan, on_command), daemon=True).start()
-        chan.send({"t": "ready", "rank": a.rank})
-        wait_for_wake(0)  # start parked: the first request's wake-up starts the loop
-        follower_loop(runner, link, int(stage.config["hidden_size"]), wait_for_wake)
+        _follow(chan, a.rank, lambda wait_for_wake: follower_loop(
+            runner, link, int(stage.config["hidden_size"]), wait_for_wake))
 
 
 def run_expert_parallel(a: argparse.Namespace, chan: Channel, plan) -> None:
     """One expert-parallel stage: join the group first (the MoE blocks hold it), load
     every layer keeping this rank's experts, then rank 0 coordinates, the others follow."""
-    import mlx.core as mx
-
     from mlxdist.runtime.ep_stage import Broadcast, EPCoordinator, EPRunner, ep_follower_loop, keep_own_experts
     from mlxdist.runtime.stage import StageSpec, load_stage
 
-    os.environ["MLX_RANK"] = str(a.rank)
-    os.environ["MLX_HOSTFILE"] = a.hostfile
-    group = mx.distributed.init(backend=a.backend, strict=True)
-    if group.size() != a.ranks or group.rank() != a.rank:
-        raise RuntimeError(f"joined a group of {group.size()} as rank {group.rank()}, "
-                           f"expected {a.ranks} as rank {a.rank}")
+    group = _join_group(a)
     owned: list[int] = []
     mine = [int(e) for e in a.experts.split(",")] if a.experts else None
     stage = load_stage(plan.model_dir, StageSpec(plan.start, plan.end, plan.num_layers), presanitized=plan.shard,
@@ -167,6 +139,24 @@ def run_expert_parallel(a: argparse.Namespace, chan: Channel, plan) -> None:
         coord.run()
         print(f"rank 0: done, {coord.stats}, {bcast.messages} broadcasts", file=sys.stderr, flush=True)
         return
+    _follow(chan, a.rank, lambda wait_for_wake: ep_follower_loop(stage, bcast, wait_for_wake))
+
+
+def _join_group(a: argparse.Namespace):
+    import mlx.core as mx
+
+    os.environ["MLX_RANK"] = str(a.rank)
+    os.environ["MLX_HOSTFILE"] = a.hostfile
+    group = mx.distributed.init(backend=a.backend, strict=True)
+    if group.size() != a.ranks or group.rank() != a.rank:
+        raise RuntimeError(f"joined a group of {group.size()} as rank {group.rank()}, "
+                           f"expected {a.ranks} as rank {a.rank}")
+    return group
+
+
+def _follow(chan: Channel, rank: int, loop: Callable[[Callable[[int], None]], None]) -> None:
+    """A follower: say ready, wait parked for the first wake-up, then run `loop`, which
+    parks again (through the `wait_for_wake` it is given) whenever rank 0 has no work."""
     wakes = threading.Condition()
     count = [0]
 
@@ -181,9 +171,9 @@ def run_expert_parallel(a: argparse.Namespace, chan: Channel, plan) -> None:
             wakes.wait_for(lambda: count[0] > kicks)
 
     threading.Thread(target=_reader, args=(chan, on_command), daemon=True).start()
-    chan.send({"t": "ready", "rank": a.rank})
+    chan.send({"t": "ready", "rank": rank})
     wait_for_wake(0)  # start parked: the first request's wake-up starts the loop
-    ep_follower_loop(stage, bcast, wait_for_wake)
+    loop(wait_for_wake)
 
 
 def _inbound_sockets(a: argparse.Namespace) -> list:
