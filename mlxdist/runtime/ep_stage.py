@@ -137,22 +137,10 @@ class EPCoordinator(Coordinator):
     """The Coordinator over an EPRunner: as a single stage (no ring link), plus PARK when
     idle and STOP at the end, broadcast to the followers."""
 
-    def run(self) -> None:
-        while True:
-            idle = not self.inflight and not self._has_work()
-            if idle and not self.parked and not self.stopping:
-                self.parked = True
-                self.runner.control(OP_PARK, self.kicks)
-                continue
-            self._drain_commands(block=idle)
-            if self.stopping and not self.inflight and not self.seqs:
-                self._shutdown_ring()
-                return
-            while len(self.inflight) < self.max_inflight and self._inject_one():
-                pass
-            self._chain_next_step()
-            if self.inflight:
-                self._receive_one()
+    def _park(self) -> bool:
+        self.parked = True
+        self.runner.control(OP_PARK, self.kicks)
+        return True
 
     def _shutdown_ring(self) -> None:
         self.runner.control(OP_STOP)

@@ -192,10 +192,7 @@ class Coordinator:
     def run(self) -> None:
         while True:
             idle = not self.inflight and not self._has_work()
-            if idle and not self.parked and self.link is not None and not self.stopping:
-                self.parked = True
-                mx.async_eval(self.link.send(header(OP_PARK, 0, tag=self.kicks)))
-                self.inflight.append(_InFlight(None, OP_PARK))
+            if idle and not self.parked and not self.stopping and self._park():
                 continue
             self._drain_commands(block=idle)
             if self.stopping and not self.inflight and not self.seqs:
@@ -206,6 +203,16 @@ class Coordinator:
             self._chain_next_step()
             if self.inflight:
                 self._receive_one()
+
+    def _park(self) -> bool:
+        """Nothing to do: tell the followers to wait for the engine's wake-up rather than
+        in a ring recv (which the backend serves by polling a core)."""
+        if self.link is None:
+            return False
+        self.parked = True
+        mx.async_eval(self.link.send(header(OP_PARK, 0, tag=self.kicks)))
+        self.inflight.append(_InFlight(None, OP_PARK))
+        return True
 
     def _drain_commands(self, block: bool) -> None:
         try:
