@@ -7,7 +7,6 @@ write its tokenizer.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from typing import Any, Protocol
 import mlx.core as mx
 
 from mlxdist.errors import UserError
+from mlxdist.files import sha256_file
 from quantize.safetensors_io import TensorInfo, as_array, read_header, read_raw
 
 TOKENIZER_FILES = (
@@ -141,10 +141,3 @@ def fetch_from_hub(repo: str) -> Path:
     except (HfHubHTTPError, OSError, ValueError) as e:
         raise UserError(f"cannot fetch hub repo {repo}: {str(e).splitlines()[0]}") from None
 
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()

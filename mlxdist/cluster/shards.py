@@ -18,6 +18,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlxdist.files import sha256_file
+
 VERIFIED = ".mlxdist-verified.json"
 EXPECTED = ".mlxdist-expected.json"
 MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -65,13 +67,6 @@ def files_wire(files: dict[str, FileDigest]) -> dict[str, dict]:
 def stage_digest(files: dict[str, FileDigest]) -> str:
     return hashlib.sha256(json.dumps(files_wire(files), sort_keys=True).encode()).hexdigest()
 
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(4 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 _hash_cache: dict[tuple[str, int, int], str] = {}
