@@ -119,3 +119,18 @@ def reference_top_logprobs(path: Path, prompt: list[int], max_tokens: int, k: in
         ids = mx.argsort(-logprobs)[:k].tolist()
         out.append([(i, logprobs[i].item()) for i in ids])
     return out
+
+
+def drain_concurrently(handles: list, timeout: float = 120) -> list[list[int]]:
+    """Read every request handle's tokens at once, one thread each (as concurrent clients
+    would), and return them in the handles' order."""
+    import threading
+
+    out: dict[int, list[int]] = {}
+    threads = [threading.Thread(target=lambda i=i, h=h: out.__setitem__(i, h.tokens()))
+               for i, h in enumerate(handles)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    return [out[i] for i in range(len(handles))]

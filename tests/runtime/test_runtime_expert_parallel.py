@@ -8,11 +8,10 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import threading
 from pathlib import Path
 
 import pytest
-from runtime_helpers import ROOT, reference_tokens, run_cli, tiny_models  # noqa: F401 (fixture)
+from runtime_helpers import ROOT, drain_concurrently, reference_tokens, run_cli, tiny_models  # noqa: F401 (fixture)
 
 from mlxdist.errors import UserError
 from mlxdist.runtime.api import GenerationRequest, SamplingParams
@@ -53,14 +52,7 @@ def test_expert_parallel_matches_single_process(tiny_deepseek, ranks):
         prompts = [PROMPT, list(b"xyz")]
         alone = [eng.generate(p, max_tokens=N_TOK) for p in prompts]
         handles = [eng.submit(GenerationRequest(tuple(p), N_TOK)) for p in prompts]
-        out: dict[int, list[int]] = {}
-        ts = [threading.Thread(target=lambda i=i, h=h: out.__setitem__(i, h.tokens()))
-              for i, h in enumerate(handles)]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join(120)
-        assert [out[i] for i in range(2)] == alone
+        assert drain_concurrently(handles) == alone
         assert eng.failure is None
     assert all(code == 0 for code in eng._backend.launcher.poll().values())
 

@@ -4,10 +4,9 @@ rank counts; concurrent requests equal to the same requests alone."""
 
 from __future__ import annotations
 
-import threading
 
 import pytest
-from runtime_helpers import reference_tokens, tiny_models  # noqa: F401 (fixture)
+from runtime_helpers import drain_concurrently, reference_tokens, tiny_models  # noqa: F401 (fixture)
 
 from mlxdist.runtime.api import GenerationRequest, SamplingParams
 from mlxdist.runtime.engine import open_engine
@@ -42,14 +41,7 @@ def test_ranks_match_single_process(tiny_models, arch, split):
             prompts = [PROMPT, PROMPT[:7], list(b"xyz"), list(b"a longer prompt than the others")]
             alone = [eng.generate(p, max_tokens=N_TOK) for p in prompts]
             handles = [eng.submit(GenerationRequest(tuple(p), N_TOK)) for p in prompts]
-            out: dict[int, list[int]] = {}
-            ts = [threading.Thread(target=lambda i=i, h=h: out.__setitem__(i, h.tokens()))
-                  for i, h in enumerate(handles)]
-            for t in ts:
-                t.start()
-            for t in ts:
-                t.join(120)
-            assert [out[i] for i in range(4)] == alone
+            assert drain_concurrently(handles) == alone
         assert eng.failure is None
     assert all(code is not None for code in eng._backend.launcher.poll().values())
 

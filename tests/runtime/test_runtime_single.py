@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import threading
 
 import pytest
-from runtime_helpers import reference_tokens, tiny_models  # noqa: F401 (fixture)
+from runtime_helpers import drain_concurrently, reference_tokens, tiny_models  # noqa: F401 (fixture)
 
 from mlxdist.runtime.api import GenerationRequest, SamplingParams
 from mlxdist.runtime.engine import open_engine
@@ -35,14 +34,8 @@ def test_concurrent_requests_match_alone_and_seeded_sampling(tiny_models):
         seeded = eng.submit(GenerationRequest(tuple(PROMPT), 8, sampling)).tokens()
         handles = [eng.submit(GenerationRequest(tuple(p), 8)) for p in prompts]
         handles.append(eng.submit(GenerationRequest(tuple(PROMPT), 8, sampling)))
-        results: dict[int, list[int]] = {}
-        threads = [threading.Thread(target=lambda i=i, h=h: results.__setitem__(i, h.tokens()))
-                   for i, h in enumerate(handles)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        assert [results[i] for i in range(4)] == alone
+        results = drain_concurrently(handles, timeout=60)
+        assert results[:4] == alone
         assert results[4] == seeded
         other_seed = eng.submit(GenerationRequest(tuple(PROMPT), 8, SamplingParams(0.9, seed=8))).tokens()
         assert other_seed != seeded
