@@ -65,5 +65,5 @@ def prepare_demo_model(stages: int = 2, progress: Callable[[str], None] = print,
     on_cpu = mx.default_device() == mx.cpu
     dtype = "float32" if on_cpu else None
     out = cache / f"{DEMO_NAME}-{stages}stage{'-f32' if on_cpu else ''}"
-    progress(f"converting to 4-bit MLX shards ({stages} stages) in {out} ...")
+    progress(f"converting to MLX shards, its 4-bit weights kept 4-bit ({stages} stages) in {out} ...")
     return Path(convert(gguf, out, stages=stages, dtype=dtype, progress=sys.stderr.isatty()))
