@@ -5,10 +5,16 @@
 Runs on the lent GPU machine (MLX's CUDA build; two GPUs for the 2-rank rows) and prints
 one JSON object. Every row is measured in this same run, on the same weights:
 
-    mlxlm_1gpu      mlx-lm generate_step on one GPU (the baseline every ratio divides by)
-    mlxdist_1rank   mlxdist's engine, one rank, on one GPU
-    mlxdist_2rank   mlxdist's engine, two ranks on two GPUs (ring backend over 127.0.0.1)
-    mlxlm_pipe_2gpu mlx-lm's own pipeline (sharded_load with a pipeline group), two GPUs
+    mlxlm_1gpu          mlx-lm generate_step on one GPU (the baseline every ratio divides by)
+    mlxdist_1rank       mlxdist's engine, one rank, on one GPU
+    mlxdist_2rank       two ranks on two GPUs, ring messages per step (--handoff messages)
+    mlxdist_2rank_nccl  two ranks on two GPUs, lock-step runs summing over NCCL (--handoff nccl)
+    mlxlm_pipe_2gpu     mlx-lm's own pipeline (sharded_load with a pipeline group), two GPUs
+
+With `--gpus 1` (a one-GPU machine) the 2-rank rows share GPU 0 instead, with messages and
+with lock-step runs over the ring group (`collective`; NCCL refuses two ranks on one GPU):
+they check the code paths on CUDA and what the host-side hand-off costs, not the
+2-GPU targets. Every row also reports its first greedy tokens, compared with mlx-lm's.
 
 The weights: `--layers` DeepSeek-R1 decoder layers at the real dimensions (hidden 7168,
 MLA with kv_lora_rank 512, 256 routed experts of 2048 with 8 active, one shared expert; the
@@ -47,6 +53,7 @@ R1 = dict(
     tie_word_embeddings=False, bos_token_id=0, eos_token_id=1,
 )
 PROMPT = [0, 17, 4242, 99, 1234, 5, 77, 31337]
+FIRST_TOKENS = 16  # greedy tokens each row reports, to compare with mlx-lm's
 
 
 def log(*a: object) -> None:
@@ -147,10 +154,12 @@ def row_mlxlm(model_dir: Path, tokens: int) -> dict:
     from mlx_lm.generate import generate_step
 
     model, _ = load(str(model_dir))
-    stamps = []
-    for _tok, _ in generate_step(mx.array(PROMPT), model, max_tokens=tokens):
+    stamps, toks = [], []
+    for tok, _ in generate_step(mx.array(PROMPT), model, max_tokens=tokens):
         stamps.append(time.perf_counter())
-    return {"ms_per_token": _steady_ms(stamps, 5), "peak_gb": mx.get_peak_memory() / 1e9}
+        toks.append(int(tok))
+    return {"ms_per_token": _steady_ms(stamps, 5), "peak_gb": mx.get_peak_memory() / 1e9,
+            "tokens": toks[:FIRST_TOKENS]}
 
 
 def _run_streams(engine, k: int, tokens: int) -> dict:
@@ -180,18 +189,19 @@ def _run_streams(engine, k: int, tokens: int) -> dict:
             "aggregate_tok_s": n / (hi - lo) if hi > lo else float("nan")}
 
 
-def row_ours(model_dir: Path, ranks: int, tokens: int, concurrency: list[int]) -> dict:
+def row_ours(model_dir: Path, ranks: int, tokens: int, concurrency: list[int], handoff: str = "messages",
+             gpus: int = 2) -> dict:
     from mlxdist.runtime.engine import open_engine
     from mlxdist.runtime.launcher import LocalLauncher
 
-    opts = {}
+    opts: dict = {"handoff": handoff}
     if ranks > 1:
-        opts["launcher"] = LocalLauncher(rank_env=lambda r: {"CUDA_VISIBLE_DEVICES": str(r)})
+        opts["launcher"] = LocalLauncher(rank_env=lambda r: {"CUDA_VISIBLE_DEVICES": str(r % gpus)})
     t = time.perf_counter()
     with open_engine(model_dir, ranks=ranks, max_concurrent=max(concurrency), **opts) as engine:
         load_s = time.perf_counter() - t
-        _run_streams(engine, 1, 8)  # warm-up: kernels compiled, caches allocated
-        out = {"load_s": load_s, "streams": {}}
+        first = engine.generate(PROMPT, max_tokens=min(FIRST_TOKENS, tokens))  # also the warm-up
+        out = {"load_s": load_s, "handoff": handoff, "tokens": first, "streams": {}}
         for k in concurrency:
             out["streams"][str(k)] = _run_streams(engine, k, tokens)
         out["ms_per_token"] = out["streams"]["1"]["ms_per_token"]
@@ -310,6 +320,8 @@ def main() -> None:
     ap.add_argument("--ranks", type=int, default=1)
     ap.add_argument("--concurrency", default="1,2,4")
     ap.add_argument("--gpus", type=int, default=2)
+    ap.add_argument("--handoff", default="messages", help="ours: messages, collective or nccl")
+    ap.add_argument("--profile", action="store_true", help="all: add the MLXDIST_PROFILE rows (messages)")
     a = ap.parse_args()
     workdir = Path(a.workdir)
     model_dir = workdir / f"r1-{a.layers}L-4bit"
@@ -319,7 +331,7 @@ def main() -> None:
     elif a.cmd == "mlxlm":
         print(json.dumps(row_mlxlm(model_dir, a.tokens)))
     elif a.cmd == "ours":
-        print(json.dumps(row_ours(model_dir, a.ranks, a.tokens, conc)))
+        print(json.dumps(row_ours(model_dir, a.ranks, a.tokens, conc, a.handoff, a.gpus)))
     elif a.cmd == "mlxlm-pipe-rank":
         mlxlm_pipe_rank(model_dir, a.tokens)
     elif a.cmd == "handoff-rank":
@@ -338,13 +350,21 @@ def main() -> None:
         log("copybw"); res["copy"] = _sub(["copybw"], one)
         log("mlxlm"); res["mlxlm_1gpu"] = _sub(["mlxlm", *common], one)
         log("ours 1"); res["mlxdist_1rank"] = _sub(["ours", *common, "--ranks", "1", "--concurrency", a.concurrency], one)
+        two = ["ours", *common, "--ranks", "2", "--concurrency", a.concurrency, "--gpus", str(a.gpus)]
+        if a.gpus < 2:  # code paths on CUDA, both ranks on GPU 0 (not the 2-GPU targets)
+            for handoff in ("messages", "collective"):
+                log("ours 2 on 1 GPU", handoff)
+                res[f"mlxdist_2rank_1gpu_{handoff}"] = _sub([*two, "--handoff", handoff], one)
         if a.gpus >= 2:
             log("handoff"); res["handoff"] = _two_ranks(["handoff-rank"])
             prof = Path(a.workdir) / "profile"
-            log("ours 2"); res["mlxdist_2rank"] = _sub(["ours", *common, "--ranks", "2", "--concurrency", a.concurrency])
+            log("ours 2"); res["mlxdist_2rank"] = _sub(two)
+            log("ours 2 nccl"); res["mlxdist_2rank_nccl"] = _sub([*two, "--handoff", "nccl"])
             # where the time goes: one decode step per stage, timestamps only, then with a
             # sync after each stage's compute
             for variant, env in (("profile", {}), ("profile_sync", {"MLXDIST_PROFILE_SYNC": "1"})):
+                if not a.profile:
+                    break
                 vdir = prof / variant
                 vdir.mkdir(parents=True, exist_ok=True)
                 for f in vdir.glob("*.tsv"):
@@ -361,11 +381,14 @@ def main() -> None:
             if bw:
                 res["roofline_ms_per_token"] = res["read_per_token_gb"] / bw * 1e3
             ratios = {}
-            for k in ("mlxdist_1rank", "mlxdist_2rank", "mlxlm_pipe_2gpu"):
+            ours = [k for k in res if k.startswith("mlxdist_") and "profile" not in k]
+            for k in (*ours, "mlxlm_pipe_2gpu"):
                 ms = res.get(k, {}).get("ms_per_token")
                 if ms:
                     ratios[f"{k}_speed_vs_mlxlm_1gpu"] = base / ms
-            for k in ("mlxdist_1rank", "mlxdist_2rank"):
+            want = res["mlxlm_1gpu"].get("tokens")
+            res["tokens_match_mlxlm"] = {k: res[k].get("tokens") == want for k in ours if "tokens" in res[k]}
+            for k in ours:
                 for c, row in res.get(k, {}).get("streams", {}).items():
                     ratios[f"{k}_{c}streams_aggregate_vs_mlxlm_1stream"] = row["aggregate_tok_s"] * base / 1e3
             res["ratios"] = ratios

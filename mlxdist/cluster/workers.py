@@ -26,6 +26,7 @@ JOB_RE = re.compile(r"^[0-9a-f]{8,32}$")
 SESSION_RE = re.compile(r"^[0-9a-f]{8,64}$")
 HOST_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 BACKENDS = ("ring",)
+HANDOFFS = ("messages", "collective")  # nccl needs one host's GPUs: local ranks only
 MAX_RANKS = 64
 
 
@@ -47,6 +48,7 @@ class LaunchSpec:
     max_slots: int = 8
     prefill_step: int = 2048
     host: str = "node"  # how the engine names this rank in messages
+    handoff: str = "messages"  # decode hand-offs (runtime/worker.py --handoff)
 
 
 def _check_endpoint(text: object) -> str:
@@ -84,6 +86,9 @@ def parse_launch(msg: dict) -> LaunchSpec:
     backend = msg.get("backend", "ring")
     if backend not in BACKENDS:
         raise LaunchError(f"backend {backend!r} not supported")
+    handoff = msg.get("handoff", "messages")
+    if handoff not in HANDOFFS:
+        raise LaunchError(f"handoff {handoff!r} not supported")
     from mlxdist.cluster.shards import ShardError, check_name
     try:
         model, stage = check_name(msg.get("model"), msg.get("stage"))
@@ -104,7 +109,7 @@ def parse_launch(msg: dict) -> LaunchSpec:
     return LaunchSpec(job, rank, tuple(hosts), backend, model, stage, layers,
                       _check_endpoint(msg.get("control")), session,
                       _int(msg, "max_slots", 1, 1024, 8), _int(msg, "prefill_step", 1, 1 << 20, 2048),
-                      host)
+                      host, handoff)
 
 
 def stage_layers(stage_dir: Path) -> tuple[int, int, int]:
@@ -135,7 +140,7 @@ def worker_argv(spec: LaunchSpec, stage_dir: Path, hostfile_path: Path) -> list[
                     model_dir=str(stage_dir), start=start, end=end, num_layers=num_layers,
                     control=spec.control, session=spec.session, backend=spec.backend,
                     shard_root=shard_root, max_slots=spec.max_slots,
-                    prefill_step=spec.prefill_step, host=spec.host)
+                    prefill_step=spec.prefill_step, host=spec.host, handoff=spec.handoff)
     argv = ws.argv()
     if argv[:2] != ["-m", WORKER_MODULE]:  # never anything but the runtime's worker
         raise LaunchError("the runtime's worker command changed shape")

@@ -9,6 +9,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterator, Protocol, Sequence
 
+from mlxdist.errors import UserError
+
+# How decode steps pass between pipeline ranks (open_engine's `handoff`, runtime/lockstep.py)
+HANDOFFS = ["messages", "collective", "nccl"]
+HANDOFF_HELP = ("How decode steps pass between ranks: ring messages; lock-step runs of all_sum over "
+                "the ring group (collective); or the same over NCCL (nccl: CUDA GPUs, one per local rank).")
+
+
+def check_handoff(handoff: str, nodes: bool = False, expert_parallel: bool = False) -> None:
+    if handoff == "nccl" and nodes:
+        raise UserError("--handoff nccl runs with --local N (one GPU per rank on this host); "
+                        "cluster nodes take messages or collective")
+    if handoff != "messages" and expert_parallel:
+        raise UserError("--handoff is for pipeline stages; --expert-parallel has its own collectives")
+
 
 @dataclass(frozen=True)
 class SamplingParams:

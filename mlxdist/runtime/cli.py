@@ -8,6 +8,7 @@ import sys
 import click
 
 from mlxdist.errors import UserError
+from mlxdist.runtime.api import HANDOFF_HELP, HANDOFFS, check_handoff
 
 
 def _parse_split(split: str | None) -> list[int] | None:
@@ -36,9 +37,10 @@ def _parse_split(split: str | None) -> list[int] | None:
 @click.option("--stats", is_flag=True, help="print timing to stderr at the end")
 @click.option("--expert-parallel", is_flag=True,
               help="MoE models: every rank runs all layers with 1/N of the routed experts")
+@click.option("--handoff", default="messages", show_default=True, type=click.Choice(HANDOFFS), help=HANDOFF_HELP)
 def run_command(model: str, ranks: int, split: str | None, prompt: str, max_tokens: int, temp: float,
                 top_p: float, top_k: int, min_p: float, repetition_penalty: float, seed: int | None,
-                raw: bool, backend: str, stats: bool, expert_parallel: bool) -> None:
+                raw: bool, backend: str, stats: bool, expert_parallel: bool, handoff: str) -> None:
     """Generate an answer to PROMPT with MODEL spread over local ranks."""
     import time
 
@@ -46,9 +48,10 @@ def run_command(model: str, ranks: int, split: str | None, prompt: str, max_toke
     from mlxdist.runtime.engine import open_engine
     from mlxdist.runtime.group import WorkerFailure
 
+    check_handoff(handoff, expert_parallel=expert_parallel)
     try:
         engine = open_engine(model, ranks=ranks, split=_parse_split(split), backend=backend,
-                             in_process=ranks == 1, expert_parallel=expert_parallel)
+                             in_process=ranks == 1, expert_parallel=expert_parallel, handoff=handoff)
     except WorkerFailure as e:
         raise UserError(str(e))
     try:

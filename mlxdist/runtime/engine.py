@@ -313,7 +313,8 @@ def make_backend(source: Any, ranks: int, opts: dict[str, Any]) -> Any:
     return WorkerGroupBackend(source, max_concurrent=max_concurrent, prefill_step=prefill_step,
                               backend=opts.get("backend", "ring"), launcher=opts.get("launcher"),
                               heartbeat_timeout_s=float(opts.get("heartbeat_timeout_s", 5.0)),
-                              startup_timeout_s=float(opts.get("startup_timeout_s", 300.0)))
+                              startup_timeout_s=float(opts.get("startup_timeout_s", 300.0)),
+                              handoff=str(opts.get("handoff", "messages")))
 
 
 def open_engine(model_path: str | os.PathLike, ranks: int = 1, split: Sequence[int] | None = None,
@@ -325,7 +326,9 @@ def open_engine(model_path: str | os.PathLike, ranks: int = 1, split: Sequence[i
     ep_stage.py), experts (with expert_parallel: the expert ids of each rank, e.g. from
     `ep_stage.experts_from_plan`; default an even contiguous split), max_concurrent (slots, default 8), prefill_step (2048, as mlx-lm), backend
     ("ring"), launcher (a Launcher; default: local processes), heartbeat_timeout_s (5),
-    startup_timeout_s (300), model_name, in_process (ranks=1 only; default True),
+    startup_timeout_s (300), handoff ("messages": ring send/recv per step; "collective":
+    lock-step decode runs summing over the ring group; "nccl": the same over an NCCL group,
+    for CUDA GPUs, one per rank; see lockstep.py), model_name, in_process (ranks=1 only; default True),
     on_failure (callable(engine, message): called in its own thread instead of ending the
     requests with the error, e.g. to `engine.regroup(...)` on the nodes left, or
     `engine.fail(message)`)."""

@@ -16,7 +16,7 @@ import time
 from typing import Any, Callable
 
 from mlxdist.runtime.control import Channel
-from mlxdist.runtime.launcher import LocalLauncher, WorkerSpec
+from mlxdist.runtime.launcher import LocalLauncher, WorkerSpec, free_port
 from mlxdist.runtime.source import ModelSource
 
 
@@ -27,7 +27,7 @@ class WorkerFailure(RuntimeError):
 class WorkerGroupBackend:
     def __init__(self, source: ModelSource, max_concurrent: int = 8, prefill_step: int = 2048,
                  backend: str = "ring", launcher: Any = None, heartbeat_timeout_s: float = 5.0,
-                 startup_timeout_s: float = 300.0):
+                 startup_timeout_s: float = 300.0, handoff: str = "messages"):
         self.n = len(source.stages)
         self.launcher = launcher or LocalLauncher()
         self.heartbeat_timeout_s = heartbeat_timeout_s
@@ -38,13 +38,16 @@ class WorkerGroupBackend:
         control = f"{self.launcher.control_host}:{self.listener.getsockname()[1]}"
         hosts = self.launcher.hosts(self.n)
         hostfile = self.launcher.ring_addresses(self.n)
+        # NCCL's bootstrap listens on rank 0's host (where its ring address points)
+        nccl = f"{hostfile[0][0].rsplit(':', 1)[0]}:{free_port()}" if handoff == "nccl" else ""
         specs = [WorkerSpec(rank=p.rank, ranks=self.n, hostfile=self.launcher.hostfile_path(),
                             model_dir=str(p.model_dir), start=p.start, end=p.end,
                             num_layers=p.num_layers, control=control, session=self.session,
                             backend=backend, shard_root=str(source.root) if p.shard else "",
                             max_slots=max_concurrent, prefill_step=prefill_step, host=hosts[p.rank],
                             expert_parallel=source.expert_parallel,
-                            experts=",".join(map(str, source.experts[p.rank])) if source.experts else "")
+                            experts=",".join(map(str, source.experts[p.rank])) if source.experts else "",
+                            handoff=handoff, nccl=nccl)
                  for p in source.stages]
         self.hosts = hosts
         self.chans: dict[int, Channel] = {}

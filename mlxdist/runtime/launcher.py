@@ -36,6 +36,8 @@ class WorkerSpec:
     host: str = "127.0.0.1"  # how this rank is named in messages
     expert_parallel: bool = False  # all layers on every rank, routed experts divided
     experts: str = ""  # with expert_parallel: this rank's expert ids, comma-separated (default: even)
+    handoff: str = "messages"  # decode hand-offs: messages, collective or nccl (worker.py)
+    nccl: str = ""  # with handoff nccl: HOST:PORT of NCCL's rank 0
 
     def argv(self) -> list[str]:
         a = ["-m", "mlxdist.runtime.worker", "--rank", str(self.rank), "--ranks", str(self.ranks),
@@ -50,6 +52,10 @@ class WorkerSpec:
             a += ["--expert-parallel"]
         if self.experts:
             a += ["--experts", self.experts]
+        if self.handoff != "messages":
+            a += ["--handoff", self.handoff]
+        if self.nccl:
+            a += ["--nccl", self.nccl]
         return a
 
 

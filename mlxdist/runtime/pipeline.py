@@ -9,6 +9,10 @@ passes the hidden state on, the last stage runs the head, samples, and sends onl
 with the token id back to rank 0. Every message rank 0 sends comes back exactly once (a
 token or an ACK), in order, so rank 0 knows what each reply belongs to.
 
+With a collective group (`RingLink.collective`), once every sequence is decoding, rank 0
+switches to lock-step runs (lockstep.py: RUN, ticks of all_sum, then TRIM), which need no
+header per step; setup, prompts and frees always take the messages described here.
+
 Several sequences are in the ring at once, one message each, so with N stages and N
 requests every stage has work: pipelined decoding. Prompt chunks of one sequence need not
 wait for each other (stage order keeps the cache order), but a decode step waits for the
@@ -29,11 +33,12 @@ import mlx.core as mx
 import numpy as np
 
 from mlxdist.runtime.api import SamplingParams
+from mlxdist.runtime.lockstep import follow_run, lead_run, run_candidates
 from mlxdist.runtime.sampling import SlotSampler, decode_top, encode_params
 from mlxdist.runtime.stage import Stage
 from mlxdist.runtime.wire import (
-    DTYPES, FLAG_SAMPLE, OP_ACK, OP_FORWARD, OP_FREE, OP_PARK, OP_SETUP, OP_STOP, OP_TOKEN, RingLink,
-    dtype_code, header, read_token, token_header,
+    DTYPES, FLAG_SAMPLE, OP_ACK, OP_FORWARD, OP_FREE, OP_PARK, OP_RUN, OP_SETUP, OP_STOP, OP_TOKEN, OP_TRIM,
+    RingLink, dtype_code, header, read_token, token_header,
 )
 
 
@@ -54,6 +59,15 @@ class StageRunner:
     def free(self, slot: int) -> None:
         self.caches.pop(slot, None)
         self.samplers.pop(slot, None)
+
+    def cache_len(self, slot: int) -> int:
+        return int(self.caches[slot][0].offset)
+
+    def trim(self, slot: int, length: int) -> None:
+        """Drop cache entries past `length` (a lock-step run's cut-off passes)."""
+        for c in self.caches[slot]:
+            if c.offset > length:
+                c.trim(c.offset - length)
 
     def forward(self, slot: int, x: mx.array, sample: bool) -> Any:
         cache = self.caches[slot]
@@ -117,6 +131,17 @@ def follower_loop(runner: StageRunner, link: RingLink, hidden_size: int,
             else:
                 mx.async_eval(link.send(header(OP_ACK, slot, tag=tag)), out)
             prof.row(op, n, t0, t1, [o for o in out if o is not None] if isinstance(out, tuple) else out)
+        elif op == OP_RUN:
+            words = link.recv_payload((n,), mx.int32)
+            mx.eval(words)
+            mx.eval(link.send(header(OP_ACK, slot, tag=tag)) if last else link.send(mx.array(h), words))
+            follow_run(runner, link, np.array(words), dt, hidden_size)
+        elif op == OP_TRIM:
+            words = link.recv_payload((n,), mx.int32)
+            mx.eval(words)
+            for slot_, length in np.array(words).reshape(-1, 2).tolist():
+                runner.trim(slot_, length)
+            mx.async_eval(link.send(header(OP_ACK, slot, tag=tag)) if last else link.send(mx.array(h), words))
         elif op == OP_PARK:
             mx.eval(link.send(header(OP_ACK, slot, tag=tag)) if last else link.send(mx.array(h)))
             wait_for_wake(tag)
@@ -187,6 +212,7 @@ class Coordinator:
         self._rr = 0
         self.kicks = 0  # "add" and "stop" commands seen: the engine wakes parked ranks per each
         self.parked = True  # followers start waiting for a wake-up
+        self.hidden_dtype = mx.float32  # what rank 0's layers put out (lock-step runs say it)
 
     # -- the loop ---------------------------------------------------------------------
     def run(self) -> None:
@@ -198,6 +224,9 @@ class Coordinator:
             if self.stopping and not self.inflight and not self.seqs:
                 self._shutdown_ring()
                 return
+            if not self.inflight and (seqs := run_candidates(self)):
+                lead_run(self, seqs)
+                continue
             while len(self.inflight) < self.max_inflight and self._inject_one():
                 pass
             self._chain_next_step()
@@ -348,6 +377,7 @@ class Coordinator:
             self.inflight.append(_InFlight(s, OP_FORWARD, sample, large, out))
             return
         h = self.runner.forward(s.slot, x, False)
+        self.hidden_dtype = h.dtype
         head = header(OP_FORWARD, s.slot, len(tokens), FLAG_SAMPLE if sample else 0, dtype_code(h.dtype))
         mx.async_eval(self.link.send(head, h))
         self.inflight.append(_InFlight(s, OP_FORWARD, sample, large))
@@ -362,6 +392,10 @@ class Coordinator:
         self.free_slots.append(s.slot)
         self.emit({"t": "end", "id": s.req_id})
         mx.clear_cache()
+
+    def expect_ack(self) -> None:
+        """A message was sent outside the scheduler (lock-step's TRIM): its ACK comes back in turn."""
+        self.inflight.append(_InFlight(None, OP_TRIM))
 
     def _shutdown_ring(self) -> None:
         if self.link is not None:
@@ -401,6 +435,10 @@ class Coordinator:
         if s is None or s.finished:
             return
         s.awaiting -= 1
+        self._accept(s, token, logprob, top)
+
+    def _accept(self, s: Sequence, token: int, logprob: float, top: list | None) -> None:
+        """A token of `s` came back: hand it out; finish the sequence at its end."""
         s.generated += 1
         s.last_token = token
         self.stats["tokens"] += 1

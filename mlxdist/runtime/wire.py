@@ -19,8 +19,9 @@ import mlx.core as mx
 import numpy as np
 
 HEADER_WORDS = 8
-OP_SETUP, OP_FORWARD, OP_FREE, OP_STOP, OP_TOKEN, OP_ACK, OP_PARK = 1, 2, 3, 4, 5, 6, 7
-OP_NAMES = {1: "setup", 2: "forward", 3: "free", 4: "stop", 5: "token", 6: "ack", 7: "park"}
+OP_SETUP, OP_FORWARD, OP_FREE, OP_STOP, OP_TOKEN, OP_ACK, OP_PARK, OP_RUN, OP_TRIM = 1, 2, 3, 4, 5, 6, 7, 8, 9
+OP_NAMES = {1: "setup", 2: "forward", 3: "free", 4: "stop", 5: "token", 6: "ack", 7: "park", 8: "run",
+            9: "trim"}
 FLAG_SAMPLE = 1  # run the head and sample after this chunk
 
 DTYPES = [mx.float32, mx.float16, mx.bfloat16, mx.int32]
@@ -71,10 +72,15 @@ class RingLink:
 
     The ring backend serves a pending recv by polling its socket in a loop, a whole core
     per waiting rank. Given the inbound sockets (`wait_on`), the link first waits for data
-    with select(), which sleeps, and only then posts the recv."""
+    with select(), which sleeps, and only then posts the recv.
 
-    def __init__(self, group: mx.distributed.Group, wait_on: list[socket.socket] | None = None):
+    `collective`, when given, is the group lock-step decode runs sum over (lockstep.py): the
+    ring group itself, or an NCCL group of the same ranks on CUDA GPUs."""
+
+    def __init__(self, group: mx.distributed.Group, wait_on: list[socket.socket] | None = None,
+                 collective: mx.distributed.Group | None = None):
         self.group = group
+        self.collective = collective
         self.rank, self.size = group.rank(), group.size()
         self.next, self.prev = (self.rank + 1) % self.size, (self.rank - 1) % self.size
         self.bytes_sent = 0

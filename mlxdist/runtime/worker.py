@@ -1,6 +1,7 @@
 """One rank: `python -m mlxdist.runtime.worker --rank R --ranks N --hostfile H --model-dir D
 --layers START:END --num-layers L --control HOST:PORT --session S [--backend ring]
-[--shard-root ROOT] [--max-slots 8] [--prefill-step 2048] [--host NAME]`
+[--shard-root ROOT] [--max-slots 8] [--prefill-step 2048] [--host NAME]
+[--handoff messages|collective|nccl [--nccl HOST:PORT]]`
 
 It connects to the engine's control server first (hello, then a heartbeat every 0.5 s from
 a thread), checks its shard against the manifest, loads its layers, joins the MLX group
@@ -21,6 +22,8 @@ from typing import Callable
 
 from mlxdist.runtime.control import HEARTBEAT_INTERVAL_S, Channel, connect
 
+HANDOFFS = ("messages", "collective", "nccl")
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m mlxdist.runtime.worker")
@@ -40,6 +43,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--expert-parallel", action="store_true",
                    help="all layers, this rank's share of the routed experts (ep_stage.py)")
     p.add_argument("--experts", default="", help="with --expert-parallel: this rank's expert ids (a,b,c)")
+    p.add_argument("--handoff", default="messages", choices=HANDOFFS,
+                   help="decode hand-offs: ring messages, or lock-step all_sum runs over the ring "
+                        "group (collective) or an NCCL group (nccl, CUDA GPUs)")
+    p.add_argument("--nccl", default="", help="with --handoff nccl: HOST:PORT where NCCL's rank 0 listens")
     return p.parse_args(argv)
 
 
@@ -102,7 +109,7 @@ def run(a: argparse.Namespace, chan: Channel) -> None:
     stage = load_stage(plan.model_dir, StageSpec(start, end, a.num_layers), presanitized=plan.shard)
 
     group = _join_group(a)
-    link = RingLink(group, _inbound_sockets(a))
+    link = RingLink(group, _inbound_sockets(a), _collective_group(a, group))
     print(f"rank {a.rank}: layers {start}:{end}, waiting on {len(link.wait_on)} inbound ring socket(s)",
           file=sys.stderr, flush=True)
     runner = StageRunner(stage)
@@ -152,6 +159,22 @@ def _join_group(a: argparse.Namespace):
         raise RuntimeError(f"joined a group of {group.size()} as rank {group.rank()}, "
                            f"expected {a.ranks} as rank {a.rank}")
     return group
+
+
+def _collective_group(a: argparse.Namespace, group):
+    """The group lock-step runs sum over (lockstep.py), or None for ring messages only."""
+    if a.handoff == "messages":
+        return None
+    if a.handoff == "collective":
+        return group
+    import mlx.core as mx
+
+    host, port = a.nccl.rsplit(":", 1)
+    os.environ.update(NCCL_HOST_IP=host, NCCL_PORT=port, MLX_WORLD_SIZE=str(a.ranks))
+    nccl = mx.distributed.init(backend="nccl", strict=True)
+    if nccl.size() != a.ranks or nccl.rank() != a.rank:
+        raise RuntimeError(f"NCCL group: rank {nccl.rank()} of {nccl.size()}, expected {a.rank} of {a.ranks}")
+    return nccl
 
 
 def _follow(chan: Channel, rank: int, loop: Callable[[Callable[[int], None]], None]) -> None:

@@ -12,6 +12,7 @@ from typing import Any, Callable
 import click
 
 from mlxdist.errors import UserError
+from mlxdist.runtime.api import HANDOFF_HELP, HANDOFFS, check_handoff
 
 
 def open_engine_for(model: str, local: int | None, nodes: str | None, progress=print, **opts: Any):
@@ -78,9 +79,11 @@ def start_engine(opener: Callable[..., Any], *args: Any, **kw: Any) -> Any:
 @click.option("--quiet", is_flag=True, help="Do not log each request.")
 @click.option("--expert-parallel", is_flag=True,
               help="With --local N (an MoE model): every rank all layers, 1/N of the routed experts.")
+@click.option("--handoff", default="messages", show_default=True, type=click.Choice(HANDOFFS),
+              help=HANDOFF_HELP)
 def serve_command(model: str, host: str, port: int, local: int | None, nodes: str | None,
                   plan: str | None, api_key: str | None, max_queue: int, quiet: bool,
-                  expert_parallel: bool = False) -> None:
+                  expert_parallel: bool = False, handoff: str = "messages") -> None:
     """Serve MODEL (a converted model directory, an mlx-lm directory, or `demo`) over an
     OpenAI-compatible HTTP API."""
     from mlxdist.server.app import ApiServer
@@ -91,8 +94,10 @@ def serve_command(model: str, host: str, port: int, local: int | None, nodes: st
         raise UserError("--plan places stages on cluster nodes: give --nodes too")
     if expert_parallel and nodes:
         raise UserError("--expert-parallel runs with --local N; the cluster launches pipeline stages only")
+    check_handoff(handoff, nodes=bool(nodes), expert_parallel=expert_parallel)
     progress = lambda msg: click.echo(msg, err=True)  # noqa: E731
-    opts = {**({"plan": plan} if plan else {}), **({"expert_parallel": True} if expert_parallel else {})}
+    opts = {**({"plan": plan} if plan else {}), **({"expert_parallel": True} if expert_parallel else {}),
+            **({"handoff": handoff} if handoff != "messages" else {})}
     engine = open_engine_for(model, local, nodes, progress=progress, **opts)
     try:
         try:

@@ -48,6 +48,9 @@ def test_launch_argv_is_the_runtime_worker_command(tmp_path):
     part = worker_argv(parse_launch({**GOOD, "layers": [3, 4]}), stage, Path("/h"))
     b = parse_args(part[3:])
     assert b.layers == "3:4" and b.shard_root == ""  # a part of a stage: no manifest check
+    assert b.handoff == "messages"
+    c = parse_args(worker_argv(parse_launch({**GOOD, "handoff": "collective"}), stage, Path("/h"))[3:])
+    assert c.handoff == "collective"
     with pytest.raises(LaunchError, match="not in the held stage"):
         worker_argv(parse_launch({**GOOD, "layers": [1, 4]}), stage, Path("/h"))
 
@@ -62,6 +65,7 @@ def test_launch_argv_is_the_runtime_worker_command(tmp_path):
     {"layers": [4, 2]}, {"layers": [0]}, {"layers": "0:2"}, {"control": "example.com:80"},
     {"control": None}, {"session": "--exec"}, {"session": "xyz"}, {"host": "a b"},
     {"host": "-x"}, {"max_slots": 0}, {"max_slots": "8"}, {"prefill_step": True},
+    {"handoff": "nccl"}, {"handoff": "--exec"},
 ])
 def test_bad_launch_orders_refused(change):
     with pytest.raises(LaunchError):
