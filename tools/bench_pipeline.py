@@ -9,7 +9,9 @@
   1 rank's per-token time plus N hand-offs;
 - every speed is the best of 3 runs (the machine is shared);
 - aggregate tok/s with 1, 2 and 4 concurrent streams on 2 and 4 ranks;
-- bytes sent per generated token (from the message layout in mlxdist/runtime/wire.py).
+- bytes sent per generated token (from the message layout in mlxdist/runtime/wire.py);
+- the same 2- and 4-rank rows with lock-step decode runs (`handoff="collective"`: every
+  step an all_sum over the ring group, runtime/lockstep.py), as ratios to the messages rows.
 
 The model is a random llama written with tools/tiny_models.py (float32, so that
 CPU speed is not dominated by dequantization). All ranks share this machine's cores, so
@@ -150,13 +152,17 @@ def main() -> None:
     res["mlx_lm_generate_tok_s"] = round(base, 2)
     handoff = pingpong_us(hidden)
     res["handoff_us"] = round(handoff, 1)
-    single, aggregate = {}, {}
+    single, aggregate, lockstep = {}, {}, {}
     for ranks in (1, 2, 3, 4):
         with open_engine(path, ranks=ranks, max_concurrent=4) as eng:
             engine_streams(eng, 1, 4)  # warm-up
             single[ranks] = engine_streams(eng, 1, a.tokens)
             if ranks in (2, 4):
                 aggregate[ranks] = {s: round(engine_streams(eng, s, a.tokens), 2) for s in (1, 2, 4)}
+        if ranks in (2, 4):
+            with open_engine(path, ranks=ranks, max_concurrent=4, handoff="collective") as eng:
+                engine_streams(eng, 1, 4)
+                lockstep[ranks] = {s: engine_streams(eng, s, a.tokens) for s in (1, 2, 4)}
     one = single[1]
     res["single_stream"] = {
         str(r): {"tok_s": round(v, 2), "vs_mlx_lm": round(v / base, 3), "vs_1_rank": round(v / one, 3),
@@ -167,6 +173,12 @@ def main() -> None:
     res["aggregate_tok_s"] = {
         str(r): {str(s): {"tok_s": v, "vs_1_stream_1_rank": round(v / one, 3)} for s, v in d.items()}
         for r, d in aggregate.items()}
+    res["collective_tok_s"] = {
+        str(r): {str(s): {"tok_s": round(v, 2),
+                          "vs_messages": round(v / (single[r] if s == 1 else aggregate[r][s]), 3)}
+                 for s, v in d.items()} for r, d in lockstep.items()}
+    # a tick sums an [N, hidden + 4] float32 buffer; a token takes N ticks
+    res["collective_bytes_per_tick"] = {str(r): r * (hidden + 4) * 4 for r in lockstep}
     res["bytes_per_token"] = {
         str(r): (r - 1) * (HEADER_WORDS * 4 + hidden * act_bytes) + HEADER_WORDS * 4 for r in (1, 2, 3, 4)}
     res["note"] = (f"all ranks share {os.cpu_count()} cores: a token passes the stages one after the "

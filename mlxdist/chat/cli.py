@@ -28,9 +28,11 @@ def chat_command(model: str | None, url: str | None, api_key: str | None, local:
     server = engine = None
     if model:
         from mlxdist.server.app import ApiServer
-        from mlxdist.server.cli import open_engine_for
+        from mlxdist.server.cli import DEFAULT_PROMPT_CACHE, open_engine_for
 
-        engine = open_engine_for(model, local, None, progress=lambda m: click.echo(m, err=True))
+        # each turn resends the conversation: the previous turn's caches are its prefix
+        engine = open_engine_for(model, local, None, progress=lambda m: click.echo(m, err=True),
+                                 prompt_cache=DEFAULT_PROMPT_CACHE)
         server = ApiServer(engine, "127.0.0.1", 0, quiet=True).start()
         url = server.url
     client = ChatClient(url or "http://127.0.0.1:8080", api_key)

@@ -108,7 +108,7 @@ class NodeClient:
     def launch(self, job: str, rank: int, hostfile: Sequence[Sequence[str]], model: str,
                stage: int, control: str, session: str, layers: tuple[int, int] | None = None,
                max_slots: int = 8, prefill_step: int = 2048, host: str = "node",
-               backend: str = "ring", handoff: str = "messages") -> int:
+               backend: str = "ring", handoff: str = "messages", prompt_cache: int = 0) -> int:
         """Ask the node to start `python -m mlxdist.runtime.worker` as `rank` on the stage
         it holds (or the `layers` part of it); see workers.parse_launch for the checks."""
         reply = self.request({"t": "launch", "job": job, "rank": rank,
@@ -116,7 +116,7 @@ class NodeClient:
                               "stage": stage, "layers": list(layers) if layers else None,
                               "control": control, "session": session, "max_slots": max_slots,
                               "prefill_step": prefill_step, "host": host, "backend": backend,
-                              "handoff": handoff})
+                              "handoff": handoff, "prompt_cache": prompt_cache})
         return int(reply["pid"])
 
     def free_ports(self, count: int) -> list[int]:

@@ -81,7 +81,8 @@ class ClusterLauncher:
                     self.job, spec.rank, hostfile, p.model, p.stage, control=spec.control,
                     session=spec.session, layers=(spec.start, spec.end),
                     max_slots=spec.max_slots, prefill_step=spec.prefill_step,
-                    host=p.node.name, backend=spec.backend, handoff=spec.handoff)
+                    host=p.node.name, backend=spec.backend, handoff=spec.handoff,
+                    prompt_cache=spec.prompt_cache)
                 self._codes[spec.rank] = None
 
     def poll(self) -> dict[int, int | None]:

@@ -49,6 +49,7 @@ class LaunchSpec:
     prefill_step: int = 2048
     host: str = "node"  # how the engine names this rank in messages
     handoff: str = "messages"  # decode hand-offs (runtime/worker.py --handoff)
+    prompt_cache: int = 0  # retained sequences (runtime/worker.py --prompt-cache)
 
 
 def _check_endpoint(text: object) -> str:
@@ -109,7 +110,7 @@ def parse_launch(msg: dict) -> LaunchSpec:
     return LaunchSpec(job, rank, tuple(hosts), backend, model, stage, layers,
                       _check_endpoint(msg.get("control")), session,
                       _int(msg, "max_slots", 1, 1024, 8), _int(msg, "prefill_step", 1, 1 << 20, 2048),
-                      host, handoff)
+                      host, handoff, _int(msg, "prompt_cache", 0, 1024, 0))
 
 
 def stage_layers(stage_dir: Path) -> tuple[int, int, int]:
@@ -140,7 +141,8 @@ def worker_argv(spec: LaunchSpec, stage_dir: Path, hostfile_path: Path) -> list[
                     model_dir=str(stage_dir), start=start, end=end, num_layers=num_layers,
                     control=spec.control, session=spec.session, backend=spec.backend,
                     shard_root=shard_root, max_slots=spec.max_slots,
-                    prefill_step=spec.prefill_step, host=spec.host, handoff=spec.handoff)
+                    prefill_step=spec.prefill_step, host=spec.host, handoff=spec.handoff,
+                    prompt_cache=spec.prompt_cache)
     argv = ws.argv()
     if argv[:2] != ["-m", WORKER_MODULE]:  # never anything but the runtime's worker
         raise LaunchError("the runtime's worker command changed shape")

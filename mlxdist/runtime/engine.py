@@ -304,17 +304,18 @@ def _held_back(text: str, stops: Sequence[str], sent: int) -> int:
 def make_backend(source: Any, ranks: int, opts: dict[str, Any]) -> Any:
     max_concurrent = int(opts.get("max_concurrent", 8))
     prefill_step = int(opts.get("prefill_step", 2048))
+    prompt_cache = int(opts.get("prompt_cache", 0))
     if ranks == 1 and opts.get("in_process", True) and opts.get("launcher") is None:
         from mlxdist.runtime.local import InProcessBackend
 
-        return InProcessBackend(source, max_concurrent, prefill_step)
+        return InProcessBackend(source, max_concurrent, prefill_step, prompt_cache)
     from mlxdist.runtime.group import WorkerGroupBackend
 
     return WorkerGroupBackend(source, max_concurrent=max_concurrent, prefill_step=prefill_step,
                               backend=opts.get("backend", "ring"), launcher=opts.get("launcher"),
                               heartbeat_timeout_s=float(opts.get("heartbeat_timeout_s", 5.0)),
                               startup_timeout_s=float(opts.get("startup_timeout_s", 300.0)),
-                              handoff=str(opts.get("handoff", "messages")))
+                              handoff=str(opts.get("handoff", "messages")), prompt_cache=prompt_cache)
 
 
 def open_engine(model_path: str | os.PathLike, ranks: int = 1, split: Sequence[int] | None = None,
@@ -326,7 +327,9 @@ def open_engine(model_path: str | os.PathLike, ranks: int = 1, split: Sequence[i
     ep_stage.py), experts (with expert_parallel: the expert ids of each rank, e.g. from
     `ep_stage.experts_from_plan`; default an even contiguous split), max_concurrent (slots, default 8), prefill_step (2048, as mlx-lm), backend
     ("ring"), launcher (a Launcher; default: local processes), heartbeat_timeout_s (5),
-    startup_timeout_s (300), handoff ("messages": ring send/recv per step; "collective":
+    startup_timeout_s (300), prompt_cache (0: off; N: up to N finished requests keep their
+    caches on every rank, and a new prompt that starts like one of them is prefilled only
+    past the shared prefix, as mlx_lm.server's prompt cache), handoff ("messages": ring send/recv per step; "collective":
     lock-step decode runs summing over the ring group; "nccl": the same over an NCCL group,
     for CUDA GPUs, one per rank; see lockstep.py), model_name, in_process (ranks=1 only; default True),
     on_failure (callable(engine, message): called in its own thread instead of ending the

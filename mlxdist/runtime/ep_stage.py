@@ -32,10 +32,10 @@ import mlx.nn as nn
 import numpy as np
 
 from mlxdist.runtime.expert_parallel import expert_parallel, is_moe_block, split_experts
-from mlxdist.runtime.pipeline import Coordinator, StageRunner, StepProfile
+from mlxdist.runtime.pipeline import Coordinator, StageRunner, StepProfile, trim_caches
 from mlxdist.runtime.stage import Stage
 from mlxdist.runtime.wire import (
-    FLAG_SAMPLE, OP_FORWARD, OP_FREE, OP_PARK, OP_SETUP, OP_STOP, header,
+    FLAG_REUSE, FLAG_SAMPLE, OP_FORWARD, OP_FREE, OP_PARK, OP_SETUP, OP_STOP, header,
 )
 
 
@@ -111,10 +111,10 @@ class EPRunner(StageRunner):
         super().__init__(stage)
         self.bcast = bcast
 
-    def setup(self, slot: int, words: np.ndarray) -> None:
-        sent = self.bcast.send(header(OP_SETUP, slot, len(words)), mx.array(words, dtype=mx.int32))
-        mx.eval(sent)
-        super().setup(slot, words)
+    def setup(self, slot: int, words: np.ndarray, keep: int | None = None) -> None:
+        head = header(OP_SETUP, slot, len(words), 0 if keep is None else FLAG_REUSE, value=keep or 0)
+        mx.eval(self.bcast.send(head, mx.array(words, dtype=mx.int32)))
+        super().setup(slot, words, keep)
 
     def free(self, slot: int) -> None:
         mx.eval(self.bcast.send(header(OP_FREE, slot)))
@@ -159,7 +159,10 @@ def ep_follower_loop(stage: Stage, bcast: Broadcast,
         op, slot, n, tag = int(h[0]), int(h[1]), int(h[2]), int(h[7])
         if op == OP_SETUP:
             mx.eval(bcast.recv_payload(n))
-            caches[slot] = stage.make_cache()
+            if int(h[3]) & FLAG_REUSE:  # a retained prefix: cut the slot's caches to it
+                trim_caches(caches[slot], int(h[5]))
+            else:
+                caches[slot] = stage.make_cache()
         elif op == OP_FORWARD:
             tokens = bcast.recv_payload(n).reshape(1, n)
             out = stage.forward(tokens, caches[slot])

@@ -27,7 +27,7 @@ class WorkerFailure(RuntimeError):
 class WorkerGroupBackend:
     def __init__(self, source: ModelSource, max_concurrent: int = 8, prefill_step: int = 2048,
                  backend: str = "ring", launcher: Any = None, heartbeat_timeout_s: float = 5.0,
-                 startup_timeout_s: float = 300.0, handoff: str = "messages"):
+                 startup_timeout_s: float = 300.0, handoff: str = "messages", prompt_cache: int = 0):
         self.n = len(source.stages)
         self.launcher = launcher or LocalLauncher()
         self.heartbeat_timeout_s = heartbeat_timeout_s
@@ -45,6 +45,7 @@ class WorkerGroupBackend:
                             num_layers=p.num_layers, control=control, session=self.session,
                             backend=backend, shard_root=str(source.root) if p.shard else "",
                             max_slots=max_concurrent, prefill_step=prefill_step, host=hosts[p.rank],
+                            prompt_cache=prompt_cache,
                             expert_parallel=source.expert_parallel,
                             experts=",".join(map(str, source.experts[p.rank])) if source.experts else "",
                             handoff=handoff, nccl=nccl)

@@ -33,6 +33,7 @@ class WorkerSpec:
     shard_root: str = ""  # shard directory holding manifest.json, when model_dir is a stage
     max_slots: int = 8
     prefill_step: int = 2048
+    prompt_cache: int = 0  # retained sequences (prefix caching; rank 0 decides, all ranks hold them)
     host: str = "127.0.0.1"  # how this rank is named in messages
     expert_parallel: bool = False  # all layers on every rank, routed experts divided
     experts: str = ""  # with expert_parallel: this rank's expert ids, comma-separated (default: even)
@@ -45,6 +46,7 @@ class WorkerSpec:
              "--layers", f"{self.start}:{self.end}", "--num-layers", str(self.num_layers),
              "--control", self.control, "--session", self.session, "--backend", self.backend,
              "--max-slots", str(self.max_slots), "--prefill-step", str(self.prefill_step),
+             "--prompt-cache", str(self.prompt_cache),
              "--host", self.host]
         if self.shard_root:
             a += ["--shard-root", self.shard_root]

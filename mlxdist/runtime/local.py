@@ -15,10 +15,10 @@ from mlxdist.runtime.stage import Stage, StageSpec, load_stage
 
 
 class InProcessBackend:
-    def __init__(self, source: ModelSource, max_concurrent: int, prefill_step: int):
+    def __init__(self, source: ModelSource, max_concurrent: int, prefill_step: int, prompt_cache: int = 0):
         (self.plan,) = source.stages
         self.source = source
-        self.max_concurrent, self.prefill_step = max_concurrent, prefill_step
+        self.max_concurrent, self.prefill_step, self.prompt_cache = max_concurrent, prefill_step, prompt_cache
         self.coord: Coordinator | None = None
         self._loaded = threading.Event()
         self._started = threading.Event()
@@ -63,7 +63,8 @@ class InProcessBackend:
             return
         on_event, on_failure = self._callbacks
         self.coord = Coordinator(StageRunner(stage), None, on_event,
-                                 max_slots=self.max_concurrent, prefill_step=self.prefill_step)
+                                 max_slots=self.max_concurrent, prefill_step=self.prefill_step,
+                                 prompt_cache=self.prompt_cache)
         self._coord_ready.set()
         try:
             self.coord.run()

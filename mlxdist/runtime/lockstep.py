@@ -157,13 +157,11 @@ def follow_run(runner: "StageRunner", link: "RingLink", words: np.ndarray, dtype
 # -- rank 0 ----------------------------------------------------------------------------
 def run_candidates(coord: "Coordinator") -> list["Sequence"]:
     """Sequences a run can take: all of them when every one is decoding (none setting up,
-    prefilling or waiting to be freed, none asking for top logprobs, nothing waiting for a
-    slot), their caches trimmable. Otherwise [] and the message protocol goes on."""
+    prefilling or waiting to be freed, none asking for top logprobs), their caches
+    trimmable. Otherwise [] and the message protocol goes on."""
     if coord.link is None or coord.link.collective is None or coord.inflight or coord.stopping:
         return []
-    coord._admit()
-    if coord.waiting and coord.free_slots:
-        return []
+    coord._admit()  # whoever still waits has no slot: a run does not hold them up
     seqs = sorted(coord.seqs.values(), key=lambda s: s.slot)
     if not seqs or any(coord._next_op(s) != "step" or s.logprobs for s in seqs):
         return []

@@ -37,7 +37,7 @@ from mlxdist.runtime.lockstep import follow_run, lead_run, run_candidates
 from mlxdist.runtime.sampling import SlotSampler, decode_top, encode_params
 from mlxdist.runtime.stage import Stage
 from mlxdist.runtime.wire import (
-    DTYPES, FLAG_SAMPLE, OP_ACK, OP_FORWARD, OP_FREE, OP_PARK, OP_RUN, OP_SETUP, OP_STOP, OP_TOKEN, OP_TRIM,
+    DTYPES, FLAG_REUSE, FLAG_SAMPLE, OP_ACK, OP_FORWARD, OP_FREE, OP_PARK, OP_RUN, OP_SETUP, OP_STOP, OP_TOKEN, OP_TRIM,
     RingLink, dtype_code, header, read_token, token_header,
 )
 
@@ -51,8 +51,13 @@ class StageRunner:
         self.caches: dict[int, list[Any]] = {}
         self.samplers: dict[int, SlotSampler] = {}
 
-    def setup(self, slot: int, words: np.ndarray) -> None:
-        self.caches[slot] = self.stage.make_cache()
+    def setup(self, slot: int, words: np.ndarray, keep: int | None = None) -> None:
+        """A new sequence in `slot`: fresh caches, or (`keep`) the slot's retained caches
+        cut to their first `keep` positions (a prompt prefix rank 0 found in them)."""
+        if keep is None:
+            self.caches[slot] = self.stage.make_cache()
+        else:
+            self.trim(slot, keep)
         if self.stage.spec.is_last:
             self.samplers[slot] = SlotSampler.decode(words)
 
@@ -64,10 +69,7 @@ class StageRunner:
         return int(self.caches[slot][0].offset)
 
     def trim(self, slot: int, length: int) -> None:
-        """Drop cache entries past `length` (a lock-step run's cut-off passes)."""
-        for c in self.caches[slot]:
-            if c.offset > length:
-                c.trim(c.offset - length)
+        trim_caches(self.caches[slot], length)
 
     def forward(self, slot: int, x: mx.array, sample: bool) -> Any:
         cache = self.caches[slot]
@@ -78,6 +80,14 @@ class StageRunner:
         if self.stage.spec.is_last:  # prompt chunk: only the cache matters (as in mlx-lm)
             return [c.state for c in cache]
         return h
+
+
+def trim_caches(caches: list[Any], length: int) -> None:
+    """Drop every position past `length` (a lock-step run's cut-off passes, or the part of
+    a retained sequence a new prompt does not share)."""
+    for c in caches:
+        if c.offset > length:
+            c.trim(c.offset - length)
 
 
 class StepProfile:
@@ -116,7 +126,7 @@ def follower_loop(runner: StageRunner, link: RingLink, hidden_size: int,
         if op == OP_SETUP:
             words = link.recv_payload((n,), mx.int32)
             mx.eval(words)
-            runner.setup(slot, np.array(words))
+            runner.setup(slot, np.array(words), int(h[5]) if flags & FLAG_REUSE else None)
             sends = link.send(header(OP_ACK, slot, tag=tag)) if last else link.send(mx.array(h), words)
             mx.async_eval(sends)
         elif op == OP_FORWARD:
@@ -164,10 +174,12 @@ class Sequence:
     seed: int
     stop_ids: frozenset[int]
     logprobs: int = 0
-    pos: int = 0  # prompt tokens sent
+    pos: int = 0  # prompt tokens sent (or found in a retained cache)
+    reused: int = 0  # prompt tokens taken from a retained cache
     setup_sent: bool = False
     generated: int = 0
     last_token: int | None = None
+    tokens: list[int] = field(default_factory=list)  # generated so far
     awaiting: int = 0  # sampling steps of this sequence in the ring (1, or 2 when chained)
     finished: bool = False
     freed: bool = False
@@ -198,6 +210,9 @@ class Coordinator:
     emit: Emit
     max_slots: int = 16
     prefill_step: int = 2048
+    # Finished sequences whose caches stay on every rank, for a later prompt that starts
+    # the same way (a chat's next turn, a repeated system prompt): prefix caching.
+    prompt_cache: int = 0
     commands: "queue.Queue[dict]" = field(default_factory=queue.Queue)
     stats: dict[str, float] = field(default_factory=lambda: {"tokens": 0, "steps": 0, "bytes_sent": 0})
 
@@ -205,7 +220,8 @@ class Coordinator:
         self.num_stages = 1 if self.link is None else self.link.size
         self.max_inflight = self.num_stages + 1
         self.seqs: dict[int, Sequence] = {}
-        self.free_slots = list(range(self.max_slots - 1, -1, -1))
+        self.free_slots = list(range(self.max_slots + self.prompt_cache - 1, -1, -1))
+        self.retained: dict[int, list[int]] = {}  # slot -> the tokens its caches hold; oldest first
         self.waiting: deque[dict] = deque()
         self.inflight: deque[_InFlight] = deque()
         self.stopping = False
@@ -222,6 +238,8 @@ class Coordinator:
                 continue
             self._drain_commands(block=idle)
             if self.stopping and not self.inflight and not self.seqs:
+                for slot in list(self.retained):  # every rank drops its caches as it stops
+                    self.runner.free(slot)
                 self._shutdown_ring()
                 return
             if not self.inflight and (seqs := run_candidates(self)):
@@ -276,14 +294,36 @@ class Coordinator:
                 s.finished = True
 
     def _admit(self) -> None:
-        while self.waiting and self.free_slots and not self.stopping:
+        while self.waiting and len(self.seqs) < self.max_slots and not self.stopping:
             c = self.waiting.popleft()
             p = c.get("params") or {}
-            seq = Sequence(req_id=c["id"], slot=self.free_slots.pop(), prompt=list(c["prompt"]),
+            prompt = list(c["prompt"])
+            slot, keep = self._pick_slot(prompt)
+            seq = Sequence(req_id=c["id"], slot=slot, prompt=prompt, pos=keep, reused=keep,
                            max_tokens=int(c["max_tokens"]), params=SamplingParams(**p),
                            seed=int(c["seed"]), stop_ids=frozenset(c.get("stop_ids", ())),
                            logprobs=int(c.get("logprobs", 0)))
             self.seqs[seq.slot] = seq
+
+    def _pick_slot(self, prompt: list[int]) -> tuple[int, int]:
+        """The retained slot whose tokens share the longest prefix with `prompt` (at least
+        one token, and never the last: it must be fed to sample), and how much of it to
+        keep; else a free slot, else the least recently retained one (its caches are
+        replaced). There is always one: slots = max_slots + prompt_cache."""
+        best, keep = None, 0
+        for slot, held in self.retained.items():
+            n = _common_prefix(prompt, held, len(prompt) - 1)
+            if n > keep:
+                best, keep = slot, n
+        if best is not None:
+            del self.retained[best]
+            self.stats["reused_tokens"] = self.stats.get("reused_tokens", 0) + keep
+            return best, keep
+        if self.free_slots:
+            return self.free_slots.pop(), 0
+        oldest = next(iter(self.retained))
+        del self.retained[oldest]
+        return oldest, 0
 
     def _has_work(self) -> bool:
         self._admit()
@@ -317,10 +357,11 @@ class Coordinator:
     # -- what rank 0 sends ------------------------------------------------------------
     def _send_setup(self, s: Sequence) -> None:
         words = encode_params(s.params, s.seed, s.logprobs, s.prompt)
-        self.runner.setup(s.slot, words)
+        self.runner.setup(s.slot, words, s.reused if s.reused else None)
         s.setup_sent = True
         if self.link is not None:
-            mx.async_eval(self.link.send(header(OP_SETUP, s.slot, len(words)), mx.array(words)))
+            head = header(OP_SETUP, s.slot, len(words), FLAG_REUSE if s.reused else 0, value=s.reused)
+            mx.async_eval(self.link.send(head, mx.array(words)))
         self.inflight.append(_InFlight(s, OP_SETUP))
 
     def _send_chunk(self, s: Sequence) -> None:
@@ -384,13 +425,26 @@ class Coordinator:
 
     def _send_free(self, s: Sequence) -> None:
         s.freed = True
-        self.runner.free(s.slot)
-        if self.link is not None:
-            mx.async_eval(self.link.send(header(OP_FREE, s.slot)))
-        self.inflight.append(_InFlight(None, OP_FREE))
         del self.seqs[s.slot]
-        self.free_slots.append(s.slot)
         self.emit({"t": "end", "id": s.req_id})
+        # the caches hold the prompt and every generated token but the last (never fed);
+        # anything past that (a chained or lock-step step after the end) is trimmed on reuse
+        held = s.prompt[:s.pos] + s.tokens[:-1]
+        if (self.prompt_cache and s.setup_sent and held and not self.stopping
+                and all(c.is_trimmable() for c in self.runner.caches[s.slot])):
+            self.retained[s.slot] = held
+            while len(self.retained) > self.prompt_cache:
+                self._free_slot(next(iter(self.retained)))
+            return
+        self._free_slot(s.slot)
+
+    def _free_slot(self, slot: int) -> None:
+        self.retained.pop(slot, None)
+        self.runner.free(slot)
+        if self.link is not None:
+            mx.async_eval(self.link.send(header(OP_FREE, slot)))
+        self.inflight.append(_InFlight(None, OP_FREE))
+        self.free_slots.append(slot)
         mx.clear_cache()
 
     def expect_ack(self) -> None:
@@ -440,6 +494,7 @@ class Coordinator:
     def _accept(self, s: Sequence, token: int, logprob: float, top: list | None) -> None:
         """A token of `s` came back: hand it out; finish the sequence at its end."""
         s.generated += 1
+        s.tokens.append(token)
         s.last_token = token
         self.stats["tokens"] += 1
         ev = {"t": "token", "id": s.req_id, "tok": token, "lp": logprob}
@@ -449,3 +504,11 @@ class Coordinator:
         if s.generated >= s.max_tokens or token in s.stop_ids:
             s.finished = True
 
+
+
+def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    n = min(len(a), len(b), limit)
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n

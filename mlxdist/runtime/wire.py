@@ -23,6 +23,7 @@ OP_SETUP, OP_FORWARD, OP_FREE, OP_STOP, OP_TOKEN, OP_ACK, OP_PARK, OP_RUN, OP_TR
 OP_NAMES = {1: "setup", 2: "forward", 3: "free", 4: "stop", 5: "token", 6: "ack", 7: "park", 8: "run",
             9: "trim"}
 FLAG_SAMPLE = 1  # run the head and sample after this chunk
+FLAG_REUSE = 2  # SETUP: keep the slot's caches, cut to `value` (word 5) positions
 
 DTYPES = [mx.float32, mx.float16, mx.bfloat16, mx.int32]
 
@@ -31,8 +32,9 @@ def dtype_code(dtype: mx.Dtype) -> int:
     return DTYPES.index(dtype)
 
 
-def header(op: int, slot: int, n: int = 0, flags: int = 0, dtype: int = 0, tag: int = 0) -> mx.array:
-    return mx.array([op, slot, n, flags, dtype, 0, 0, tag], dtype=mx.int32)
+def header(op: int, slot: int, n: int = 0, flags: int = 0, dtype: int = 0, tag: int = 0,
+           value: int = 0) -> mx.array:
+    return mx.array([op, slot, n, flags, dtype, value, 0, tag], dtype=mx.int32)
 
 
 def token_header(slot: int, token: mx.array, logprob: mx.array, tag: int, n_top: int = 0) -> mx.array:

@@ -39,6 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shard-root", default="")
     p.add_argument("--max-slots", type=int, default=8)
     p.add_argument("--prefill-step", type=int, default=2048)
+    p.add_argument("--prompt-cache", type=int, default=0,
+                   help="rank 0: finished sequences whose caches stay for a prompt that starts the same way")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--expert-parallel", action="store_true",
                    help="all layers, this rank's share of the routed experts (ep_stage.py)")
@@ -114,7 +116,8 @@ def run(a: argparse.Namespace, chan: Channel) -> None:
           file=sys.stderr, flush=True)
     runner = StageRunner(stage)
     if a.rank == 0:
-        coord = Coordinator(runner, link, chan.send, max_slots=a.max_slots, prefill_step=a.prefill_step)
+        coord = Coordinator(runner, link, chan.send, max_slots=a.max_slots, prefill_step=a.prefill_step,
+                            prompt_cache=a.prompt_cache)
         threading.Thread(target=_reader, args=(chan, coord.commands.put), daemon=True).start()
         chan.send({"t": "ready", "rank": a.rank})
         coord.run()
@@ -140,7 +143,7 @@ def run_expert_parallel(a: argparse.Namespace, chan: Channel, plan) -> None:
     bcast = Broadcast(group)
     if a.rank == 0:
         coord = EPCoordinator(EPRunner(stage, bcast), None, chan.send, max_slots=a.max_slots,
-                              prefill_step=a.prefill_step)
+                              prefill_step=a.prefill_step, prompt_cache=a.prompt_cache)
         threading.Thread(target=_reader, args=(chan, coord.commands.put), daemon=True).start()
         chan.send({"t": "ready", "rank": a.rank})
         coord.run()

@@ -14,6 +14,8 @@ import click
 from mlxdist.errors import UserError
 from mlxdist.runtime.api import HANDOFF_HELP, HANDOFFS, check_handoff
 
+DEFAULT_PROMPT_CACHE = 4  # retained requests; each holds its KV caches until evicted
+
 
 def open_engine_for(model: str, local: int | None, nodes: str | None, progress=print, **opts: Any):
     """The engine for MODEL: `demo` is the built-in demo model; `--nodes` asks the
@@ -81,9 +83,13 @@ def start_engine(opener: Callable[..., Any], *args: Any, **kw: Any) -> Any:
               help="With --local N (an MoE model): every rank all layers, 1/N of the routed experts.")
 @click.option("--handoff", default="messages", show_default=True, type=click.Choice(HANDOFFS),
               help=HANDOFF_HELP)
+@click.option("--prompt-cache", default=DEFAULT_PROMPT_CACHE, show_default=True, type=click.IntRange(0, 1024),
+              help="Finished requests whose KV caches stay (on every rank) for a prompt that starts "
+                   "the same way, e.g. a chat's next turn; 0 turns prefix caching off.")
 def serve_command(model: str, host: str, port: int, local: int | None, nodes: str | None,
                   plan: str | None, api_key: str | None, max_queue: int, quiet: bool,
-                  expert_parallel: bool = False, handoff: str = "messages") -> None:
+                  expert_parallel: bool = False, handoff: str = "messages",
+                  prompt_cache: int = DEFAULT_PROMPT_CACHE) -> None:
     """Serve MODEL (a converted model directory, an mlx-lm directory, or `demo`) over an
     OpenAI-compatible HTTP API."""
     from mlxdist.server.app import ApiServer
@@ -97,7 +103,7 @@ def serve_command(model: str, host: str, port: int, local: int | None, nodes: st
     check_handoff(handoff, nodes=bool(nodes), expert_parallel=expert_parallel)
     progress = lambda msg: click.echo(msg, err=True)  # noqa: E731
     opts = {**({"plan": plan} if plan else {}), **({"expert_parallel": True} if expert_parallel else {}),
-            **({"handoff": handoff} if handoff != "messages" else {})}
+            **({"handoff": handoff} if handoff != "messages" else {}), "prompt_cache": prompt_cache}
     engine = open_engine_for(model, local, nodes, progress=progress, **opts)
     try:
         try:
