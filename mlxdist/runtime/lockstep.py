@@ -183,10 +183,13 @@ def lead_run(coord: "Coordinator", seqs: list["Sequence"]) -> None:
         feed[s.slot] = mx.array([[tok]], dtype=mx.int32)
     base = {s.slot: runner.cache_len(s.slot) for s in seqs}
     passes = dict.fromkeys(by_slot, 0)
+    # tick 0's hidden state, built (lazily) first: the followers need its dtype
+    first = plan.work_at(0, 0, link.size)
+    hidden: mx.array | None = runner.forward(first, feed[first], False)
 
     # The ring must be quiet before the collectives start (on CPU they share its sockets).
     words = plan.encode()
-    mx.async_eval(link.send(header(OP_RUN, 0, len(words), 0, dtype_code(coord.hidden_dtype)),
+    mx.async_eval(link.send(header(OP_RUN, 0, len(words), 0, dtype_code(hidden.dtype)),
                             mx.array(words, dtype=mx.int32)))
     if int(link.recv_header()[0]) != OP_ACK:
         raise RuntimeError("rank 0: the RUN message did not come back as an ACK")
@@ -210,8 +213,9 @@ def lead_run(coord: "Coordinator", seqs: list["Sequence"]) -> None:
         if end is None and _should_end(coord, seqs):
             end = tick + LAG
         slot = plan.work_at(0, tick, size)
-        h = None if slot is None else runner.forward(slot, feed[slot], False)
-        summed = ex.exchange(ex.hidden_row(h, OPEN if end is None else float(end)))
+        if tick > 0:
+            hidden = None if slot is None else runner.forward(slot, feed[slot], False)
+        summed = ex.exchange(ex.hidden_row(hidden, OPEN if end is None else float(end)))
         mx.async_eval(summed)
         done = plan.work_at(size - 1, tick, size)  # the slot whose token this tick brings
         if done is not None:

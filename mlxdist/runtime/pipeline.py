@@ -228,7 +228,6 @@ class Coordinator:
         self._rr = 0
         self.kicks = 0  # "add" and "stop" commands seen: the engine wakes parked ranks per each
         self.parked = True  # followers start waiting for a wake-up
-        self.hidden_dtype = mx.float32  # what rank 0's layers put out (lock-step runs say it)
 
     # -- the loop ---------------------------------------------------------------------
     def run(self) -> None:
@@ -418,7 +417,6 @@ class Coordinator:
             self.inflight.append(_InFlight(s, OP_FORWARD, sample, large, out))
             return
         h = self.runner.forward(s.slot, x, False)
-        self.hidden_dtype = h.dtype
         head = header(OP_FORWARD, s.slot, len(tokens), FLAG_SAMPLE if sample else 0, dtype_code(h.dtype))
         mx.async_eval(self.link.send(head, h))
         self.inflight.append(_InFlight(s, OP_FORWARD, sample, large))
