@@ -293,7 +293,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self.app.metrics.tokens(completion=1)
             state = states[index]
             before = len(state.logprobs)
-            r, c = state.add(event, token_text, params.logprobs)
+            r, c = state.add(event, token_text, params.logprobs, params.top_logprobs)
             yield state, r, c, event, state.logprobs[before:]
 
     def _whole(self, gen: Generation, states: list[ChoiceState], params: CompletionParams, chat: bool, t0: float) -> None:

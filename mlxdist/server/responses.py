@@ -25,13 +25,16 @@ class ChoiceState:
     logprobs: list[dict[str, Any]] = field(default_factory=list)
     text_offset: int = 0
 
-    def add(self, event: TokenEvent, token_text: Callable[[int], str], want_logprobs: bool) -> tuple[str, str]:
-        """Take one event; return the (reasoning, content) text it adds."""
+    def add(self, event: TokenEvent, token_text: Callable[[int], str], want_logprobs: bool,
+            top: int = 0) -> tuple[str, str]:
+        """Take one event; return the (reasoning, content) text it adds. With `top`, the
+        entry keeps that many of the most likely tokens (the runtime's top_logprobs)."""
         if event.token is not None:
             self.completion_tokens += 1
             if want_logprobs:
                 self.logprobs.append({"token": token_text(event.token), "logprob": event.logprob,
-                                      "offset": len(self.content) + len(self.reasoning)})
+                                      "offset": len(self.content) + len(self.reasoning),
+                                      "top": [(token_text(t), lp) for t, lp in event.top_logprobs[:top]]})
         if self.splitter is not None:
             r, c = self.splitter.feed(event.text)
         else:
@@ -48,14 +51,20 @@ class ChoiceState:
 
 
 def _chat_logprobs(entries: list[dict[str, Any]]) -> dict[str, Any] | None:
-    return {"content": [{"token": e["token"], "logprob": e["logprob"] if e["logprob"] is not None else 0.0,
-                         "bytes": list(e["token"].encode("utf-8")), "top_logprobs": []} for e in entries]}
+    def one(token: str, logprob: float | None) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob if logprob is not None else 0.0,
+                "bytes": list(token.encode("utf-8"))}
+
+    return {"content": [{**one(e["token"], e["logprob"]), "top_logprobs": [one(t, lp) for t, lp in e["top"]]}
+                        for e in entries]}
 
 
 def _completion_logprobs(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    # legacy completions: a {token text: logprob} map per position (texts may collide;
+    # the more likely one is kept, as it comes first)
     return {"tokens": [e["token"] for e in entries],
             "token_logprobs": [e["logprob"] for e in entries],
-            "top_logprobs": [None for _ in entries],
+            "top_logprobs": [{t: lp for t, lp in reversed(e["top"])} if e["top"] else None for e in entries],
             "text_offset": [e["offset"] for e in entries]}
 
 

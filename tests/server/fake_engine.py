@@ -56,7 +56,9 @@ class FakeHandle:
                     yield TokenEvent(None, "", finish_reason="cancelled")
                     return
                 last = i + 1 == r.max_tokens
-                yield TokenEvent(ord(ch), ch, -0.5, finish_reason="length" if last else None)
+                # alternatives, when asked: the token itself, then the next characters
+                top = tuple((ord(ch) + k, -0.5 - k) for k in range(r.logprobs))
+                yield TokenEvent(ord(ch), ch, -0.5, finish_reason="length" if last else None, top_logprobs=top)
                 if last:
                     return
             yield TokenEvent(EOS, "", -0.1, finish_reason="stop")

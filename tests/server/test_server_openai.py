@@ -108,6 +108,25 @@ def test_chat_logprobs(server):
                                                logprobs=True, max_tokens=3)
     assert [t.token for t in r.choices[0].logprobs.content] == list("Ans")
     assert [t.logprob for t in r.choices[0].logprobs.content] == [-0.5] * 3
+    assert all(t.top_logprobs == [] for t in r.choices[0].logprobs.content)
+
+
+def test_top_logprobs_listed(server):
+    """The alternatives the engine reports, as OpenAI's clients parse them: chat lists
+    {token, logprob, bytes} per position, completions a {token: logprob} map."""
+    c = client(server)
+    r = c.chat.completions.create(model="fake", messages=[{"role": "user", "content": "x"}],
+                                  logprobs=True, top_logprobs=2, max_tokens=3)
+    assert server.engine.requests[-1].logprobs == 2
+    tops = [[(a.token, a.logprob, a.bytes) for a in t.top_logprobs] for t in r.choices[0].logprobs.content]
+    assert tops == [[(ch, -0.5, [ord(ch)]), (chr(ord(ch) + 1), -1.5, [ord(ch) + 1])] for ch in "Ans"]
+    r = c.completions.create(model="fake", prompt="abc", max_tokens=2, logprobs=3)
+    assert r.choices[0].logprobs.top_logprobs == [
+        {ch: -0.5, chr(ord(ch) + 1): -1.5, chr(ord(ch) + 2): -2.5} for ch in "An"]
+    chunks = list(c.chat.completions.create(model="fake", messages=[{"role": "user", "content": "x"}],
+                                            logprobs=True, top_logprobs=1, max_tokens=2, stream=True))
+    streamed = [t for ch in chunks for choice in ch.choices if choice.logprobs for t in choice.logprobs.content]
+    assert [[a.token for a in t.top_logprobs] for t in streamed] == [["A"], ["n"]]
 
 
 def test_api_key(make_server):
