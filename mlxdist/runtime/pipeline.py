@@ -383,9 +383,11 @@ class Coordinator:
         ring: the posted recv of the reply), so that building rank 0's graph is off the
         critical path and no host round trip sits between two steps. In a ring only where
         ranks poll (with select() the recv must not be posted before data is there) and
-        without top logprobs (their reply size varies); never past max_tokens. If the token
-        turns out to end the sequence, the chained step's result is dropped and FREE follows."""
-        if len(self.inflight) != 1 or self.stopping:
+        without top logprobs (their reply size varies), and not where lock-step runs take
+        over steady decoding (they need the ring drained); never past max_tokens. If the
+        token turns out to end the sequence, the chained step's result is dropped and FREE
+        follows."""
+        if len(self.inflight) != 1 or self.stopping or (self.link is not None and self.link.collective is not None):
             return
         f = self.inflight[0]
         s = f.seq

@@ -106,6 +106,17 @@ def test_requests_joining_and_leaving_a_run(tiny_models):
     assert joined.is_set() and _runs(eng) >= 4
 
 
+def test_lone_stream_runs_when_ranks_poll(tiny_models, monkeypatch):
+    """With cores to spare (ranks poll the ring) a lone stream's steps would be chained
+    over the messages; with a collective group it decodes in one run instead."""
+    monkeypatch.setenv("MLXDIST_RING_SELECT", "0")
+    path = tiny_models["llama"]
+    ref = reference_tokens(path, PROMPT, 8)
+    with open_engine(path, ranks=2, split=[3, 3], handoff="collective") as eng:
+        assert eng.generate(PROMPT, max_tokens=8) == ref
+    assert _runs(eng) == 1
+
+
 def test_top_logprobs_fall_back_to_messages(tiny_models):
     """Runs carry no top-logprob lists: such a request decodes over the messages, exactly."""
     from runtime_helpers import reference_top_logprobs
