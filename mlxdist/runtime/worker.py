@@ -13,7 +13,9 @@ If the engine's connection drops, the worker exits at once.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
+import signal
 import sys
 import threading
 import time
@@ -74,6 +76,8 @@ def _reader(chan: Channel, on_command) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
+    if hasattr(signal, "SIGUSR1"):  # `kill -USR1 <pid>`: every thread's stack into the rank's log
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     chan = connect(a.control)
     chan.send({"t": "hello", "rank": a.rank, "host": a.host, "pid": os.getpid(), "session": a.session})
     threading.Thread(target=_heartbeat, args=(chan, a.rank), daemon=True).start()
