@@ -14,7 +14,8 @@ from mlxdist.errors import UserError
 # How decode steps pass between pipeline ranks (open_engine's `handoff`, runtime/lockstep.py)
 HANDOFFS = ["messages", "collective", "nccl"]
 HANDOFF_HELP = ("How decode steps pass between ranks: ring messages; lock-step runs of all_sum over "
-                "the ring group (collective); or the same over NCCL (nccl: CUDA GPUs, one per local rank).")
+                "the ring group (collective; not on CUDA); or the same over NCCL (nccl: CUDA GPUs, one per "
+                "local rank).")
 
 
 def check_handoff(handoff: str, nodes: bool = False, expert_parallel: bool = False) -> None:

@@ -25,6 +25,10 @@ from typing import Callable
 from mlxdist.runtime.control import HEARTBEAT_INTERVAL_S, Channel, connect
 
 HANDOFFS = ("messages", "collective", "nccl")
+# Over the ring group on CUDA every tick crosses CPU<->GPU events, which is what the runs
+# are meant to avoid, and a lone stream on two ranks sharing one H100 did not finish its
+# run in minutes (docs/performance.md): refused rather than risk a hang.
+CUDA_COLLECTIVE = "--handoff collective is refused on CUDA GPUs: use --handoff nccl (one GPU per rank)"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -172,9 +176,12 @@ def _collective_group(a: argparse.Namespace, group):
     """The group lock-step runs sum over (lockstep.py), or None for ring messages only."""
     if a.handoff == "messages":
         return None
-    if a.handoff == "collective":
-        return group
     import mlx.core as mx
+
+    if a.handoff == "collective":
+        if mx.cuda.is_available():
+            raise RuntimeError(CUDA_COLLECTIVE)
+        return group
 
     host, port = a.nccl.rsplit(":", 1)
     os.environ.update(NCCL_HOST_IP=host, NCCL_PORT=port, MLX_WORLD_SIZE=str(a.ranks))
