@@ -2,12 +2,15 @@
 in the same run, at 1, 4 and 8 concurrent streaming clients. Prints JSON.
 
     PYTHONPATH=. python tools/bench_serve.py MODEL_DIR [--clients 1,4,8] [--max-tokens 32]
-        [--ranks 1,2] [--no-mlx-lm] [--no-pipeline]
+        [--ranks 1,2] [--no-mlx-lm] [--no-pipeline] [--no-prompt-cache-row]
 
 MODEL_DIR is an mlx-lm model directory (mlx_lm.server needs one); mlxdist serves the same
 directory. For each server and client count: time to first token (mean, p50, max), per-
 request decode tok/s (mean) and aggregate tok/s (all tokens / wall time), and the ratio of
-mlxdist's aggregate tok/s to mlx_lm.server's (one rank) measured in this run.
+mlxdist's aggregate tok/s to mlx_lm.server's (one rank) measured in this run. Every
+request shares the chat template's prefix (the system prompt), which both servers' prompt
+caches reuse; one more row runs mlxdist on one rank with `--prompt-cache 0` to show what
+its prefix cache is worth.
 
 mlx-lm's `--pipeline` mode (under `mlx.launch`, ring backend, 2 ranks on 127.0.0.1) only
 exists for some architectures (deepseek_v2/v3, qwen2, qwen3_moe, ...): for others (llama,
@@ -131,6 +134,7 @@ def main() -> None:
     p.add_argument("--max-tokens", default=32, type=int)
     p.add_argument("--no-mlx-lm", action="store_true")
     p.add_argument("--no-pipeline", action="store_true")
+    p.add_argument("--no-prompt-cache-row", action="store_true")
     args = p.parse_args()
     py = sys.executable
     report: dict = {"model": str(args.model), "max_tokens": args.max_tokens, "machine": os.uname().machine,
@@ -144,6 +148,11 @@ def main() -> None:
         report["results"].append(run_server(f"mlxdist serve --local {ranks}", [
             py, "-m", "mlxdist", "serve", str(args.model), "--port", str(port), "--local", str(ranks), "--quiet"],
             port, args))
+    if not args.no_prompt_cache_row:
+        port = free_port()
+        report["results"].append(run_server("mlxdist serve --local 1 --prompt-cache 0", [
+            py, "-m", "mlxdist", "serve", str(args.model), "--port", str(port), "--local", "1", "--quiet",
+            "--prompt-cache", "0"], port, args))
     if not args.no_pipeline and not args.no_mlx_lm:
         why = pipeline_support(args.model)
         if why:

@@ -32,7 +32,7 @@ import mlx.nn as nn
 import numpy as np
 
 from mlxdist.runtime.expert_parallel import expert_parallel, is_moe_block, split_experts
-from mlxdist.runtime.pipeline import Coordinator, StageRunner, StepProfile, trim_caches
+from mlxdist.runtime.pipeline import Coordinator, StageRunner, StepProfile, copy_caches
 from mlxdist.runtime.stage import Stage
 from mlxdist.runtime.wire import (
     FLAG_REUSE, FLAG_SAMPLE, OP_FORWARD, OP_FREE, OP_PARK, OP_SETUP, OP_STOP, header,
@@ -111,10 +111,10 @@ class EPRunner(StageRunner):
         super().__init__(stage)
         self.bcast = bcast
 
-    def setup(self, slot: int, words: np.ndarray, keep: int | None = None) -> None:
-        head = header(OP_SETUP, slot, len(words), 0 if keep is None else FLAG_REUSE, value=keep or 0)
+    def setup(self, slot: int, words: np.ndarray, keep: int | None = None, source: int = 0) -> None:
+        head = header(OP_SETUP, slot, len(words), 0 if keep is None else FLAG_REUSE, value=keep or 0, aux=source)
         mx.eval(self.bcast.send(head, mx.array(words, dtype=mx.int32)))
-        super().setup(slot, words, keep)
+        super().setup(slot, words, keep, source)
 
     def free(self, slot: int) -> None:
         mx.eval(self.bcast.send(header(OP_FREE, slot)))
@@ -159,8 +159,8 @@ def ep_follower_loop(stage: Stage, bcast: Broadcast,
         op, slot, n, tag = int(h[0]), int(h[1]), int(h[2]), int(h[7])
         if op == OP_SETUP:
             mx.eval(bcast.recv_payload(n))
-            if int(h[3]) & FLAG_REUSE:  # a retained prefix: cut the slot's caches to it
-                trim_caches(caches[slot], int(h[5]))
+            if int(h[3]) & FLAG_REUSE:  # a retained prefix: a copy of its caches, cut to it
+                caches[slot] = copy_caches(caches[int(h[6])], int(h[5]))
             else:
                 caches[slot] = stage.make_cache()
         elif op == OP_FORWARD:

@@ -22,6 +22,7 @@ block until the neighbour receives, and a ring of blocked senders would deadlock
 
 from __future__ import annotations
 
+import copy
 import os
 import queue
 import time
@@ -51,13 +52,14 @@ class StageRunner:
         self.caches: dict[int, list[Any]] = {}
         self.samplers: dict[int, SlotSampler] = {}
 
-    def setup(self, slot: int, words: np.ndarray, keep: int | None = None) -> None:
-        """A new sequence in `slot`: fresh caches, or (`keep`) the slot's retained caches
-        cut to their first `keep` positions (a prompt prefix rank 0 found in them)."""
+    def setup(self, slot: int, words: np.ndarray, keep: int | None = None, source: int = 0) -> None:
+        """A new sequence in `slot`: fresh caches, or (`keep`) a copy of the retained
+        `source` slot's caches cut to their first `keep` positions (a prompt prefix rank 0
+        found there; the source stays for other requests)."""
         if keep is None:
             self.caches[slot] = self.stage.make_cache()
         else:
-            self.trim(slot, keep)
+            self.caches[slot] = copy_caches(self.caches[source], keep)
         if self.stage.spec.is_last:
             self.samplers[slot] = SlotSampler.decode(words)
 
@@ -80,6 +82,23 @@ class StageRunner:
         if self.stage.spec.is_last:  # prompt chunk: only the cache matters (as in mlx-lm)
             return [c.state for c in cache]
         return h
+
+
+def copy_caches(caches: list[Any], length: int) -> list[Any]:
+    """Caches that start as `caches` cut to `length` positions and then go their own way.
+    Each array gets a new object: mlx-lm caches write into their arrays in place, which
+    would otherwise change the source too."""
+    out = []
+    for c in caches:
+        c2 = copy.copy(c)
+        for name, value in vars(c).items():
+            if isinstance(value, mx.array):
+                setattr(c2, name, mx.array(value))
+            elif isinstance(value, (tuple, list)) and value and all(isinstance(v, mx.array) for v in value):
+                setattr(c2, name, type(value)(mx.array(v) for v in value))
+        out.append(c2)
+    trim_caches(out, length)
+    return out
 
 
 def trim_caches(caches: list[Any], length: int) -> None:
@@ -126,7 +145,7 @@ def follower_loop(runner: StageRunner, link: RingLink, hidden_size: int,
         if op == OP_SETUP:
             words = link.recv_payload((n,), mx.int32)
             mx.eval(words)
-            runner.setup(slot, np.array(words), int(h[5]) if flags & FLAG_REUSE else None)
+            runner.setup(slot, np.array(words), int(h[5]) if flags & FLAG_REUSE else None, int(h[6]))
             sends = link.send(header(OP_ACK, slot, tag=tag)) if last else link.send(mx.array(h), words)
             mx.async_eval(sends)
         elif op == OP_FORWARD:
@@ -175,7 +194,8 @@ class Sequence:
     stop_ids: frozenset[int]
     logprobs: int = 0
     pos: int = 0  # prompt tokens sent (or found in a retained cache)
-    reused: int = 0  # prompt tokens taken from a retained cache
+    reused: int = 0  # prompt tokens copied from a retained cache
+    source: int = 0  # the retained slot they come from
     setup_sent: bool = False
     generated: int = 0
     last_token: int | None = None
@@ -294,35 +314,34 @@ class Coordinator:
 
     def _admit(self) -> None:
         while self.waiting and len(self.seqs) < self.max_slots and not self.stopping:
+            if not self.free_slots and not self._evict_retained(len(self.retained) - 1):
+                return  # every retained slot is the source of a prefix not yet copied
             c = self.waiting.popleft()
             p = c.get("params") or {}
             prompt = list(c["prompt"])
-            slot, keep = self._pick_slot(prompt)
-            seq = Sequence(req_id=c["id"], slot=slot, prompt=prompt, pos=keep, reused=keep,
+            source, keep = self._find_prefix(prompt)
+            seq = Sequence(req_id=c["id"], slot=self.free_slots.pop(), prompt=prompt, pos=keep, reused=keep,
+                           source=source,
                            max_tokens=int(c["max_tokens"]), params=SamplingParams(**p),
                            seed=int(c["seed"]), stop_ids=frozenset(c.get("stop_ids", ())),
                            logprobs=int(c.get("logprobs", 0)))
             self.seqs[seq.slot] = seq
 
-    def _pick_slot(self, prompt: list[int]) -> tuple[int, int]:
+    def _find_prefix(self, prompt: list[int]) -> tuple[int, int]:
         """The retained slot whose tokens share the longest prefix with `prompt` (at least
-        one token, and never the last: it must be fed to sample), and how much of it to
-        keep; else a free slot, else the least recently retained one (its caches are
-        replaced). There is always one: slots = max_slots + prompt_cache."""
-        best, keep = None, 0
+        one token, and never the last: it must be fed to sample) and that length; (0, 0)
+        when none does. The new sequence gets a copy, so one retained system prompt serves
+        any number of requests. (A free slot always exists for it: slots are max_slots +
+        prompt_cache, at most max_slots - 1 others are active, at most prompt_cache retained.)"""
+        best, keep = 0, 0
         for slot, held in self.retained.items():
             n = _common_prefix(prompt, held, len(prompt) - 1)
             if n > keep:
                 best, keep = slot, n
-        if best is not None:
-            del self.retained[best]
+        if keep:
+            self.retained[best] = self.retained.pop(best)  # most recently used now
             self.stats["reused_tokens"] = self.stats.get("reused_tokens", 0) + keep
-            return best, keep
-        if self.free_slots:
-            return self.free_slots.pop(), 0
-        oldest = next(iter(self.retained))
-        del self.retained[oldest]
-        return oldest, 0
+        return best, keep
 
     def _has_work(self) -> bool:
         self._admit()
@@ -356,10 +375,11 @@ class Coordinator:
     # -- what rank 0 sends ------------------------------------------------------------
     def _send_setup(self, s: Sequence) -> None:
         words = encode_params(s.params, s.seed, s.logprobs, s.prompt)
-        self.runner.setup(s.slot, words, s.reused if s.reused else None)
+        self.runner.setup(s.slot, words, s.reused if s.reused else None, s.source)
         s.setup_sent = True
         if self.link is not None:
-            head = header(OP_SETUP, s.slot, len(words), FLAG_REUSE if s.reused else 0, value=s.reused)
+            head = header(OP_SETUP, s.slot, len(words), FLAG_REUSE if s.reused else 0, value=s.reused,
+                          aux=s.source)
             mx.async_eval(self.link.send(head, mx.array(words)))
         self.inflight.append(_InFlight(s, OP_SETUP))
 
@@ -433,10 +453,22 @@ class Coordinator:
         if (self.prompt_cache and s.setup_sent and held and not self.stopping
                 and all(c.is_trimmable() for c in self.runner.caches[s.slot])):
             self.retained[s.slot] = held
-            while len(self.retained) > self.prompt_cache:
-                self._free_slot(next(iter(self.retained)))
+            self._evict_retained(self.prompt_cache)
             return
         self._free_slot(s.slot)
+
+    def _evict_retained(self, keep: int) -> bool:
+        """Free the least recently used retained slots until `keep` are left, sparing the
+        sources of prefixes that a waiting SETUP is still to copy; True if any went."""
+        pinned = {s.source for s in self.seqs.values() if s.reused and not s.setup_sent}
+        freed = False
+        while len(self.retained) > keep:
+            victim = next((slot for slot in self.retained if slot not in pinned), None)
+            if victim is None:
+                break
+            self._free_slot(victim)
+            freed = True
+        return freed
 
     def _free_slot(self, slot: int) -> None:
         self.retained.pop(slot, None)

@@ -23,7 +23,7 @@ OP_SETUP, OP_FORWARD, OP_FREE, OP_STOP, OP_TOKEN, OP_ACK, OP_PARK, OP_RUN, OP_TR
 OP_NAMES = {1: "setup", 2: "forward", 3: "free", 4: "stop", 5: "token", 6: "ack", 7: "park", 8: "run",
             9: "trim"}
 FLAG_SAMPLE = 1  # run the head and sample after this chunk
-FLAG_REUSE = 2  # SETUP: keep the slot's caches, cut to `value` (word 5) positions
+FLAG_REUSE = 2  # SETUP: start from a copy of slot `aux`'s caches (word 6) cut to `value` (word 5)
 
 DTYPES = [mx.float32, mx.float16, mx.bfloat16, mx.int32]
 
@@ -33,8 +33,10 @@ def dtype_code(dtype: mx.Dtype) -> int:
 
 
 def header(op: int, slot: int, n: int = 0, flags: int = 0, dtype: int = 0, tag: int = 0,
-           value: int = 0) -> mx.array:
-    return mx.array([op, slot, n, flags, dtype, value, 0, tag], dtype=mx.int32)
+           value: int = 0, aux: int = 0) -> mx.array:
+    """Words 5 and 6 (`value`, `aux`) carry a token and its logprob in TOKEN replies, the
+    kept prefix length and its source slot in a SETUP with FLAG_REUSE."""
+    return mx.array([op, slot, n, flags, dtype, value, aux, tag], dtype=mx.int32)
 
 
 def token_header(slot: int, token: mx.array, logprob: mx.array, tag: int, n_top: int = 0) -> mx.array:

@@ -1,7 +1,8 @@
 """Prefix caching (`prompt_cache=N`): a finished request's caches stay on every rank, and a
 later prompt that starts the same way is prefilled only past the shared prefix. The
 reference is mlx-lm itself doing the same: generate_step on the first prompt with a
-prompt cache, the cache trimmed to the shared prefix, generate_step on the rest."""
+prompt cache, the cache trimmed to the shared prefix, generate_step on the rest
+(`reference_chain`)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,10 @@ FIRST = list(b"Pipelines keep every stage busy.")
 N1, N2 = 6, 8
 
 
-def reference_after_prefix(path, first: list[int], second: list[int], keep: int) -> tuple[list[int], list[int]]:
+def reference_chain(path, steps: list[tuple[list[int], int, int]]) -> list[list[int]]:
+    """mlx-lm with one prompt cache through `steps` of (prompt, keep, max_tokens): before
+    each, the cache is trimmed to `keep` positions and generate_step continues from
+    prompt[keep:]. So every cached position is computed in the same chunks as ours."""
     import mlx.core as mx
     from mlx_lm import load
     from mlx_lm.generate import generate_step
@@ -24,10 +28,11 @@ def reference_after_prefix(path, first: list[int], second: list[int], keep: int)
 
     model, _ = load(str(path))
     cache = make_prompt_cache(model)
-    one = [t for t, _ in generate_step(mx.array(first), model, max_tokens=N1, prompt_cache=cache)]
-    trim_prompt_cache(cache, cache[0].offset - keep)
-    two = [t for t, _ in generate_step(mx.array(second[keep:]), model, max_tokens=N2, prompt_cache=cache)]
-    return one, two
+    out = []
+    for prompt, keep, n in steps:
+        trim_prompt_cache(cache, cache[0].offset - keep)
+        out.append([t for t, _ in generate_step(mx.array(prompt[keep:]), model, max_tokens=n, prompt_cache=cache)])
+    return out
 
 
 def _reused(eng) -> int:
@@ -43,10 +48,10 @@ def test_next_turn_reuses_the_shared_prefix(tiny_models, ranks, opts):
     first_ref = reference_tokens(path, FIRST, N1)
     second = FIRST + first_ref[:3] + list(b" and then?")  # a chat's next turn
     keep = len(FIRST) + 3
-    want_first, want_second = reference_after_prefix(path, FIRST, second, keep)
+    want_first, want_second = reference_chain(path, [(FIRST, 0, N1), (second, keep, N2)])
     other = list(b"an unrelated prompt")
     other_next = other + list(b"!")
-    want_other_next = reference_after_prefix(path, other, other_next, len(other))[1]
+    want_other_next = reference_chain(path, [(other, 0, N2), (other_next, len(other), N2)])[1]
     with open_engine(path, ranks=ranks, prompt_cache=1, max_concurrent=1, **opts) as eng:
         assert eng.generate(FIRST, max_tokens=N1) == want_first
         assert eng.generate(second, max_tokens=N2) == want_second
@@ -58,6 +63,27 @@ def test_next_turn_reuses_the_shared_prefix(tiny_models, ranks, opts):
         assert eng.generate(second, max_tokens=N2) == reference_tokens(path, second, N2)
         assert eng.failure is None
     assert _reused(eng) == keep + len(other)
+
+
+def test_one_prefix_serves_concurrent_requests(tiny_models):
+    """Two requests at once that both start with a retained prompt each get a copy of its
+    caches; the source stays (a system prompt serves every request), none disturbs another."""
+    from runtime_helpers import drain_concurrently
+
+    from mlxdist.runtime.api import GenerationRequest
+
+    path = tiny_models["llama"]
+    turns = [FIRST + list(b" one"), FIRST + list(b" two")]
+    want = [reference_chain(path, [(FIRST, 0, N1), (t, len(FIRST), N2)])[1] for t in turns]
+    again = reference_chain(path, [(FIRST, 0, N1), (turns[0], len(FIRST), N2),
+                                   (turns[0], len(turns[0]) - 1, N2)])[2]
+    with open_engine(path, ranks=2, split=[3, 3], prompt_cache=2, max_concurrent=2) as eng:
+        eng.generate(FIRST, max_tokens=N1)
+        handles = [eng.submit(GenerationRequest(tuple(t), N2)) for t in turns]
+        assert drain_concurrently(handles) == want
+        assert eng.generate(turns[0], max_tokens=N2) == again  # its own finished turn: the longest prefix
+        assert eng.failure is None
+    assert _reused(eng) == 2 * len(FIRST) + len(turns[0]) - 1
 
 
 def test_off_by_default(tiny_models):
