@@ -24,6 +24,12 @@ def check_handoff(handoff: str, nodes: bool = False, expert_parallel: bool = Fal
                         "cluster nodes take messages or collective")
     if handoff != "messages" and expert_parallel:
         raise UserError("--handoff is for pipeline stages; --expert-parallel has its own collectives")
+    if handoff == "nccl":
+        import mlx.core as mx
+
+        if not mx.cuda.is_available():
+            raise UserError("--handoff nccl needs MLX's CUDA build and one NVIDIA GPU per rank; "
+                            "on Macs and CPUs use messages (the default)")
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,8 @@ def test_run_two_ranks_streams_the_answer(tiny_models):
     r = run_cli("run", str(path), "--ranks", "2", "--split", "4,2", "-p", "hi", "--max-tokens", "6")
     assert r.returncode == 0, r.stderr
     assert r.stdout.rstrip("\n") == expected
+    r = run_cli("run", str(path), "--ranks", "2", "--handoff", "collective", "-p", "hi", "--max-tokens", "6")
+    assert (r.returncode, r.stdout.rstrip("\n")) == (0, expected), r.stderr  # lock-step runs
     # one rank runs in process; it must exit cleanly too (MLX can abort at exit, see local.py)
     r = run_cli("run", str(path), "-p", "hi", "--max-tokens", "6")
     assert (r.returncode, r.stdout.rstrip("\n")) == (0, expected), r.stderr
@@ -27,6 +29,9 @@ def test_run_refuses_bad_input(tiny_models):
         "mlxdist: error: split 4,4 must have 2 positive entries summing to the model's 6 layers"]
     r = run_cli("run", "/nonexistent/model", "-p", "hi")
     assert r.returncode == 2 and "not a model directory" in r.stderr
+    # this machine's MLX has no CUDA: NCCL hand-offs are refused at once, in one line
+    r = run_cli("run", str(tiny_models["llama"]), "--ranks", "2", "--handoff", "nccl", "-p", "hi")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "CUDA" in r.stderr
 
 
 def test_run_reports_a_killed_rank_and_exits(tiny_models):
