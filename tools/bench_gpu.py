@@ -210,16 +210,24 @@ def row_ours(model_dir: Path, ranks: int, tokens: int, concurrency: list[int], h
 
 
 def profile_summary(d: Path) -> dict:
-    """Medians over decode messages (one token) per rank, from MLXDIST_PROFILE files:
-    waiting for the header, building and queueing the step, and (sync mode) compute."""
+    """Medians per rank, from MLXDIST_PROFILE files: over decode messages (one token)
+    waiting for the header, building and queueing the step, and (sync mode) compute; over
+    lock-step ticks the rank computed in, blocking on the lagged control word and building."""
     out = {}
     for f in sorted(d.glob("rank*.tsv")):
-        rows = [line.split("\t") for line in f.read_text().splitlines()]
-        rows = [[float(x) for x in r] for r in rows if r[0] == "2" and r[1] == "1"]
-        if rows:
-            out[f.stem] = {name: statistics.median(r[i] for r in rows) * 1e3
-                           for i, name in ((2, "wait_ms"), (3, "build_ms"), (4, "compute_ms"))}
-            out[f.stem]["messages"] = len(rows)
+        lines = [line.split("\t") for line in f.read_text().splitlines()]
+        msgs = [[float(x) for x in r] for r in lines if r[0] == "2" and r[1] == "1"]
+        ticks = [[float(x) for x in r] for r in lines if r[0] == "8" and r[1] == "1"]
+        row: dict = {}
+        if msgs:
+            row = {name: statistics.median(r[i] for r in msgs) * 1e3
+                   for i, name in ((2, "wait_ms"), (3, "build_ms"), (4, "compute_ms"))}
+            row["messages"] = len(msgs)
+        if ticks:
+            row.update({"tick_wait_ms": statistics.median(r[2] for r in ticks) * 1e3,
+                        "tick_build_ms": statistics.median(r[3] for r in ticks) * 1e3, "ticks": len(ticks)})
+        if row:
+            out[f.stem] = row
     return out
 
 
@@ -359,17 +367,17 @@ def main() -> None:
             prof = Path(a.workdir) / "profile"
             log("ours 2"); res["mlxdist_2rank"] = _sub(two)
             log("ours 2 nccl"); res["mlxdist_2rank_nccl"] = _sub([*two, "--handoff", "nccl"])
-            # where the time goes: one decode step per stage, timestamps only, then with a
-            # sync after each stage's compute
-            for variant, env in (("profile", {}), ("profile_sync", {"MLXDIST_PROFILE_SYNC": "1"})):
-                if not a.profile:
-                    break
+            # where the time goes (--profile): one decode step per stage, timestamps only,
+            # then with a sync after each stage's compute; then the NCCL runs' ticks
+            variants = (("profile", {}, "messages"), ("profile_sync", {"MLXDIST_PROFILE_SYNC": "1"}, "messages"),
+                        ("nccl_profile", {}, "nccl"))
+            for variant, env, handoff in variants if a.profile else ():
                 vdir = prof / variant
                 vdir.mkdir(parents=True, exist_ok=True)
                 for f in vdir.glob("*.tsv"):
                     f.unlink()
                 log("ours 2", variant)
-                row = _sub(["ours", *common, "--ranks", "2", "--concurrency", "1"],
+                row = _sub(["ours", *common, "--ranks", "2", "--concurrency", "1", "--handoff", handoff],
                            {"MLXDIST_PROFILE": str(vdir), **env})
                 row["profile"] = profile_summary(vdir)
                 res[f"mlxdist_2rank_{variant}"] = row

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
-import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
 VOCAB = 259  # 256 bytes + <s> </s> <pad>

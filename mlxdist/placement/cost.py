@@ -176,7 +176,7 @@ def ep_times(p: Profile, cl: Cluster, cp: CostParams, group: tuple[str, ...], ow
 
     def step(tokens: int, pos_: int) -> tuple[float, float, list[float]]:
         # per layer the slowest rank sets the pace; dense layers run replicated
-        total, comm = 0.0, 0.0
+        total = 0.0
         busy = [0.0] * len(nodes)
         for i in range(p.L):
             ts = [p.busy_time(nd, cl, cp, i, i + 1, tokens, pos_, owned=owned[nd.name]) for nd in nodes]

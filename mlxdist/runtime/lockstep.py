@@ -31,6 +31,7 @@ on CPU, which is how the tests check it against mlx-lm.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -38,6 +39,7 @@ from typing import TYPE_CHECKING
 import mlx.core as mx
 import numpy as np
 
+from mlxdist.runtime.profile import StepProfile
 from mlxdist.runtime.wire import DTYPES, OP_ACK, OP_RUN, OP_TRIM, dtype_code, header
 
 if TYPE_CHECKING:
@@ -130,8 +132,10 @@ def follow_run(runner: "StageRunner", link: "RingLink", words: np.ndarray, dtype
     dtype = DTYPES[dtype_id]
     prev: mx.array | None = None
     unread: deque[mx.array] = deque()
+    prof = StepProfile(rank)
     tick, end = 0, None
     while True:
+        t0 = time.perf_counter()
         slot = plan.work_at(rank, tick, size)
         if slot is None:
             row = ex.hidden_row(None)
@@ -143,10 +147,12 @@ def follow_run(runner: "StageRunner", link: "RingLink", words: np.ndarray, dtype
         prev = ex.exchange(row)
         mx.async_eval(prev)
         unread.append(prev)
+        t1 = time.perf_counter()
         if len(unread) > LAG:  # the oldest tick is done or nearly: its control word is cheap to read
             announced = ex.end_of(unread.popleft())
             if announced >= 0:
                 end = announced
+        prof.tick(int(slot is not None), t1 - t0, time.perf_counter() - t1, t0)
         if end is not None and tick >= end:
             if tick != end:
                 raise RuntimeError(f"rank {rank}: run end {end} announced too late (tick {tick})")

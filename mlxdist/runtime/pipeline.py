@@ -23,7 +23,6 @@ block until the neighbour receives, and a ring of blocked senders would deadlock
 from __future__ import annotations
 
 import copy
-import os
 import queue
 import time
 from collections import deque
@@ -35,6 +34,7 @@ import numpy as np
 
 from mlxdist.runtime.api import SamplingParams
 from mlxdist.runtime.lockstep import follow_run, lead_run, run_candidates
+from mlxdist.runtime.profile import StepProfile
 from mlxdist.runtime.sampling import SlotSampler, decode_top, encode_params
 from mlxdist.runtime.stage import Stage
 from mlxdist.runtime.wire import (
@@ -107,27 +107,6 @@ def trim_caches(caches: list[Any], length: int) -> None:
     for c in caches:
         if c.offset > length:
             c.trim(c.offset - length)
-
-
-class StepProfile:
-    """With MLXDIST_PROFILE=DIR, a follower appends one line per message to DIR/rank<R>.tsv:
-    op, tokens, seconds waiting for the header, seconds building and queueing the step,
-    and, with MLXDIST_PROFILE_SYNC=1, seconds until its compute is done (that sync changes
-    the timing it measures: it splits compute from waiting), then the start time."""
-
-    def __init__(self, rank: int):
-        d = os.environ.get("MLXDIST_PROFILE")
-        self.sync = os.environ.get("MLXDIST_PROFILE_SYNC") == "1"
-        self.file = open(os.path.join(d, f"rank{rank}.tsv"), "a", buffering=1) if d else None
-
-    def row(self, op: int, n: int, t0: float, t1: float, outputs: Any) -> None:
-        if self.file is None:
-            return
-        t2 = t3 = time.perf_counter()
-        if self.sync:
-            mx.eval(outputs)
-            t3 = time.perf_counter()
-        self.file.write(f"{op}\t{n}\t{t1 - t0:.6f}\t{t2 - t1:.6f}\t{t3 - t2:.6f}\t{t0:.6f}\n")
 
 
 def follower_loop(runner: StageRunner, link: RingLink, hidden_size: int,
@@ -344,8 +323,16 @@ class Coordinator:
         return best, keep
 
     def _has_work(self) -> bool:
+        self._retire_finished()
         self._admit()
         return any(self._next_op(s) is not None for s in self.seqs.values())
+
+    def _retire_finished(self) -> None:
+        """Free (or retain) finished sequences before admitting new ones: a client that
+        sends its next turn as soon as it has the last token must find this one retained."""
+        if self.waiting:
+            for s in [s for s in self.seqs.values() if s.finished and not s.freed]:
+                self._send_free(s)
 
     def _next_op(self, s: Sequence) -> str | None:
         if s.finished:
@@ -359,6 +346,7 @@ class Coordinator:
         return "step"
 
     def _inject_one(self) -> bool:
+        self._retire_finished()
         self._admit()
         seqs = sorted(self.seqs.values(), key=lambda s: s.slot)
         n = len(seqs)
