@@ -24,12 +24,15 @@ def check_handoff(handoff: str, nodes: bool = False, expert_parallel: bool = Fal
                         "cluster nodes take messages or collective")
     if handoff != "messages" and expert_parallel:
         raise UserError("--handoff is for pipeline stages; --expert-parallel has its own collectives")
-    if handoff == "nccl":
+    if handoff in ("nccl", "collective") and not nodes:
         import mlx.core as mx
 
-        if not mx.cuda.is_available():
+        if handoff == "nccl" and not mx.cuda.is_available():
             raise UserError("--handoff nccl needs MLX's CUDA build and one NVIDIA GPU per rank; "
                             "on Macs and CPUs use messages (the default)")
+        if handoff == "collective" and mx.cuda.is_available():
+            raise UserError("--handoff collective is refused on CUDA GPUs (its all_sum would cross "
+                            "CPU<->GPU events every step): use --handoff nccl")
 
 
 @dataclass(frozen=True)

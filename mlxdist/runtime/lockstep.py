@@ -165,9 +165,11 @@ def run_candidates(coord: "Coordinator") -> list["Sequence"]:
     """Sequences a run can take: all of them when every one is decoding (none setting up,
     prefilling or waiting to be freed, none asking for top logprobs), their caches
     trimmable. Otherwise [] and the message protocol goes on."""
-    if coord.link is None or coord.link.collective is None or coord.inflight or coord.stopping:
+    if coord.link is None or coord.link.collective is None or coord.stopping:
         return []
     coord._admit()  # whoever still waits has no slot: a run does not hold them up
+    if coord.inflight:  # the ring must be quiet (admitting may have sent a FREE)
+        return []
     seqs = sorted(coord.seqs.values(), key=lambda s: s.slot)
     if not seqs or any(coord._next_op(s) != "step" or s.logprobs for s in seqs):
         return []
@@ -238,7 +240,8 @@ def lead_run(coord: "Coordinator", seqs: list["Sequence"]) -> None:
     coord.stats["ticks"] = coord.stats.get("ticks", 0) + tick + 1
 
     # Passes cut off by the end left entries in some ranks' caches: cut every continuing
-    # slot back to what its emitted tokens account for (finished ones are freed anyway).
+    # slot back to what its emitted tokens account for (a finished one is freed, or kept
+    # for its prefix, which a reuse cuts to the part its tokens account for).
     keep = [(s.slot, base[s.slot] + passes[s.slot]) for s in seqs if not s.finished]
     if keep:
         words = [w for pair in keep for w in pair]
@@ -252,5 +255,6 @@ def _should_end(coord: "Coordinator", seqs: list["Sequence"]) -> bool:
     coord._drain_commands(block=False)
     if coord.stopping or any(s.finished for s in seqs):
         return True
-    coord._admit()
-    return len(coord.seqs) != len(seqs)  # a new request has a slot: it needs its prefill
+    # a new request that can start needs its prefill (admitted after the run: admitting may
+    # free slots, and no message may cross the ring while it runs)
+    return bool(coord.waiting) and len(coord.seqs) < coord.max_slots

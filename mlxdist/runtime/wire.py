@@ -5,6 +5,9 @@ payload array whose shape and dtype the header gives:
 
     [op, slot, n, flags, dtype, token, logprob_bits, tag]
 
+(words 5 and 6 are the kept prefix and its source slot in a SETUP with FLAG_REUSE). Ops
+RUN and TRIM start and close a lock-step decode run (lockstep.py).
+
 rank r sends only to r+1 and receives only from r-1 (mod N), which is all the ring and
 jaccl backends allow; the last stage's reply to rank 0 is the ring's wrap-around link.
 """
