@@ -55,6 +55,7 @@ class WorkerGroupBackend:
         self.last_seen: dict[int, float] = {}
         self.ready: set[int] = set()
         self.errors: dict[int, str] = {}  # what a worker said before it went
+        self.rank0_stats: dict[str, Any] = {}
         self.failure: str | None = None
         self.closing = False
         self._on_event: Callable[[dict], None] = lambda ev: None
@@ -116,7 +117,9 @@ class WorkerGroupBackend:
             pass  # the reader notices the lost connection and reports it
 
     def stats(self) -> dict[str, Any]:
-        return {"ranks": self.n}
+        """Rank 0's counters as of the last finished request (tokens, steps, runs, ticks,
+        reused_tokens, ...), and the number of ranks."""
+        return {**self.rank0_stats, "ranks": self.n}
 
     def _read(self, rank: int, chan: Channel) -> None:
         while True:
@@ -149,6 +152,8 @@ class WorkerGroupBackend:
                 text = f"rank {rank} on {self.hosts[rank]} failed: {msg.get('msg')}"
                 threading.Timer(1.0, self._fail, args=(text,)).start()
             elif t in ("token", "end"):
+                if t == "end" and isinstance(msg.get("stats"), dict):
+                    self.rank0_stats = msg.pop("stats")
                 self._on_event(msg)
 
     def _check_exits(self) -> None:

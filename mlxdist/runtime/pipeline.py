@@ -434,7 +434,7 @@ class Coordinator:
     def _send_free(self, s: Sequence) -> None:
         s.freed = True
         del self.seqs[s.slot]
-        self.emit({"t": "end", "id": s.req_id})
+        self.emit({"t": "end", "id": s.req_id, "stats": dict(self.stats)})  # counters for /metrics
         # the caches hold the prompt and every generated token but the last (never fed);
         # anything past that (a chained or lock-step step after the end) is trimmed on reuse
         held = s.prompt[:s.pos] + s.tokens[:-1]
