@@ -311,8 +311,13 @@ def make_backend(source: Any, ranks: int, opts: dict[str, Any]) -> Any:
         return InProcessBackend(source, max_concurrent, prefill_step, prompt_cache)
     from mlxdist.runtime.group import WorkerGroupBackend
 
+    launcher = opts.get("launcher")
+    if launcher is None and opts.get("handoff") == "nccl":  # local ranks, one GPU each
+        from mlxdist.runtime.launcher import LocalLauncher, one_gpu_per_rank
+
+        launcher = LocalLauncher(rank_env=one_gpu_per_rank(ranks, os.environ.get("CUDA_VISIBLE_DEVICES")))
     return WorkerGroupBackend(source, max_concurrent=max_concurrent, prefill_step=prefill_step,
-                              backend=opts.get("backend", "ring"), launcher=opts.get("launcher"),
+                              backend=opts.get("backend", "ring"), launcher=launcher,
                               heartbeat_timeout_s=float(opts.get("heartbeat_timeout_s", 5.0)),
                               startup_timeout_s=float(opts.get("startup_timeout_s", 300.0)),
                               handoff=str(opts.get("handoff", "messages")), prompt_cache=prompt_cache)

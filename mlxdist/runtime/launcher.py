@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
+from mlxdist.errors import UserError
+
 
 @dataclass(frozen=True)
 class WorkerSpec:
@@ -77,6 +79,15 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def one_gpu_per_rank(ranks: int, visible: str | None) -> Callable[[int], dict[str, str]]:
+    """Each rank's environment when every rank needs its own GPU (NCCL refuses two ranks
+    on one): rank r gets the r-th GPU this process may use (CUDA_VISIBLE_DEVICES, else 0, 1, ...)."""
+    ids = [v.strip() for v in (visible or "").split(",") if v.strip()] or [str(r) for r in range(ranks)]
+    if len(ids) < ranks:
+        raise UserError(f"{ranks} ranks need a GPU each for NCCL; CUDA_VISIBLE_DEVICES lists {len(ids)}")
+    return lambda rank: {"CUDA_VISIBLE_DEVICES": ids[rank]}
 
 
 class LocalLauncher:

@@ -123,3 +123,15 @@ def test_top_logprobs_fall_back_to_messages(tiny_models):
     with open_engine(path, ranks=2, split=[4, 2], handoff="collective") as eng:
         events = list(eng.submit(GenerationRequest(tuple(PROMPT), 4, logprobs=3)))
     assert [[i for i, _ in ev.top_logprobs] for ev in events] == [[i for i, _ in want] for want in ref]
+
+
+def test_nccl_ranks_get_a_gpu_each():
+    """`handoff="nccl"` with local ranks: rank r sees only the r-th usable GPU."""
+    from mlxdist.errors import UserError
+    from mlxdist.runtime.launcher import one_gpu_per_rank
+
+    assert [one_gpu_per_rank(2, None)(r) for r in range(2)] == [{"CUDA_VISIBLE_DEVICES": "0"},
+                                                                {"CUDA_VISIBLE_DEVICES": "1"}]
+    assert [one_gpu_per_rank(2, "4, 6,7")(r)["CUDA_VISIBLE_DEVICES"] for r in range(2)] == ["4", "6"]
+    with pytest.raises(UserError, match="2 ranks need a GPU each"):
+        one_gpu_per_rank(2, "3")
