@@ -32,7 +32,8 @@ import mlx.nn as nn
 import numpy as np
 
 from mlxdist.runtime.expert_parallel import expert_parallel, is_moe_block, split_experts
-from mlxdist.runtime.pipeline import Coordinator, StageRunner, copy_caches
+from mlxdist.runtime.pipeline import Coordinator, StageRunner
+from mlxdist.runtime.prefix_cache import copy_caches
 from mlxdist.runtime.profile import StepProfile
 from mlxdist.runtime.stage import Stage
 from mlxdist.runtime.wire import (

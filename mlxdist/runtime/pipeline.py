@@ -22,7 +22,6 @@ block until the neighbour receives, and a ring of blocked senders would deadlock
 
 from __future__ import annotations
 
-import copy
 import queue
 import time
 from collections import deque
@@ -34,6 +33,7 @@ import numpy as np
 
 from mlxdist.runtime.api import SamplingParams
 from mlxdist.runtime.lockstep import follow_run, lead_run, run_candidates
+from mlxdist.runtime.prefix_cache import RetainedPrefixes, copy_caches, trim_caches
 from mlxdist.runtime.profile import StepProfile
 from mlxdist.runtime.sampling import SlotSampler, decode_top, encode_params
 from mlxdist.runtime.stage import Stage
@@ -82,31 +82,6 @@ class StageRunner:
         if self.stage.spec.is_last:  # prompt chunk: only the cache matters (as in mlx-lm)
             return [c.state for c in cache]
         return h
-
-
-def copy_caches(caches: list[Any], length: int) -> list[Any]:
-    """Caches that start as `caches` cut to `length` positions and then go their own way.
-    Each array gets a new object: mlx-lm caches write into their arrays in place, which
-    would otherwise change the source too."""
-    out = []
-    for c in caches:
-        c2 = copy.copy(c)
-        for name, value in vars(c).items():
-            if isinstance(value, mx.array):
-                setattr(c2, name, mx.array(value))
-            elif isinstance(value, (tuple, list)) and value and all(isinstance(v, mx.array) for v in value):
-                setattr(c2, name, type(value)(mx.array(v) for v in value))
-        out.append(c2)
-    trim_caches(out, length)
-    return out
-
-
-def trim_caches(caches: list[Any], length: int) -> None:
-    """Drop every position past `length` (a lock-step run's cut-off passes, or the part of
-    a retained sequence a new prompt does not share)."""
-    for c in caches:
-        if c.offset > length:
-            c.trim(c.offset - length)
 
 
 def follower_loop(runner: StageRunner, link: RingLink, hidden_size: int,
@@ -220,7 +195,7 @@ class Coordinator:
         self.max_inflight = self.num_stages + 1
         self.seqs: dict[int, Sequence] = {}
         self.free_slots = list(range(self.max_slots + self.prompt_cache - 1, -1, -1))
-        self.retained: dict[int, list[int]] = {}  # slot -> the tokens its caches hold; oldest first
+        self.retained = RetainedPrefixes()
         self.waiting: deque[dict] = deque()
         self.inflight: deque[_InFlight] = deque()
         self.stopping = False
@@ -236,7 +211,7 @@ class Coordinator:
                 continue
             self._drain_commands(block=idle)
             if self.stopping and not self.inflight and not self.seqs:
-                for slot in list(self.retained):  # every rank drops its caches as it stops
+                for slot in self.retained:  # every rank drops its caches as it stops
                     self.runner.free(slot)
                 self._shutdown_ring()
                 return
@@ -292,35 +267,22 @@ class Coordinator:
                 s.finished = True
 
     def _admit(self) -> None:
+        # Slots are max_slots + prompt_cache: with fewer than max_slots active and at most
+        # prompt_cache retained one is free, unless retained sources wait for their copy.
         while self.waiting and len(self.seqs) < self.max_slots and not self.stopping:
             if not self.free_slots and not self._evict_retained(len(self.retained) - 1):
                 return  # every retained slot is the source of a prefix not yet copied
             c = self.waiting.popleft()
             p = c.get("params") or {}
             prompt = list(c["prompt"])
-            source, keep = self._find_prefix(prompt)
+            source, keep = self.retained.find(prompt)
+            if keep:
+                self.stats["reused_tokens"] = self.stats.get("reused_tokens", 0) + keep
             seq = Sequence(req_id=c["id"], slot=self.free_slots.pop(), prompt=prompt, pos=keep, reused=keep,
-                           source=source,
-                           max_tokens=int(c["max_tokens"]), params=SamplingParams(**p),
+                           source=source, max_tokens=int(c["max_tokens"]), params=SamplingParams(**p),
                            seed=int(c["seed"]), stop_ids=frozenset(c.get("stop_ids", ())),
                            logprobs=int(c.get("logprobs", 0)))
             self.seqs[seq.slot] = seq
-
-    def _find_prefix(self, prompt: list[int]) -> tuple[int, int]:
-        """The retained slot whose tokens share the longest prefix with `prompt` (at least
-        one token, and never the last: it must be fed to sample) and that length; (0, 0)
-        when none does. The new sequence gets a copy, so one retained system prompt serves
-        any number of requests. (A free slot always exists for it: slots are max_slots +
-        prompt_cache, at most max_slots - 1 others are active, at most prompt_cache retained.)"""
-        best, keep = 0, 0
-        for slot, held in self.retained.items():
-            n = _common_prefix(prompt, held, len(prompt) - 1)
-            if n > keep:
-                best, keep = slot, n
-        if keep:
-            self.retained[best] = self.retained.pop(best)  # most recently used now
-            self.stats["reused_tokens"] = self.stats.get("reused_tokens", 0) + keep
-        return best, keep
 
     def _has_work(self) -> bool:
         self._retire_finished()
@@ -440,7 +402,7 @@ class Coordinator:
         held = s.prompt[:s.pos] + s.tokens[:-1]
         if (self.prompt_cache and s.setup_sent and held and not self.stopping
                 and all(c.is_trimmable() for c in self.runner.caches[s.slot])):
-            self.retained[s.slot] = held
+            self.retained.add(s.slot, held)
             self._evict_retained(self.prompt_cache)
             return
         self._free_slot(s.slot)
@@ -449,17 +411,13 @@ class Coordinator:
         """Free the least recently used retained slots until `keep` are left, sparing the
         sources of prefixes that a waiting SETUP is still to copy; True if any went."""
         pinned = {s.source for s in self.seqs.values() if s.reused and not s.setup_sent}
-        freed = False
-        while len(self.retained) > keep:
-            victim = next((slot for slot in self.retained if slot not in pinned), None)
-            if victim is None:
-                break
-            self._free_slot(victim)
-            freed = True
-        return freed
+        victims = self.retained.victims(keep, pinned)
+        for slot in victims:
+            self._free_slot(slot)
+        return bool(victims)
 
     def _free_slot(self, slot: int) -> None:
-        self.retained.pop(slot, None)
+        self.retained.discard(slot)
         self.runner.free(slot)
         if self.link is not None:
             mx.async_eval(self.link.send(header(OP_FREE, slot)))
@@ -525,10 +483,3 @@ class Coordinator:
             s.finished = True
 
 
-
-def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
-    n = min(len(a), len(b), limit)
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n

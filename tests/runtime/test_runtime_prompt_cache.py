@@ -82,6 +82,25 @@ def test_one_prefix_serves_concurrent_requests(tiny_models):
     assert _reused(eng) == 2 * len(FIRST) + len(turns[0]) - 1
 
 
+def test_retained_prefixes_bookkeeping():
+    """Longest shared prefix wins, never the prompt's last token; hits become most recently
+    used; eviction takes the least recently used, sparing pinned sources."""
+    from mlxdist.runtime.prefix_cache import RetainedPrefixes
+
+    r = RetainedPrefixes()
+    r.add(3, [1, 2, 3, 4])
+    r.add(5, [1, 2, 9])
+    assert r.find([1, 2, 3, 4]) == (3, 3)  # the last token must be fed: 3 of 4
+    assert r.find([1, 2, 9, 9]) == (5, 3)
+    assert r.find([7, 1]) == (0, 0)
+    assert r.find([1]) == (0, 0)
+    assert list(r) == [3, 5]  # 5 was used last
+    assert r.victims(1, pinned=set()) == [3]
+    assert r.victims(1, pinned={3}) == [5]
+    assert r.victims(0, pinned={3}) == [5]
+    assert r.victims(2, pinned=set()) == []
+
+
 def test_off_by_default(tiny_models):
     path = tiny_models["llama"]
     with open_engine(path) as eng:
