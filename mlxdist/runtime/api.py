@@ -24,15 +24,27 @@ def check_handoff(handoff: str, nodes: bool = False, expert_parallel: bool = Fal
                         "cluster nodes take messages or collective")
     if handoff != "messages" and expert_parallel:
         raise UserError("--handoff is for pipeline stages; --expert-parallel has its own collectives")
-    if handoff in ("nccl", "collective") and not nodes:
-        import mlx.core as mx
+    if not nodes and (problem := handoff_problem(handoff)):
+        raise UserError(problem)
 
-        if handoff == "nccl" and not mx.cuda.is_available():
-            raise UserError("--handoff nccl needs MLX's CUDA build and one NVIDIA GPU per rank; "
-                            "on Macs and CPUs use messages (the default)")
-        if handoff == "collective" and mx.cuda.is_available():
-            raise UserError("--handoff collective is refused on CUDA GPUs (its all_sum would cross "
-                            "CPU<->GPU events every step): use --handoff nccl")
+
+def handoff_problem(handoff: str) -> str | None:
+    """Why `handoff` cannot run with this machine's MLX, or None. The workers check the
+    same (worker.py); the CLI asks first so that nothing loads for nothing."""
+    if handoff not in ("nccl", "collective"):
+        return None
+    import mlx.core as mx
+
+    if handoff == "nccl" and not mx.cuda.is_available():
+        return ("--handoff nccl needs MLX's CUDA build and one NVIDIA GPU per rank; "
+                "on Macs and CPUs use messages (the default)")
+    if handoff == "collective" and mx.cuda.is_available():
+        # over the ring group each tick's all_sum would cross CPU<->GPU events, which the
+        # runs exist to avoid, and a lone stream on one shared H100 did not finish its run
+        # in minutes (docs/performance.md): refused rather than risk a hang
+        return ("--handoff collective is refused on CUDA GPUs (its all_sum would cross "
+                "CPU<->GPU events every step): use --handoff nccl")
+    return None
 
 
 @dataclass(frozen=True)

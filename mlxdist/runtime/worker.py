@@ -22,13 +22,8 @@ import time
 import traceback
 from typing import Callable
 
+from mlxdist.runtime.api import HANDOFFS, handoff_problem
 from mlxdist.runtime.control import HEARTBEAT_INTERVAL_S, Channel, connect
-
-HANDOFFS = ("messages", "collective", "nccl")
-# Over the ring group on CUDA every tick crosses CPU<->GPU events, which is what the runs
-# are meant to avoid, and a lone stream on two ranks sharing one H100 did not finish its
-# run in minutes (docs/performance.md): refused rather than risk a hang.
-CUDA_COLLECTIVE = "--handoff collective is refused on CUDA GPUs: use --handoff nccl (one GPU per rank)"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -176,12 +171,11 @@ def _collective_group(a: argparse.Namespace, group):
     """The group lock-step runs sum over (lockstep.py), or None for ring messages only."""
     if a.handoff == "messages":
         return None
-    import mlx.core as mx
-
+    if problem := handoff_problem(a.handoff):
+        raise RuntimeError(problem)
     if a.handoff == "collective":
-        if mx.cuda.is_available():
-            raise RuntimeError(CUDA_COLLECTIVE)
         return group
+    import mlx.core as mx
 
     host, port = a.nccl.rsplit(":", 1)
     os.environ.update(NCCL_HOST_IP=host, NCCL_PORT=port, MLX_WORLD_SIZE=str(a.ranks))
