@@ -121,6 +121,23 @@ def reference_top_logprobs(path: Path, prompt: list[int], max_tokens: int, k: in
     return out
 
 
+def tokens_across_a_kill(eng, rank: int, prompt: list[int], max_tokens: int, before: int) -> list[int]:
+    """Generate greedily, SIGKILL worker `rank` after `before` tokens (checking it died
+    mid-generation, not after) and return every token the request ends with: the engine's
+    failure hook is expected to carry it over to a new group."""
+    import signal
+
+    from mlxdist.runtime.api import GenerationRequest
+
+    pid = eng._backend.launcher.procs[rank].pid
+    events = iter(eng.submit(GenerationRequest(tuple(prompt), max_tokens)))
+    got = [next(events).token for _ in range(before)]
+    os.kill(pid, signal.SIGKILL)
+    (state,) = eng.in_flight_state()  # killed mid-generation, not after
+    assert len(state["generated"]) < max_tokens
+    return got + [ev.token for ev in events if ev.token is not None]
+
+
 def drain_concurrently(handles: list, timeout: float = 120) -> list[list[int]]:
     """Read every request handle's tokens at once, one thread each (as concurrent clients
     would), and return them in the handles' order."""

@@ -5,13 +5,11 @@ equals one rank; a lost rank is reported and regroup carries the request over.""
 
 from __future__ import annotations
 
-import os
-import signal
 import sys
 from pathlib import Path
 
 import pytest
-from runtime_helpers import ROOT, drain_concurrently, reference_tokens, run_cli, tiny_models  # noqa: F401 (fixture)
+from runtime_helpers import ROOT, drain_concurrently, reference_tokens, run_cli, tiny_models, tokens_across_a_kill  # noqa: F401 (fixture)
 
 from mlxdist.errors import UserError
 from mlxdist.runtime.api import GenerationRequest, SamplingParams
@@ -115,14 +113,7 @@ def test_lost_rank_regroups_and_finishes(tiny_deepseek):
     eng = open_engine(tiny_deepseek, ranks=3, expert_parallel=True, heartbeat_timeout_s=3.0,
                       on_failure=lambda e, msg: e.regroup(ranks=2))
     try:
-        pid = eng._backend.launcher.procs[2].pid
-        events = iter(eng.submit(GenerationRequest(tuple(PROMPT), 100)))
-        got = [next(events).token for _ in range(3)]
-        os.kill(pid, signal.SIGKILL)
-        (state,) = eng.in_flight_state()  # killed mid-generation, not after
-        assert len(state["generated"]) < 100
-        got += [ev.token for ev in events if ev.token is not None]
-        assert got == ref
+        assert tokens_across_a_kill(eng, 2, PROMPT, 100, before=3) == ref
         assert len(eng._backend.hosts) == 2 and eng.failure is None
     finally:
         eng.close()

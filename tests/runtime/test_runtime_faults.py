@@ -8,7 +8,7 @@ import signal
 import time
 
 import pytest
-from runtime_helpers import reference_tokens, tiny_models  # noqa: F401 (fixture)
+from runtime_helpers import reference_tokens, tiny_models, tokens_across_a_kill  # noqa: F401 (fixture)
 
 from mlxdist.runtime.api import GenerationRequest
 from mlxdist.runtime.engine import open_engine
@@ -68,14 +68,7 @@ def test_regroup_hook_carries_requests_over(tiny_models):
     eng = open_engine(path, ranks=3, split=[2, 2, 2], heartbeat_timeout_s=3.0,
                       on_failure=lambda e, msg: e.regroup(ranks=2, split=[3, 3]))
     try:
-        pid = eng._backend.launcher.procs[1].pid
-        events = iter(eng.submit(GenerationRequest(tuple(prompt), 200)))
-        got = [next(events).token for _ in range(5)]
-        os.kill(pid, signal.SIGKILL)
-        (state,) = eng.in_flight_state()  # killed mid-generation, not after
-        assert len(state["generated"]) < 200
-        got += [ev.token for ev in events if ev.token is not None]
-        assert got == ref
+        assert tokens_across_a_kill(eng, 1, prompt, 200, before=5) == ref
         assert len(eng._backend.hosts) == 2 and eng.failure is None
     finally:
         eng.close()
