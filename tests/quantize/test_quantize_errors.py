@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -97,30 +98,28 @@ def test_out_under_a_file(llama_ckpt, tmp_path):
     assert r.returncode != 0 and r.stderr.startswith("mlxdist: error: ") and len(r.stderr.strip().splitlines()) == 1
 
 
-def _mount_tmpfs(path, options):
+@contextlib.contextmanager
+def _tmpfs(path, options):
+    """A tmpfs mounted at `path` for the block, unmounted after it."""
     path.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
 
 
 @needs_root
 def test_out_not_writable(llama_ckpt, tmp_path):
-    mnt = tmp_path / "ro"
-    _mount_tmpfs(mnt, "size=1m,ro")
-    try:
+    with _tmpfs(tmp_path / "ro", "size=1m,ro") as mnt:
         _fails(mnt / "out", str(llama_ckpt), match="cannot write")
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
 
 
 @needs_root
 def test_disk_full(llama_ckpt, tmp_path):
-    mnt = tmp_path / "small"
-    _mount_tmpfs(mnt, "size=256k")
-    try:
+    with _tmpfs(tmp_path / "small", "size=256k") as mnt:
         _fails(mnt / "out", str(llama_ckpt), match="disk full")
         assert not (mnt / "out" / "stages").exists()
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
 
 
 def test_missing_expert(deepseek_ckpt, tmp_path):
