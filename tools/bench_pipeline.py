@@ -175,7 +175,7 @@ def main() -> None:
         for r, d in aggregate.items()}
     res["collective_tok_s"] = {
         str(r): {str(s): {"tok_s": round(v, 2),
-                          "vs_messages": round(v / (single[r] if s == 1 else aggregate[r][s]), 3)}
+                          "vs_messages": round(v / aggregate[r][s], 3)}
                  for s, v in d.items()} for r, d in lockstep.items()}
     # a tick sums an [N, hidden + 4] float32 buffer; a token takes N ticks
     res["collective_bytes_per_tick"] = {str(r): r * (hidden + 4) * 4 for r in lockstep}
