@@ -84,6 +84,24 @@ class TokenEvent:
     top_logprobs: tuple[tuple[int, float], ...] = ()
 
 
+@dataclass(frozen=True)
+class Health:
+    """What `GET /health` reports: "ok"; "degraded" while the engine rebuilds its ranks
+    (requests wait, then continue); "down" when it cannot serve. `reason` says why."""
+
+    status: str
+    reason: str = ""
+
+
+def engine_health(engine: object) -> Health:
+    """An engine's health; one without `health()` is judged by its `failure`."""
+    probe = getattr(engine, "health", None)
+    if callable(probe):
+        return probe()
+    failure = getattr(engine, "failure", None)
+    return Health("down", str(failure)) if failure else Health("ok")
+
+
 class RequestHandle(Protocol):
     request_id: int
 
@@ -104,6 +122,8 @@ class Engine(Protocol):
     def submit(self, request: GenerationRequest) -> RequestHandle: ...
 
     def stats(self) -> dict[str, float]: ...
+
+    def health(self) -> Health: ...
 
     def close(self) -> None: ...
 

@@ -13,9 +13,11 @@ is lost (the cluster's re-placement hook).
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import queue
 import random
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -23,7 +25,13 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from mlxdist.errors import UserError
-from mlxdist.runtime.api import GenerationRequest, SamplingParams, TokenEvent
+from mlxdist.runtime.api import GenerationRequest, Health, SamplingParams, TokenEvent
+
+
+SEED_RANGE = 1 << 62
+MAX_RESTARTS = 5  # group restarts within RESTART_WINDOW_S before giving up (a crash loop)
+RESTART_WINDOW_S = 600.0
+MAX_REPLAYS = 2  # failures a request may be in flight through; then it ends with the error
 
 
 @dataclass
@@ -38,6 +46,7 @@ class _Request:
     sent: int = 0  # characters of `text` already handed out
     done: bool = False
     started: float = field(default_factory=time.monotonic)
+    replays: int = 0  # group failures this request was in flight through
 
 
 class RequestHandleImpl:
@@ -77,6 +86,9 @@ class Engine:
         self._stats = {"requests": 0, "tokens": 0, "started": time.monotonic()}
         self._eos = set(tokenizer.eos_token_ids or ())
         self._opts = dict(opts or {})
+        self._healing: str | None = None  # why the group is being rebuilt, while it is
+        self._restarts: list[float] = []  # when the group was restarted (crash-loop window)
+        self.events_log: list[dict] = []  # restarts and give-ups, newest last (for /health)
         self._attach(backend)
 
     def _attach(self, backend: Any) -> None:
@@ -96,17 +108,20 @@ class Engine:
         if len(request.prompt_tokens) + request.max_tokens > self.context_length:
             raise ValueError(f"prompt ({len(request.prompt_tokens)} tokens) + max_tokens "
                              f"({request.max_tokens}) exceeds the context length {self.context_length}")
-        seed = request.sampling.seed if request.sampling.seed is not None else random.getrandbits(62)
+        seed = request.sampling.seed
+        # the stages take 62 bits of seed; any integer maps onto them (negative, 2**70, ...)
+        seed = seed % SEED_RANGE if seed is not None else random.getrandbits(62)
         r = _Request(request, next(self._ids), seed)
         r.detok = self.tokenizer.detokenizer
         r.detok.reset()
-        with self._lock:
-            self._requests[r.req_id] = r
-            self._stats["requests"] += 1
-        if request.max_tokens <= 0:
-            self._finish(r, TokenEvent(None, "", finish_reason="length"))
-            return RequestHandleImpl(self, r)
-        self._send_add(r, list(request.prompt_tokens), request.max_tokens)
+        with self._events_lock:  # a restart re-sends what is registered: send here or there, once
+            with self._lock:
+                self._requests[r.req_id] = r
+                self._stats["requests"] += 1
+            if request.max_tokens <= 0:
+                self._finish(r, TokenEvent(None, "", finish_reason="length"))
+            elif self._healing is None:
+                self._send_add(r, list(request.prompt_tokens), request.max_tokens)
         return RequestHandleImpl(self, r)
 
     def _send_add(self, r: _Request, prompt: list[int], max_tokens: int) -> None:
@@ -152,7 +167,7 @@ class Engine:
     def close(self) -> None:
         if self._closed:
             return
-        self._closed = True
+        self._closed = True  # a restart in progress stops at its next step
         with self._events_lock:
             for r in list(self._requests.values()):
                 if not r.done:
@@ -178,7 +193,14 @@ class Engine:
 
     def _on_event(self, ev: dict) -> None:
         with self._events_lock:
-            self._on_event_locked(ev)
+            try:
+                self._on_event_locked(ev)
+            except Exception as e:  # noqa: BLE001 - e.g. the detokenizer: this request ends, not the engine
+                r = self._requests.get(ev.get("id", -1))
+                if r is not None and not r.done:
+                    self._finish(r, TokenEvent(None, "", finish_reason="error",
+                                               error=f"generation failed: {type(e).__name__}: {e}"))
+                    self._backend.send({"t": "cancel", "id": r.req_id})
 
     def _on_event_locked(self, ev: dict) -> None:
         r = self._requests.get(ev.get("id", -1))
@@ -193,6 +215,12 @@ class Engine:
         if ev["t"] != "token" or r.done:
             return
         token, logprob = int(ev["tok"]), float(ev["lp"])
+        if math.isnan(logprob):  # the model gave NaN logits, or the sampler refused this request
+            self._finish(r, TokenEvent(None, self._flush(r), finish_reason="error",
+                                       error="generation failed: the model produced NaN, or the sampler "
+                                             "refused this request's parameters (see the last rank's log)"))
+            self._backend.send({"t": "cancel", "id": r.req_id})
+            return
         top = tuple((int(i), float(v)) for i, v in ev.get("top", ()))
         r.generated.append(token)
         self._stats["tokens"] += 1
@@ -233,12 +261,86 @@ class Engine:
         r.done = True
         r.events.put(ev)
 
+    def health(self) -> Health:
+        """ok; degraded while the group is being rebuilt (with why); down once it failed
+        for good or was closed."""
+        if self._closed:
+            return Health("down", "the engine is closed")
+        if self._failed:
+            return Health("down", self._failed)
+        if self._healing is not None:
+            return Health("degraded", f"restarting the ranks after: {self._healing}")
+        return Health("ok")
+
     def _group_failed(self, message: str) -> None:
         hook = self._opts.get("on_failure")
-        if hook is None:
-            self.fail(message)
-        else:
+        if hook is not None:
             threading.Thread(target=hook, args=(self, message), daemon=True).start()
+        elif self._opts.get("restart", self._opts.get("launcher") is None):
+            with self._events_lock:
+                if self._healing is not None or self._closed:
+                    return
+                self._healing = message
+            threading.Thread(target=self._heal, args=(message,), daemon=True, name="mlxdist-heal").start()
+        else:
+            self.fail(message)
+
+    def _heal(self, message: str) -> None:
+        """Restart the group on this machine (same ranks and split) and carry the requests
+        over (regroup). Failures close together back off (1, 2, 4 ... s); more than
+        MAX_RESTARTS within RESTART_WINDOW_S is a crash loop: give up and say so."""
+        reason = message
+        while not self._closed:
+            now = time.monotonic()
+            self._restarts = [t for t in self._restarts if now - t < RESTART_WINDOW_S] + [now]
+            n = len(self._restarts)
+            if n > MAX_RESTARTS:
+                why = (f"the ranks failed {n} times within {RESTART_WINDOW_S / 60:.0f} minutes "
+                       f"(a crash loop); not restarting again. Last failure: {reason}")
+                self._log_event("gave_up", why)
+                self._healing = None
+                self.fail(why)
+                return
+            delay = 0.0 if n == 1 else min(30.0, 2.0 ** (n - 2))
+            self._log_event("restarting", reason, delay_s=delay)
+            print(f"mlxdist: {reason}; restarting the ranks" + (f" in {delay:.0f} s" if delay else ""),
+                  file=sys.stderr, flush=True)
+            if delay and self._closed_wait(delay):
+                return
+            t0 = time.monotonic()
+            try:
+                self._drop_replayed(message)
+                self.regroup()
+            except Exception as e:  # noqa: BLE001 - try again, backing off
+                reason = f"restart failed: {type(e).__name__}: {e}"
+                continue
+            self._log_event("restarted", message, seconds=round(time.monotonic() - t0, 2))
+            print(f"mlxdist: ranks restarted in {time.monotonic() - t0:.1f} s", file=sys.stderr, flush=True)
+            return
+
+    def _closed_wait(self, seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if self._closed:
+                return True
+            time.sleep(0.1)
+        return self._closed
+
+    def _drop_replayed(self, message: str) -> None:
+        """A request in flight through MAX_REPLAYS failures may be what kills the ranks:
+        end it with the error instead of feeding it to the next group too."""
+        with self._events_lock:
+            for r in list(self._requests.values()):
+                if r.done:
+                    continue
+                r.replays += 1
+                if r.replays > MAX_REPLAYS:
+                    self._finish(r, TokenEvent(None, self._flush(r), finish_reason="error",
+                                               error=f"the ranks failed {r.replays} times while this request "
+                                                     f"ran; giving it up ({message})"))
+
+    def _log_event(self, kind: str, message: str, **extra: Any) -> None:
+        self.events_log = (self.events_log + [{"t": time.time(), "event": kind, "message": message, **extra}])[-50:]
 
     def regroup(self, model_path: str | os.PathLike | None = None, ranks: int | None = None,
                 split: Sequence[int] | None = None, **opts: Any) -> None:
@@ -257,6 +359,7 @@ class Engine:
         backend = make_backend(source, n, self._opts)
         with self._events_lock:
             self._failed = None
+            self._healing = None
             self._attach(backend)
             for r in list(self._requests.values()):
                 if not r.done:

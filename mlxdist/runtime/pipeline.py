@@ -337,6 +337,7 @@ class Coordinator:
         n = min(self.prefill_step, len(s.prompt) - s.pos - 1)
         tokens = s.prompt[s.pos:s.pos + n]
         s.pos += n
+        self.stats["prefill_chunks"] = self.stats.get("prefill_chunks", 0) + 1
         self._forward(s, tokens, sample=False, large=n > 1)
 
     def _send_step(self, s: Sequence) -> None:
@@ -439,6 +440,12 @@ class Coordinator:
         f = self.inflight.popleft()
         if self.link is None:
             if not f.sample:
+                # a prompt chunk: wait for it, so that the next one is sent (or, once the
+                # request is cancelled, not sent) only after it; otherwise every chunk of
+                # every prompt would be queued on the device at once and a cancel could not
+                # cut the prefill short
+                if f.local is not None:
+                    mx.eval(f.local)
                 return
             token_arr, lp_arr, top_arr = f.local
             token, logprob = int(token_arr.item()), float(lp_arr.item())

@@ -9,6 +9,7 @@ are mlx-lm's own functions, applied in mlx-lm's order.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -55,7 +56,21 @@ class SlotSampler:
 
     def sample(self, logits: mx.array) -> tuple[mx.array, mx.array, mx.array | None]:
         """logits [1, V] -> (token [1] int32, its logprob [1] float32, and when asked the
-        top-k as int32 [2k]: ids then logprobs bit-cast, most likely first). Lazy."""
+        top-k as int32 [2k]: ids then logprobs bit-cast, most likely first). Lazy.
+
+        A failure here belongs to this request alone: it is logged and answered with token 0
+        and a NaN logprob, which the engine turns into an error for this request (as it
+        does a NaN from the model); the stage, its other slots and the group go on."""
+        try:
+            return self._sample(logits)
+        except Exception as e:  # noqa: BLE001 - isolate the request, never the process
+            print(f"sampler failed for one request: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            top = None
+            if self.top_k_logprobs > 0:
+                top = mx.zeros((2 * min(self.top_k_logprobs, logits.shape[-1]),), dtype=mx.int32)
+            return mx.zeros((1,), dtype=mx.int32), mx.array([float("nan")], dtype=mx.float32), top
+
+    def _sample(self, logits: mx.array) -> tuple[mx.array, mx.array, mx.array | None]:
         from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_repetition_penalty
 
         if self.repetition_penalty != 1.0 and self.repetition_context > 0:
@@ -71,7 +86,7 @@ class SlotSampler:
                 x = apply_top_p(x, self.top_p)
             if self.min_p != 0.0:
                 x = apply_min_p(x, self.min_p, 1)
-            if self.top_k > 0:
+            if 0 < self.top_k < x.shape[-1]:  # top_k >= the vocabulary filters nothing
                 x = apply_top_k(x, self.top_k)
             self.key, sub = mx.random.split(self.key)
             token = mx.random.categorical(x * (1.0 / self.temperature), key=sub)

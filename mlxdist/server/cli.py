@@ -68,7 +68,7 @@ def start_engine(opener: Callable[..., Any], *args: Any, **kw: Any) -> Any:
 @click.command("serve")
 @click.argument("model")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", default=8080, show_default=True, type=int, help="Port to listen on.")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535), help="Port to listen on.")
 @click.option("--local", type=int, default=None, help="Run N ranks on this machine.")
 @click.option("--nodes", default=None, help="'auto' (discover with mDNS) or a comma-separated list of nodes.")
 @click.option("--plan", "plan", default=None, type=click.Path(dir_okay=False),
@@ -77,6 +77,8 @@ def start_engine(opener: Callable[..., Any], *args: Any, **kw: Any) -> Any:
 @click.option("--api-key", default=None, envvar="MLXDIST_API_KEY", help="Require this bearer key.")
 @click.option("--max-queue", default=64, show_default=True, type=int,
               help="Requests that may wait for a slot; more get 429.")
+@click.option("--max-connections", default=4096, show_default=True, type=click.IntRange(1, 1 << 20),
+              help="Open connections the server keeps; one more is answered 503 and closed.")
 @click.option("--quiet", is_flag=True, help="Do not log each request.")
 @click.option("--expert-parallel", is_flag=True,
               help="With --local N (an MoE model): every rank all layers, 1/N of the routed experts.")
@@ -86,12 +88,12 @@ def start_engine(opener: Callable[..., Any], *args: Any, **kw: Any) -> Any:
               help="Finished requests whose KV caches stay (on every rank) for a prompt that starts "
                    "the same way, e.g. a chat's next turn; 0 turns prefix caching off.")
 def serve_command(model: str, host: str, port: int, local: int | None, nodes: str | None,
-                  plan: str | None, api_key: str | None, max_queue: int, quiet: bool,
+                  plan: str | None, api_key: str | None, max_queue: int, quiet: bool, max_connections: int = 4096,
                   expert_parallel: bool = False, handoff: str = "messages",
                   prompt_cache: int = DEFAULT_PROMPT_CACHE) -> None:
     """Serve MODEL (a converted model directory, an mlx-lm directory, or `demo`) over an
     OpenAI-compatible HTTP API."""
-    from mlxdist.server.app import ApiServer
+    from mlxdist.server.app import ApiServer, HttpLimits, bind, raise_fd_limit
 
     if local is not None and nodes:
         raise UserError("give --local or --nodes, not both")
@@ -103,22 +105,31 @@ def serve_command(model: str, host: str, port: int, local: int | None, nodes: st
     progress = lambda msg: click.echo(msg, err=True)  # noqa: E731
     opts = {**({"plan": plan} if plan else {}), **({"expert_parallel": True} if expert_parallel else {}),
             **({"handoff": handoff} if handoff != "messages" else {}), "prompt_cache": prompt_cache}
-    engine = open_engine_for(model, local, nodes, progress=progress, **opts)
+    raise_fd_limit(max_connections + 256)  # sockets, shards, ranks' pipes
+    try:  # before the model loads: a port in use is found at once
+        sock = bind(host, port)
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}")
     try:
-        try:
-            server = ApiServer(engine, host, port, api_key=api_key, max_queue=max_queue, quiet=quiet)
-        except OSError as e:
-            raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}")
+        engine = open_engine_for(model, local, nodes, progress=progress, **opts)
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        server = ApiServer(engine, host, port, api_key=api_key, max_queue=max_queue, quiet=quiet,
+                           limits=HttpLimits(max_connections=max_connections), sock=sock)
         if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
             progress(f"warning: listening on {host} without --api-key: anyone who can reach it can use it")
         signal.signal(signal.SIGTERM, _stop_on_sigterm)
+        server.start()
         progress(f"serving {engine.model_name} at {server.url}/v1 (context {engine.context_length} tokens, "
                  f"{engine.max_concurrent} at once){' with an API key' if api_key else ''}; Ctrl-C stops")
         try:
-            server.serve_forever()
+            while not server.wait(0.5):
+                pass
         except KeyboardInterrupt:
             progress("stopping")
         finally:
-            server.httpd.server_close()
+            server.shutdown()
     finally:
         engine.close()

@@ -46,7 +46,7 @@ def test_client_leaving_mid_stream_frees_its_slot(make_server):
     engine = FakeEngine(delay=0.2, max_concurrent=1)
     server = make_server(engine)
     body = {"model": "fake", "messages": [{"role": "user", "content": "a long question"}], "stream": True}
-    sock = socket.create_connection(server.httpd.server_address[:2], timeout=10)
+    sock = socket.create_connection(server.address, timeout=10)
     raw = json.dumps(body).encode()
     sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(raw), raw))
     got = b""
@@ -70,7 +70,7 @@ def test_client_leaving_mid_stream_frees_its_slot(make_server):
 def test_client_leaving_a_whole_request_cancels_it(make_server):
     engine = FakeEngine(delay=0.2, max_concurrent=1)
     server = make_server(engine)
-    host, port = server.httpd.server_address[:2]
+    host, port = server.address
     conn = http.client.HTTPConnection(host, port, timeout=10)
     body = {"model": "fake", "messages": [{"role": "user", "content": "slow"}]}
     conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})

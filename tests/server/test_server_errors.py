@@ -12,7 +12,7 @@ from fake_engine import FakeEngine
 
 
 def post(server, path: str, body, headers: dict | None = None) -> tuple[int, dict]:
-    host, port = server.httpd.server_address[:2]
+    host, port = server.address
     conn = http.client.HTTPConnection(host, port, timeout=10)
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
     conn.request("POST", path, raw, {"Content-Type": "application/json", **(headers or {})})
@@ -82,7 +82,7 @@ def test_engine_failure_is_a_500_not_a_dead_server(server):
 
 
 def test_garbage_on_the_socket(server):
-    host, port = server.httpd.server_address[:2]
+    host, port = server.address
     with socket.create_connection((host, port), timeout=5) as s:
         s.sendall(b"\x00\x01garbage\r\n\r\n")
         s.recv(1000)

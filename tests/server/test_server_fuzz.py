@@ -34,7 +34,7 @@ def test_parsing_accepts_or_raises_a_4xx(body):
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(BODIES)
 def test_server_answers_every_body_below_500(server, body):
-    host, port = server.httpd.server_address[:2]
+    host, port = server.address
     for path in ("/v1/chat/completions", "/v1/completions"):
         conn = http.client.HTTPConnection(host, port, timeout=10)
         conn.request("POST", path, json.dumps(body, allow_nan=True), {"Content-Type": "application/json"})

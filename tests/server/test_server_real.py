@@ -111,7 +111,7 @@ def test_eight_concurrent_clients_on_two_ranks(two_ranks, reference):
 
 def open_stream(server, body: dict) -> socket.socket:
     """Start a streaming request on a raw socket and read its first bytes."""
-    host, port = server.httpd.server_address[:2]
+    host, port = server.address
     sock = socket.create_connection((host, port), timeout=60)
     raw = json.dumps(body).encode()
     sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
