@@ -294,7 +294,7 @@ class Engine:
             now = time.monotonic()
             self._restarts = [t for t in self._restarts if now - t < RESTART_WINDOW_S] + [now]
             n = len(self._restarts)
-            if n > MAX_RESTARTS:
+            if n > int(self._opts.get("restart_limit", MAX_RESTARTS)):
                 why = (f"the ranks failed {n} times within {RESTART_WINDOW_S / 60:.0f} minutes "
                        f"(a crash loop); not restarting again. Last failure: {reason}")
                 self._log_event("gave_up", why)
@@ -442,7 +442,10 @@ def open_engine(model_path: str | os.PathLike, ranks: int = 1, split: Sequence[i
     for CUDA GPUs, one per rank; see lockstep.py), model_name, in_process (ranks=1 only; default True),
     on_failure (callable(engine, message): called in its own thread instead of ending the
     requests with the error, e.g. to `engine.regroup(...)` on the nodes left, or
-    `engine.fail(message)`)."""
+    `engine.fail(message)`), restart (default: True where the ranks run on this machine, i.e.
+    no `launcher` given, and no on_failure: a failed or hung group is restarted here and the
+    requests in flight continue, see Engine._heal), restart_limit (5: restarts within 10
+    minutes before giving up as a crash loop)."""
     from mlxdist.runtime.source import resolve_source
 
     source = resolve_source(Path(model_path), ranks, split,

@@ -81,12 +81,22 @@ class _GuardedH11(H11Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._deadline: asyncio.TimerHandle | None = None
-        if len(self.connections) > self.limits.max_connections:
+        self._refused = len(self.connections) > self.limits.max_connections
+        if self._refused:
+            # answer, stop writing, and read (discarding) a moment before closing: closing
+            # with the client's request unread would reset the connection and lose the answer
+            self.connections.discard(self)
             transport.write(_canned(503, "Service Unavailable", "too many connections to this server; try again "
                                     "shortly", "too_many_connections"))
-            transport.close()
+            if transport.can_write_eof():
+                transport.write_eof()
+            self.loop.call_later(1.0, transport.close)
             return
         self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        if not self._refused:
+            super().data_received(data)
 
     def _arm(self) -> None:
         if self._deadline is not None:

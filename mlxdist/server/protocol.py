@@ -86,6 +86,8 @@ def parse_common(body: Any, served_model: str, max_n: int = MAX_N) -> Completion
         raise _bad(f"'max_tokens' must be at least 1, got {max_tokens}", param="max_tokens")
 
     seed = _get(body, "seed", (int,), None, "an integer")
+    if seed is not None and not -(1 << 63) <= seed < (1 << 64):
+        raise _bad("'seed' must fit in 64 bits", param="seed")
     sampling = SamplingParams(
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
