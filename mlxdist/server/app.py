@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import socket
 import threading
 from typing import Any
@@ -39,7 +40,7 @@ def bind(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
-        sock.listen(1024)
+        sock.listen(4096)  # bursts of connections wait here rather than in SYN retries
     except OSError:
         sock.close()
         raise
@@ -101,7 +102,10 @@ class _GuardedH11(H11Protocol):
     def _arm(self) -> None:
         if self._deadline is not None:
             self._deadline.cancel()
-        self._deadline = self.loop.call_later(self.limits.header_timeout_s, self._header_deadline)
+        # +-10% so that sockets opened together (one client's flood) do not all close,
+        # and come back, at the same instant
+        jitter = 0.9 + 0.2 * random.random()
+        self._deadline = self.loop.call_later(self.limits.header_timeout_s * jitter, self._header_deadline)
 
     def _header_deadline(self) -> None:
         self._deadline = None
@@ -141,7 +145,7 @@ class ApiServer:
         protocol = type("Protocol", (_GuardedH11,), {"limits": limits})
         config = uvicorn.Config(build_app(self.api), http=protocol, lifespan="off", log_config=None,
                                 access_log=False, log_level="warning", timeout_keep_alive=max(1, int(limits.keep_alive_s)),
-                                timeout_graceful_shutdown=3, backlog=1024, server_header=False)
+                                timeout_graceful_shutdown=3, backlog=4096, server_header=False)
         logging.getLogger("uvicorn.error").setLevel(logging.ERROR if quiet else logging.WARNING)
         self.uvicorn = uvicorn.Server(config)
         self._thread: threading.Thread | None = None

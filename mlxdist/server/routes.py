@@ -132,7 +132,7 @@ async def _guard(api: Api, request: Request, endpoint: str,
                            type="authentication_error", code="invalid_api_key")
         response = await work(api, request)
     except ApiError as e:
-        response = _error(e, close=e.status in (408, 411, 413))
+        response = _error(e, close=getattr(e, "close", e.status in (408, 411)))
     except (ClientGone, ClientDisconnect):
         api.metrics.cancel()
         response = Response(b"", 499, headers={"Connection": "close"})
@@ -155,8 +155,12 @@ async def _read_json(api: Api, request: Request) -> Any:
     except ValueError:
         raise ApiError(400, "bad Content-Length header")
     if n < 0 or n > api.limits.max_body:
-        raise ApiError(413, f"request body of {n} bytes is over the limit of {api.limits.max_body}",
-                       code="request_too_large")
+        e = ApiError(413, f"request body of {n} bytes is over the limit of {api.limits.max_body}",
+                     code="request_too_large")
+        # a body a little over the limit is read and dropped after the answer (the client,
+        # still sending, would otherwise see a reset instead of the 413); a huge one is not
+        e.close = n < 0 or n > 2 * api.limits.max_body
+        raise e
     if api.body_gate is None:
         api.body_gate = asyncio.Semaphore(api.limits.body_readers)
     try:

@@ -1,5 +1,6 @@
 """A rank killed (SIGKILL) or frozen (SIGSTOP) mid-generation: reported by rank and host
-within 10 s, every request ends with that error, no worker process is left."""
+within 10 s, every request ends with that error, no worker process is left (with restarts
+off: test_runtime_healing.py has them on)."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def _alive(pid: int) -> bool:
     (signal.SIGSTOP, 2, "stopped answering"),
 ])
 def test_lost_rank_is_reported_and_everything_ends(tiny_models, sig, rank, words):
-    eng = open_engine(tiny_models["llama"], ranks=3, split=[2, 2, 2], heartbeat_timeout_s=3.0)
+    eng = open_engine(tiny_models["llama"], ranks=3, split=[2, 2, 2], heartbeat_timeout_s=3.0, restart=False)
     pids = {r: p.pid for r, p in eng._backend.launcher.procs.items()}
     try:
         h = eng.submit(GenerationRequest(tuple(b"go on and on"), 2000))

@@ -34,3 +34,16 @@ def test_serve_bad_options(tmp_path):
 
 def test_chat_model_and_url(tmp_path):
     one_line_error(run_mlxdist("chat", str(tmp_path), "--url", "http://x", timeout=60), "not both")
+
+
+def test_serve_bad_port_and_port_in_use(tmp_path):
+    import socket
+
+    r = run_mlxdist("serve", str(tmp_path), "--port", "99999")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "99999" in r.stderr, r.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        # found before the model loads: the model directory here would not even load
+        one_line_error(run_mlxdist("serve", str(tmp_path), "--port", str(port)), f"cannot listen on 127.0.0.1:{port}")
