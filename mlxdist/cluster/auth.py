@@ -18,6 +18,7 @@ import collections
 import hashlib
 import hmac
 import secrets
+import socket
 import threading
 
 from mlxdist import PROTOCOL_VERSION, __version__
@@ -55,6 +56,45 @@ class NonceLog:
             if len(self._seen) > self._size:
                 self._seen.popitem(last=False)
             return True
+
+
+class Handshakes:
+    """Connections accepted but not yet authenticated: at most `per_peer` from one address
+    and `total` in all. A new connection past a cap closes the oldest one of its own
+    address (past the total: of the address with the most), so idle sockets, however
+    many, never keep out a peer that completes the handshake, and one address cannot push
+    out another's. Closing is `shutdown`, which wakes the thread reading that socket."""
+
+    def __init__(self, per_peer: int, total: int) -> None:
+        self.per_peer, self.total = per_peer, total
+        self._pending: dict[socket.socket, str] = {}  # oldest first (insertion order)
+        self._lock = threading.Lock()
+
+    def admit(self, sock: socket.socket, peer: str) -> None:
+        with self._lock:
+            counts = collections.Counter(self._pending.values())
+            if counts[peer] >= self.per_peer:
+                self._close_oldest(peer)
+            elif len(self._pending) >= self.total:
+                self._close_oldest(max(counts, key=lambda p: counts[p]))
+            self._pending[sock] = peer
+
+    def _close_oldest(self, peer: str) -> None:
+        oldest = next(s for s, p in self._pending.items() if p == peer)
+        del self._pending[oldest]
+        try:
+            oldest.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def done(self, sock: socket.socket) -> None:
+        """Authenticated, refused or gone: no longer counts (call before closing it)."""
+        with self._lock:
+            self._pending.pop(sock, None)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._pending)
 
 
 def _refuse(chan: Channel, reason: str) -> None:

@@ -2,30 +2,31 @@
 
 It places one stage per rank (rank k runs stage k; the nodes in ring order), delivers each
 node the stages it lacks, and opens the runtime's engine with a `ClusterLauncher`. When a
-node is lost (the runtime's heartbeats fail the group within `heartbeat_timeout_s`, 2.5 s), it
-probes the nodes, re-places the lost stages on the nodes left (where memory allows; else
-every request ends with an error naming what is missing), delivers them, opens a new
-engine, and re-submits every request in flight as its prompt plus the tokens generated so
-far, with the remaining token budget: the client sees a pause, not an error (greedy
-output continues exactly where it stopped). Only when nothing fits do requests end.
+node is lost (the runtime's heartbeats fail the group within `heartbeat_timeout_s`, 2.5 s),
+the runtime calls `_on_failure`: it probes the nodes (those that do not answer are the
+ones lost, whichever rank reported first), re-places their stages on the nodes left (where
+memory allows; else every request ends with an error naming what is missing), delivers
+them, and moves the engine there with `Engine.regroup`, which re-prefills every request in
+flight with its prompt plus the tokens generated so far and keeps the request's own text
+state (detokenizer, stop strings): the client sees a pause, not an error, and greedy
+output and its text continue exactly where they stopped. When every node of the first
+placement answers again and nothing is in flight, the model moves back.
 """
 
 from __future__ import annotations
 
-import itertools
+import concurrent.futures as cf
 import json
 import logging
-import queue
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 from mlxdist.cluster.client import NodeClient
 from mlxdist.cluster.coordinator import NodeView, deliver
 from mlxdist.cluster.launcher import ClusterLauncher, Placement
-from mlxdist.runtime.api import GenerationRequest, TokenEvent
+from mlxdist.runtime.api import GenerationRequest
 
 log = logging.getLogger("mlxdist.cluster.engine")
 
@@ -68,53 +69,58 @@ def place_stages(nodes: Sequence[NodeView], sizes: Sequence[int],
     return out  # type: ignore[return-value]
 
 
-class _Handle:
-    """What the client holds; survives re-placements of the engine beneath it."""
+def layer_split(out_dir: Path) -> list[int]:
+    """Layers per stage, from the manifest (the runtime's `split`)."""
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    split = [0] * len(manifest["stages"])
+    for st in manifest["stages"]:
+        split[st["stage"]] = st["layers"][1] - st["layers"][0]
+    return split
 
-    def __init__(self, request_id: int, request: GenerationRequest) -> None:
-        self.request_id = request_id
-        self.request = request
-        self.generated: list[int] = []
-        self.events: queue.Queue[TokenEvent] = queue.Queue()
-        self.inner: Any = None
-        self.cancelled = False
 
-    def __iter__(self) -> Iterator[TokenEvent]:
-        while True:
-            ev = self.events.get()
-            yield ev
-            if ev.finish_reason is not None:
-                return
+def names(views: Sequence[NodeView]) -> list[str]:
+    """Node names, each once, in order."""
+    return list(dict.fromkeys(v.name for v in views))
 
-    def cancel(self) -> None:
-        self.cancelled = True
-        if self.inner is not None:
-            self.inner.cancel()
 
-    def tokens(self) -> list[int]:
-        return [e.token for e in self if e.token is not None]
+def where(v: NodeView) -> str:
+    return f"{v.name} ({v.host}:{v.port})"
+
+
+def moved(before: Sequence[NodeView], after: Sequence[NodeView]) -> str:
+    """'stage 2 moved from b to a, ...' for the stages whose node changed."""
+    parts = [f"stage {k} moved from {b.name} to {a.name}"
+             for k, (b, a) in enumerate(zip(before, after)) if b.node_id != a.node_id]
+    return ", ".join(parts) or "no stage moved"
 
 
 class ClusterEngine:
     def __init__(self, out_dir: Path, model: str, nodes: Sequence[NodeView], cluster: str,
                  secret: bytes, max_recoveries: int = 4, **engine_opts: Any) -> None:
+        from mlxdist.runtime.engine import open_engine
+
         self.out_dir, self.model = Path(out_dir), model
         self.nodes = list(nodes)  # ring order; the first is the coordinator's own node
         self.cluster, self.secret = cluster, secret
         self.max_recoveries = max_recoveries
-        # workers beat every 0.5 s; 2.5 s of silence leaves room to notice a loss in < 5 s
-        self.engine_opts = {"heartbeat_timeout_s": 2.5, **engine_opts}
+        # workers beat every 0.5 s; 2.5 s of silence leaves room to notice a loss in < 5 s.
+        # A failed group is not the end of its requests: the runtime calls _on_failure,
+        # which re-places and hands them over with Engine.regroup (text state and all)
+        self.engine_opts = {"heartbeat_timeout_s": 2.5, **engine_opts,
+                            "on_failure": self._on_failure}
         self.sizes = stage_bytes(self.out_dir)
-        self.placement: list[NodeView] = []
+        self.split = layer_split(self.out_dir)
         self.recoveries: list[dict] = []  # what happened, for tests and /metrics
-        self._ids = itertools.count(1)
-        self._lock = threading.RLock()
-        self._generation = 0
+        self._lock = threading.RLock()  # submits wait while the model moves
         self._fatal: str | None = None
         self._closed = False
-        self._inner = self._open(place_stages(self.nodes, self.sizes))
+        self.placement = place_stages(self.nodes, self.sizes)
         self._home = list(self.placement)  # where each stage runs when every node is up
-        self._handles: dict[int, _Handle] = {}
+        with self._lock:  # a failure hook waits until we are set up
+            self._group = self._launcher(self.placement)  # the current group's launcher
+            self._inner = open_engine(self.out_dir, ranks=len(self.placement),
+                                      split=self.split, launcher=self._group,
+                                      **self.engine_opts)
         self._stop = threading.Event()
         threading.Thread(target=self._take_back_loop, name="mlxdist-take-back",
                          daemon=True).start()
@@ -123,146 +129,127 @@ class ClusterEngine:
         self.context_length = self._inner.context_length
         self.max_concurrent = self._inner.max_concurrent
 
-    # -- placement and (re)opening ---------------------------------------------------------
-    def _open(self, placement: list[NodeView]) -> Any:
-        from mlxdist.runtime.engine import open_engine
-
+    # -- placement and moving -------------------------------------------------------------
+    def _launcher(self, placement: list[NodeView]) -> ClusterLauncher:
+        """Deliver each node the stages `placement` gives it; the launcher for rank k on
+        placement[k]."""
         assignments: dict[str, list] = {}
-        views = {v.node_id: v for v in placement}
         for k, v in enumerate(placement):
             assignments.setdefault(v.node_id, []).append(
                 (self.out_dir / "stages" / str(k), self.model, k))
-        deliver(views, assignments, self.cluster, self.secret)
-        launcher = ClusterLauncher([Placement(v, self.model, k) for k, v in enumerate(placement)],
-                                   self.cluster, self.secret)
-        split = [0] * len(self.sizes)
-        manifest = json.loads((self.out_dir / "manifest.json").read_text())
-        for st in manifest["stages"]:
-            split[st["stage"]] = st["layers"][1] - st["layers"][0]
-        engine = open_engine(self.out_dir, ranks=len(placement), split=split, launcher=launcher,
-                             **self.engine_opts)
-        self.placement = placement
-        return engine
+        deliver({v.node_id: v for v in placement}, assignments, self.cluster, self.secret)
+        return ClusterLauncher([Placement(v, self.model, k) for k, v in enumerate(placement)],
+                               self.cluster, self.secret)
 
-    def _alive(self) -> list[NodeView]:
-        alive = []
-        for v in self.nodes:
+    def _move(self, placement: list[NodeView]) -> None:
+        """Run the model on `placement` from now on; requests in flight are carried over
+        (re-prefilled with their tokens so far; their text goes on where it stopped)."""
+        launcher = self._launcher(placement)
+        self._inner.regroup(ranks=len(placement), split=self.split, launcher=launcher)
+        self._group, self.placement = launcher, placement
+
+    def _alive(self, timeout: float = 2.0) -> list[NodeView]:
+        """The nodes that answer a ping within `timeout` s, asked all at once."""
+        def answers(v: NodeView) -> bool:
             try:
-                with NodeClient(v.host, v.port, self.secret, self.cluster, timeout=1.0) as c:
-                    c.settimeout(1.0)
+                with NodeClient(v.host, v.port, self.secret, self.cluster, timeout=timeout) as c:
+                    c.settimeout(timeout)
                     c.ping()
-                alive.append(v)
+                return True
             except Exception:
-                continue
-        return alive
+                return False
 
-    def _recover(self, seen_generation: int) -> None:
-        """Replace the failed engine (once per failure, whoever notices first)."""
+        with cf.ThreadPoolExecutor(max_workers=min(16, len(self.nodes))) as pool:
+            return [v for v, ok in zip(self.nodes, pool.map(answers, self.nodes)) if ok]
+
+    def _on_failure(self, engine: Any, message: str) -> None:
+        """The runtime's failure hook (its own thread): probe the nodes, re-place the
+        stages of the lost ones on the nodes left and carry every request over, or end
+        them all with an error naming what is missing. `message` is the runtime's first
+        report, which may come from a survivor (its ring peer vanished); the nodes that
+        no longer answer are the ones lost."""
         with self._lock:
-            if self._generation != seen_generation or self._fatal or self._closed:
+            if not self._group.terminated:  # the group running now has not failed: this
+                return  # is a second report of a failure already handled
+            if self._closed or self._fatal:
+                engine.fail(self._fatal or message)
                 return
             t0, noticed_at = time.monotonic(), time.time()
-            reason = self._inner.failure or "engine failed"
-            try:
-                self._inner.close()
-            except Exception:
-                pass
-            if len(self.recoveries) >= self.max_recoveries:
-                self._fatal = f"{reason} (gave up after {self.max_recoveries} re-placements)"
-                return
             alive = self._alive()
-            current = {k: v.node_id for k, v in enumerate(self.placement)}
-            try:
-                placement = place_stages(alive, self.sizes, current)
-                self._inner = self._open(placement)
-            except PlacementError as e:
-                self._fatal = f"{reason}; the model no longer fits on the nodes left: {e}"
+            up = {v.node_id for v in alive}
+            lost = [v for v in dict((v.node_id, v) for v in self.placement).values()
+                    if v.node_id not in up]
+            what = f"{', '.join(map(where, lost))} lost" if lost else "a worker failed"
+            before, fatal = list(self.placement), None
+            if sum(r["reason"] != "nodes back" for r in self.recoveries) >= self.max_recoveries:
+                fatal = f"{what}: {message} (gave up after {self.max_recoveries} re-placements)"
+            else:
+                current = {k: v.node_id for k, v in enumerate(self.placement)}
+                try:
+                    self._move(place_stages(alive, self.sizes, current))
+                except PlacementError as e:
+                    fatal = f"{what}: {message}; the model no longer fits on the nodes left: {e}"
+                except Exception as e:
+                    fatal = f"{what}: {message}; re-placement failed: {type(e).__name__}: {e}"
+            self.recoveries.append({"reason": message, "lost": [v.name for v in lost],
+                                    "noticed_at": noticed_at,
+                                    "seconds": time.monotonic() - t0,
+                                    "nodes": [v.name for v in alive], "fatal": fatal})
+            if fatal:
+                self._fatal = fatal
+                log.error("%s", fatal)
+                engine.fail(fatal)
                 return
-            except Exception as e:
-                self._fatal = f"{reason}; re-placement failed: {type(e).__name__}: {e}"
-                return
-            finally:
-                self.recoveries.append({"reason": reason, "noticed_at": noticed_at,
-                                        "seconds": time.monotonic() - t0,
-                                        "nodes": [v.name for v in alive],
-                                        "fatal": self._fatal})
-            self._generation += 1
-            log.warning("re-placed after %r on %s in %.1f s", reason,
-                        [v.name for v in self.placement], time.monotonic() - t0)
+            log.warning("%s; %s; now on %s (in %.1f s; first report: %s)", what,
+                        moved(before, self.placement), [v.name for v in self.placement],
+                        time.monotonic() - t0, message)
 
     def _take_back_loop(self, interval_s: float = 2.0) -> None:
         """A node that comes back gets its stages back, at a moment with no request in
         flight (so nobody waits for the model to move)."""
         while not self._stop.wait(interval_s):
-            if self._fatal or self.placement == self._home or self._handles:
+            if self._fatal or self._closed or self.placement == self._home or self._busy():
                 continue
-            if len(self._alive()) < len({v.node_id for v in self._home}):
+            up = {v.node_id for v in self._alive()}
+            if any(v.node_id not in up for v in self._home):
                 continue
             with self._lock:
-                if self._handles or self._closed or self.placement == self._home:
+                if self._fatal or self._closed or self.placement == self._home or self._busy():
                     continue
-                t0 = time.monotonic()
-                try:
-                    self._inner.close()
-                    self._inner = self._open(list(self._home))
-                    self._generation += 1
-                    self.recoveries.append({"reason": "nodes back", "noticed_at": time.time(),
-                                            "seconds": time.monotonic() - t0,
-                                            "nodes": [v.name for v in self._home],
-                                            "fatal": None})
-                except Exception as e:  # stay down; the next failure re-places again
-                    log.warning("could not take the nodes back: %s", e)
-                    try:
-                        self._inner = self._open(place_stages(self._alive(), self.sizes))
-                        self._generation += 1
-                    except Exception as e2:
-                        self._fatal = f"re-placement failed: {type(e2).__name__}: {e2}"
+                self._take_back()
+
+    def _busy(self) -> bool:
+        return bool(self._inner.in_flight_state())
+
+    def _take_back(self) -> None:
+        t0, before = time.monotonic(), list(self.placement)
+        held = {v.node_id for v in before}
+        back = list({v.node_id: v for v in self._home if v.node_id not in held}.values())
+        try:
+            self._move(list(self._home))
+        except Exception as e:  # stay on the nodes left; the next failure re-places again
+            log.warning("could not move back to %s: %s", ", ".join(map(where, back)), e)
+            try:
+                current = {k: v.node_id for k, v in enumerate(before)}
+                self._move(place_stages(self._alive(), self.sizes, current))
+            except Exception as e2:
+                self._fatal = f"re-placement failed: {type(e2).__name__}: {e2}"
+                log.error("%s", self._fatal)
+                self._inner.fail(self._fatal)
+            return
+        self.recoveries.append({"reason": "nodes back", "back": names(back),
+                                "noticed_at": time.time(), "seconds": time.monotonic() - t0,
+                                "nodes": names(self._home), "fatal": None})
+        log.warning("%s back; %s; now on %s (in %.1f s)", ", ".join(map(where, back)),
+                    moved(before, self.placement), [v.name for v in self.placement],
+                    time.monotonic() - t0)
 
     # -- the Engine interface -------------------------------------------------------------
-    def submit(self, request: GenerationRequest) -> _Handle:
+    def submit(self, request: GenerationRequest) -> Any:
         if self._fatal:
             raise RuntimeError(self._fatal)
-        handle = _Handle(next(self._ids), request)
-        with self._lock:
-            generation = self._generation
-            handle.inner = self._inner.submit(request)
-            self._handles[handle.request_id] = handle
-        threading.Thread(target=self._relay, args=(handle, generation), daemon=True).start()
-        return handle
-
-    def _relay(self, h: _Handle, generation: int) -> None:
-        try:
-            self._relay_events(h, generation)
-        finally:
-            with self._lock:
-                self._handles.pop(h.request_id, None)
-
-    def _relay_events(self, h: _Handle, generation: int) -> None:
-        while True:
-            failed = False
-            for ev in h.inner:
-                if ev.finish_reason == "error" and not h.cancelled and not self._closed:
-                    failed = True
-                    break
-                if ev.token is not None:
-                    h.generated.append(ev.token)
-                h.events.put(ev)
-                if ev.finish_reason is not None:
-                    return
-            if not failed:
-                return
-            self._recover(generation)
-            with self._lock:
-                if self._fatal:
-                    h.events.put(TokenEvent(None, "", finish_reason="error", error=self._fatal))
-                    return
-                generation = self._generation
-                r = h.request
-                left = r.max_tokens - len(h.generated)
-                # re-prefill: the prompt plus what was generated, for the tokens still due
-                h.inner = self._inner.submit(replace(
-                    r, prompt_tokens=tuple(r.prompt_tokens) + tuple(h.generated),
-                    max_tokens=left))
+        with self._lock:  # not while the model moves: regroup carries only what it saw
+            return self._inner.submit(request)
 
     def generate(self, prompt: Sequence[int], max_tokens: int = 64) -> list[int]:
         return self.submit(GenerationRequest(tuple(prompt), max_tokens)).tokens()
@@ -271,8 +258,7 @@ class ClusterEngine:
         return self._inner.encode_chat(messages)
 
     def stats(self) -> dict[str, float]:
-        with self._lock:
-            out = dict(self._inner.stats())
+        out = dict(self._inner.stats())
         out["replacements"] = float(len(self.recoveries))
         out["nodes"] = float(len({v.node_id for v in self.placement}))
         return out

@@ -142,9 +142,10 @@ def thunderbolt_devices() -> set[str]:
 
 def list_interfaces(only: tuple[str, ...] = (), thunderbolt: tuple[str, ...] = (),
                     addresses: tuple[str, ...] = ()) -> tuple[Interface, ...]:
-    """IPv4 addresses per interface, without loopback and link-local. `only` restricts to
-    named interfaces; `thunderbolt` marks more interfaces as Thunderbolt (Linux, tests);
-    `addresses` restricts to those addresses."""
+    """IPv4 addresses per interface, without link-local ones, and without loopback unless
+    named (`--interface lo`, `--address 127.0.0.1`: a cluster on one machine). `only`
+    restricts to named interfaces; `thunderbolt` marks more interfaces as Thunderbolt
+    (Linux, tests); `addresses` restricts to those addresses."""
     import ifaddr  # a dependency of zeroconf
 
     tb = thunderbolt_devices() | set(thunderbolt)
@@ -158,7 +159,8 @@ def list_interfaces(only: tuple[str, ...] = (), thunderbolt: tuple[str, ...] = (
             if not isinstance(ip.ip, str):
                 continue  # IPv6 entries are tuples; the ring backend speaks IPv4 here
             addr = ipaddress.ip_address(ip.ip)
-            if addr.is_loopback or addr.is_link_local:
+            named = name in only or ip.ip in addresses
+            if addr.is_link_local or (addr.is_loopback and not named):
                 continue
             if addresses and ip.ip not in addresses:
                 continue

@@ -48,6 +48,7 @@ class ClusterLauncher:
         self._codes: dict[int, int | None] = {}
         self._tails: dict[int, str] = {}
         self._lock = threading.Lock()
+        self.terminated = False  # the runtime calls terminate() before it reports a failure
 
     def _client(self, v: NodeView) -> NodeClient:
         c = self._clients.get(v.node_id)
@@ -112,6 +113,7 @@ class ClusterLauncher:
         (its workers lose their ring neighbours and their engine connection anyway)."""
         with self._lock:
             clients, self._clients = self._clients, {}
+            self.terminated = True
         nodes = {p.node.node_id: p.node for p in self.placements}
 
         def stop(v: NodeView) -> None:

@@ -14,16 +14,18 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mlxdist import PROTOCOL_VERSION, __version__
-from mlxdist.cluster.auth import NonceLog, server_handshake
+from mlxdist.cluster.auth import Handshakes, NonceLog, server_handshake
 from mlxdist.cluster.hardware import Hardware, Interface, probe_hardware
 from mlxdist.cluster.shards import ShardError, ShardStore, check_files, check_name
 from mlxdist.cluster.wire import Channel, ProtocolError, Refused
 from mlxdist.cluster.workers import LaunchError, Workers, parse_launch
 
 log = logging.getLogger("mlxdist.node")
-HANDSHAKE_TIMEOUT_S = 5.0
+HANDSHAKE_DEADLINE_S = 5.0  # from accept to the end of the handshake, however it trickles
+HANDSHAKES_PER_PEER = 16  # connections in the handshake from one address at once
+MAX_HANDSHAKES = 64  # ... and from all addresses
+MAX_SESSIONS = 64  # authenticated sessions at once
 IDLE_TIMEOUT_S = 120.0
-MAX_CONNECTIONS = 64
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class NodeConfig:
     mdns_addresses: tuple[str, ...] = ()  # empty: all interfaces (never used in tests)
     heartbeat_s: float = 1.0
     lost_after_s: float = 3.0
+    handshake_s: float = HANDSHAKE_DEADLINE_S
 
 
 def node_id_for(data_dir: Path) -> str:
@@ -64,7 +67,8 @@ class Node:
         self._stop = threading.Event()
         self._stopped = False
         self._left: dict[str, str] = {}  # node id -> name of peers that said goodbye
-        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self.handshakes = Handshakes(HANDSHAKES_PER_PEER, MAX_HANDSHAKES)
+        self._sessions = threading.BoundedSemaphore(MAX_SESSIONS)
         self._server: socket.socket | None = None
         self.discovery = None  # mlxdist.cluster.discovery.Discovery when mDNS is on
         self.health = None  # mlxdist.cluster.health.Monitor watching peers
@@ -79,7 +83,7 @@ class Node:
     # -- lifecycle ------------------------------------------------------------------
     def start(self) -> None:
         self._server = socket.create_server((self.config.bind, self.config.port),
-                                            reuse_port=False)
+                                            backlog=128, reuse_port=False)
         self._server.settimeout(0.5)
         threading.Thread(target=self._accept_loop, name="node-accept", daemon=True).start()
         if self.config.mdns:
@@ -106,13 +110,13 @@ class Node:
             return
         self._stopped = True
         self._stop.set()
+        if self._server:  # first: a coordinator probing now must see this node gone
+            self._server.close()
         if self.discovery:
             self.discovery.close()
         if self.health:
             self.health.close()
         self.workers.stop()
-        if self._server:
-            self._server.close()
 
     def wait(self) -> None:
         while not self._stop.wait(1.0):
@@ -153,7 +157,7 @@ class Node:
         assert self._server is not None
         while not self._stop.is_set():
             try:
-                sock, _ = self._server.accept()
+                sock, peer = self._server.accept()
             except (socket.timeout, TimeoutError):
                 continue
             except OSError:
@@ -161,16 +165,23 @@ class Node:
                     return
                 time.sleep(0.05)
                 continue
-            if not self._slots.acquire(blocking=False):
-                sock.close()  # too many at once: shed load rather than threads
-                continue
+            # each connection its own thread, so a stalled one blocks nothing else; the
+            # unauthenticated ones are capped (per address and in all) and have a deadline
+            self.handshakes.admit(sock, peer[0])
             threading.Thread(target=self._serve_connection, args=(sock,), daemon=True).start()
 
     def _serve_connection(self, sock: socket.socket) -> None:
         chan = Channel(sock, is_client=False)
+        session = False
         try:
-            sock.settimeout(HANDSHAKE_TIMEOUT_S)
+            chan.deadline = time.monotonic() + self.config.handshake_s
             server_handshake(chan, self.config.secret, self.config.cluster, self.nonces)
+            chan.deadline = None
+            self.handshakes.done(sock)
+            session = self._sessions.acquire(blocking=False)
+            if not session:
+                log.warning("%d sessions open already: closing a new one", MAX_SESSIONS)
+                return
             sock.settimeout(IDLE_TIMEOUT_S)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             while not self._stop.is_set():
@@ -178,16 +189,30 @@ class Node:
                 chan.send(self._dispatch(message))
         except ProtocolError as e:
             log.debug("protocol error: %s", e)
-            if not chan.authenticated:  # tagged frames need a session; before it, say why
-                try:
-                    chan.send({"t": "refused", "reason": str(e)[:200]})
-                except OSError:
-                    pass
+            self._refuse(chan, str(e)[:200])
+        except TimeoutError:
+            if not chan.authenticated:
+                log.debug("handshake not finished within %s s", self.config.handshake_s)
+                self._refuse(chan, f"handshake not finished within {self.config.handshake_s:g} s")
         except (Refused, ConnectionError, OSError) as e:
             log.debug("connection ended: %s", e)
         finally:
+            self.handshakes.done(sock)
             chan.close()
-            self._slots.release()
+            if session:
+                self._sessions.release()
+
+    @staticmethod
+    def _refuse(chan: Channel, reason: str) -> None:
+        """Say why before closing; only before authentication (after it, a frame needs
+        the session's tag and the peer is trusted to read the log)."""
+        if chan.authenticated:
+            return
+        try:
+            chan.sock.settimeout(1.0)
+            chan.send({"t": "refused", "reason": reason})
+        except OSError:
+            pass
 
     def _dispatch(self, message: dict) -> dict:
         handler = self.handlers.get(message["t"])
@@ -236,13 +261,15 @@ class Node:
     def _shard_pull(self, m: dict) -> dict:
         model, stage = check_name(m["model"], m["stage"])
         path = m["path"]
-        if not isinstance(path, str) or not Path(path).is_absolute() or not Path(path).is_dir():
-            raise ShardError(f"{path!r} is not a directory this node can read")
-        reply = {"t": "ok", **self.store.pull(model, stage, Path(path), check_files(m["files"]))}
+        if not isinstance(path, str) or not path or "\0" in path:
+            raise ShardError(f"bad path {path!r}")
+        reply = {"t": "ok", **self.store.pull(model, stage, path, check_files(m["files"]))}
         self.refresh_advert()
         return reply
 
     def _launch(self, m: dict) -> dict:
+        if self._stop.is_set():
+            raise LaunchError("this node is stopping")
         spec = parse_launch(m)
         stage_dir = self.store.stage_dir(spec.model, spec.stage)
         if stage_dir is None:

@@ -250,19 +250,42 @@ class ShardStore:
             _fsync_dir(final.parent)
             return {"model": model, "stage": stage, "digest": record["digest"]}
 
+    def confine(self, path: str | Path) -> Path:
+        """`path` (absolute, or relative to the data dir) with every symlink resolved, if
+        it lies inside the data dir; else ShardError. A peer can make the node read
+        nothing outside it (no `..`, no absolute path elsewhere, no symlink out)."""
+        root = self.root.resolve()
+        try:
+            real = (root / path).resolve()
+        except (OSError, RuntimeError) as e:  # a symlink loop
+            raise ShardError(f"{str(path)!r}: {e}") from None
+        if real != root and root not in real.parents:
+            raise ShardError(f"{str(path)!r} is outside this node's data dir {root}; "
+                             f"shared models must be under it (e.g. {root / 'shared'})")
+        return real
+
     def pull(self, model: str, stage: int, source: Path, files: dict[str, FileDigest],
              chunk: int = 4 << 20) -> dict:
-        """Copy a stage from a path this node can read (an NFS/SMB mount), resuming and
-        verifying exactly as a pushed delivery."""
+        """Copy a stage from a directory in the data dir (an NFS/SMB mount there), resuming
+        and verifying exactly as a pushed delivery. Every file read is confined to the
+        data dir, links resolved."""
+        source = self.confine(source)
+        if not source.is_dir():
+            raise ShardError(f"{str(source)!r} is not a directory this node can read")
+        paths = {}
+        for name in files:  # all of them checked before anything is read
+            path = source / name
+            if name == MANIFEST and not path.exists():  # OUT/stages/k -> OUT/manifest.json
+                path = source.parent.parent / MANIFEST
+            paths[name] = self.confine(path)
+            if not paths[name].is_file():
+                raise ShardError(f"{name} is not a file in {source}")
         state = self.state(model, stage, files)
         if state["complete"]:
             return {"model": model, "stage": stage, "copied": 0, "complete": True}
         copied = 0
         for name, offset in state["offsets"].items():
-            path = Path(source) / name
-            if name == MANIFEST and not path.exists():  # OUT/stages/k -> OUT/manifest.json
-                path = Path(source).parent.parent / MANIFEST
-            with open(path, "rb") as f:
+            with open(paths[name], "rb") as f:
                 f.seek(offset)
                 while offset < files[name].size:
                     data = f.read(min(chunk, files[name].size - offset))

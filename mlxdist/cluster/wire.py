@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import socket
 import struct
+import time
 from typing import Any
 
 import msgpack
@@ -52,9 +53,16 @@ def unpack(body: bytes) -> dict[str, Any]:
     return message
 
 
-def recv_exact(sock: socket.socket, n: int) -> bytes:
+def recv_exact(sock: socket.socket, n: int, deadline: float | None = None) -> bytes:
+    """`n` bytes; with a `deadline` (time.monotonic()), all of them by then or TimeoutError,
+    however slowly the peer trickles them."""
     buf = bytearray()
     while len(buf) < n:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("deadline passed")
+            sock.settimeout(left)
         part = sock.recv(min(n - len(buf), 1 << 20))
         if not part:
             raise ConnectionError("connection closed by peer")
@@ -73,6 +81,7 @@ class Channel:
         self._key: bytes | None = None
         self._send_seq = 0
         self._recv_seq = 0
+        self.deadline: float | None = None  # time.monotonic() by which every recv must end
 
     @property
     def authenticated(self) -> bool:
@@ -102,10 +111,10 @@ class Channel:
         return body
 
     def recv_raw(self) -> bytes:
-        (length,) = HEADER.unpack(recv_exact(self.sock, HEADER.size))
+        (length,) = HEADER.unpack(recv_exact(self.sock, HEADER.size, self.deadline))
         if length > self.limit:
             raise ProtocolError(f"frame of {length} bytes is over the {self.limit} limit")
-        body = recv_exact(self.sock, length)
+        body = recv_exact(self.sock, length, self.deadline)
         if self._key is not None:
             if len(body) < TAG_BYTES:
                 raise ProtocolError("frame too short for its tag")

@@ -209,10 +209,12 @@ class Workers:
                     for (j, r), p in sorted(self._procs.items())]
 
     def stop(self, job: str | None = None, grace_s: float = 3.0) -> int:
+        """SIGTERM, then SIGKILL after `grace_s`; the number stopped. The stopped ranks
+        stay listed with their exit codes, so `job_status` tells the coordinator how they
+        ended (killed by a signal) while this node still answers."""
         with self._lock:
-            procs = {k: p for k, p in self._procs.items() if job is None or k[0] == job}
-            for key in procs:
-                del self._procs[key]
+            procs = {k: p for k, p in self._procs.items()
+                     if (job is None or k[0] == job) and p.poll() is None}
         for p in procs.values():
             if p.poll() is None:
                 try:

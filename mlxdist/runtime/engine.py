@@ -350,9 +350,12 @@ class Engine:
         Greedy requests continue with exactly the tokens an uninterrupted run gives."""
         from mlxdist.runtime.source import resolve_source
 
-        self._backend.close()
+        old = self._backend
+        with self._events_lock:  # from here on the old group's events (its "end"s) count for nothing
+            self._backend = _Detached(old.stats(), getattr(old, "hosts", [None]))
+        old.close()
         self._opts.update(opts)
-        n = ranks or len(getattr(self._backend, "hosts", [None]))
+        n = ranks or len(getattr(old, "hosts", [None]))
         source = resolve_source(Path(model_path or self.model_path), n, split,
                                 expert_parallel=bool(self._opts.get("expert_parallel")),
                                 experts=self._opts.get("experts") if n == len(self._opts.get("experts") or ()) else None)
@@ -380,6 +383,23 @@ class Engine:
     @property
     def failure(self) -> str | None:
         return self._failed
+
+
+class _Detached:
+    """The backend while a group is being replaced: sends go nowhere (regroup re-sends
+    every open request to the new group)."""
+
+    def __init__(self, stats: dict[str, Any], hosts: list) -> None:
+        self._stats, self.hosts = stats, hosts  # hosts: how many ranks the group had
+
+    def send(self, cmd: dict) -> None:
+        pass
+
+    def stats(self) -> dict[str, Any]:
+        return self._stats
+
+    def close(self) -> None:
+        pass
 
 
 def _find_stop(text: str, stops: Sequence[str], sent: int) -> int | None:

@@ -55,6 +55,7 @@ class WorkerGroupBackend:
         self.last_seen: dict[int, float] = {}
         self.ready: set[int] = set()
         self.errors: dict[int, str] = {}  # what a worker said before it went
+        self.gone: set[int] = set()  # ranks whose control connection dropped
         self.rank0_stats: dict[str, Any] = {}
         self.failure: str | None = None
         self.closing = False
@@ -76,7 +77,7 @@ class WorkerGroupBackend:
         deadline = time.monotonic() + timeout
         with self._cond:
             while len(self.ready) < self.n and self.failure is None:
-                self._check_exits()
+                self.failure = self._exit_failure()
                 if self.failure is None and time.monotonic() > deadline:
                     missing = sorted(set(range(self.n)) - self.ready)
                     self.failure = f"ranks {missing} did not become ready within {timeout:.0f} s"
@@ -104,6 +105,8 @@ class WorkerGroupBackend:
     # -- running --------------------------------------------------------------------------
     def start(self, on_event: Callable[[dict], None], on_failure: Callable[[str], None]) -> None:
         self._on_event, self._on_failure = on_event, on_failure
+        if self.failure is not None:  # failed between ready and now: report it, not never
+            on_failure(self.failure)
 
     def send(self, cmd: dict) -> None:
         if self.failure:
@@ -128,6 +131,7 @@ class WorkerGroupBackend:
             except Exception as e:
                 msg = {"t": "error", "rank": rank, "msg": f"bad control frame: {e}"}
             if msg is None:
+                self.gone.add(rank)
                 if not self.closing:
                     code = None
                     for _ in range(10):  # let the exit code arrive for a clearer message
@@ -150,18 +154,29 @@ class WorkerGroupBackend:
                 # rank's own report a moment to arrive, so the message names the cause.
                 self.errors[rank] = str(msg.get("msg"))
                 text = f"rank {rank} on {self.hosts[rank]} failed: {msg.get('msg')}"
-                threading.Timer(1.0, self._fail, args=(text,)).start()
+                threading.Timer(1.0, self._fail_after_error, args=(rank, text)).start()
             elif t in ("token", "end"):
                 if t == "end" and isinstance(msg.get("stats"), dict):
                     self.rank0_stats = msg.pop("stats")
                 self._on_event(msg)
 
-    def _check_exits(self) -> None:
+    def _exit_failure(self) -> str | None:
+        """What a worker that exited says, or None while all run."""
         for rank, code in self.launcher.poll().items():
-            if code is not None and not self.closing and self.failure is None:
-                self.failure = self._describe(rank, code)
+            if code is not None and not self.closing:
+                return self._describe(rank, code)
+        return None
+
+    def _fail_after_error(self, rank: int, text: str) -> None:
+        silent = sorted(self.gone - set(self.errors))
+        self._fail(self._describe(silent[0], self.launcher.poll().get(silent[0])) if silent else text)
 
     def _describe(self, rank: int, code: int | None) -> str:
+        # a survivor's ring error (and its exit) often arrives before the dead rank's end:
+        # blame a rank that went without a word, if there is one
+        silent = sorted(self.gone - set(self.errors) - {rank})
+        if rank in self.errors and silent:
+            rank, code = silent[0], self.launcher.poll().get(silent[0])
         where = f"rank {rank} on {self.hosts[rank]}"
         if rank in self.errors:
             return f"{where} failed: {self.errors[rank]}"
@@ -182,10 +197,10 @@ class WorkerGroupBackend:
                     self._fail(f"rank {rank} on {self.hosts[rank]} stopped answering "
                                f"(no heartbeat for {silent:.1f} s)")
                     return
-            self._check_exits()
-            if self.failure:
-                msg, self.failure = self.failure, None
+            msg = self._exit_failure()
+            if msg:
                 self._fail(msg)
+                return
 
     def _fail(self, message: str) -> None:
         with self._cond:

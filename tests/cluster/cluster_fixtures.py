@@ -35,6 +35,38 @@ def node(tmp_path: Path) -> Iterator:
         n.stop()
 
 
+def node_process(data_dir: Path, secret_file: Path, *extra: str, name: str = "solo",
+                 cluster: str = CLUSTER, port: int = 0) -> tuple[subprocess.Popen, int, str]:
+    """`mlxdist node` as a user starts it (loopback, no mDNS, by default any free port):
+    the process, its port and what it printed up to its startup line."""
+    import re
+    import threading
+
+    p = subprocess.Popen([sys.executable, "-m", "mlxdist", "node", "--name", name,
+                          "--cluster", cluster, "--port", str(port), "--bind", "127.0.0.1",
+                          "--no-mdns", "--data-dir", str(data_dir), "--secret-file",
+                          str(secret_file), *extra], env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in p.stderr:  # until the startup line, or the process ends
+        lines.append(line)
+        m = re.search(r"on port (\d+);", line)
+        if m:
+            threading.Thread(target=p.stderr.read, daemon=True).start()  # never blocks on its log
+            return p, int(m.group(1)), "".join(lines)
+    p.wait(timeout=10)
+    raise AssertionError("node did not start: " + "".join(lines))
+
+
+def stop_process(p: subprocess.Popen) -> None:
+    p.terminate()
+    try:
+        p.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait(timeout=5)
+
+
 def run_mlxdist(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     """The real CLI in a subprocess (as tests/conftest.py's helper)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))

@@ -1,6 +1,7 @@
 """Coordinator-side actions run inside a test namespace by test_cluster_netns.py:
     python tests/cluster/netns_driver.py COMMAND 'JSON ARGS'
-Prints JSON lines. Finds nodes by mDNS only (never told their addresses)."""
+Prints JSON lines. Finds nodes by mDNS only (never told their addresses), except
+`status`, which asks the nodes at the given `hosts` directly."""
 
 from __future__ import annotations
 
@@ -74,6 +75,14 @@ def main() -> None:
     cmd, a = sys.argv[1], json.loads(sys.argv[2])
     if cmd == "serve":
         serve(a)
+        return
+    if cmd == "status":
+        from mlxdist.cluster.coordinator import query_nodes
+
+        secret, _ = load_secret(Path(a["secret_file"]), create=False)
+        views = query_nodes([([h], a.get("port", 52415), "", h) for h in a["hosts"]],
+                            a["cluster"], secret)
+        out([{"name": v.name, "health": v.health, "peers": list(v.peers)} for v in views])
         return
     views, secret = nodes(a)
     by_name = {v.name: v for v in views}

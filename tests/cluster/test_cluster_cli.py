@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from cluster_fixtures import run_mlxdist
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -103,3 +105,46 @@ def test_port_in_use_is_a_one_line_error(tmp_path):
                         "--secret-file", str(secret), "--data-dir", str(tmp_path / "d"),
                         timeout=60)
     assert r.returncode == 2 and "cannot listen" in r.stderr and "Traceback" not in r.stderr
+
+
+def loopback_interface() -> str:
+    import ifaddr
+
+    return next(a.nice_name for a in ifaddr.get_adapters()
+                if any(ip.ip == "127.0.0.1" for ip in a.ips))
+
+
+@pytest.mark.parametrize("option", ["--address", "--interface"])
+def test_node_on_loopback_for_a_one_machine_cluster(tmp_path, option):
+    """`--address 127.0.0.1` and `--interface lo` name what exists: a one-machine trial
+    (docs/cluster.md) runs its nodes on them, and the node advertises that link."""
+    lo = loopback_interface()
+    secret = tmp_path / "secret"
+    secret.write_text("s" * 64)
+    secret.chmod(0o600)
+    p, port, startup = start_node(tmp_path, secret, option,
+                                  "127.0.0.1" if option == "--address" else lo)
+    try:
+        assert f"; {lo} 127.0.0.1/" in startup
+        r = run_mlxdist("cluster", "--cluster", "c1", "--secret-file", str(secret), "--no-mdns",
+                        "--node", f"127.0.0.1:{port}", "--json", timeout=60)
+        assert r.returncode == 0, r.stderr
+        [n] = json.loads(r.stdout)["nodes"]
+        assert n["health"] == "ok"
+        assert [(link["interface"], link["addresses"][0].split("/")[0]) for link in n["links"]] \
+            == [(lo, "127.0.0.1")]
+    finally:
+        stop(p)
+
+
+@pytest.mark.parametrize("option,value", [("--address", "192.0.2.1"),
+                                          ("--interface", "nosuchif0")])
+def test_node_refuses_what_this_machine_lacks(tmp_path, option, value):
+    secret = tmp_path / "s"
+    secret.write_text("s" * 64)
+    secret.chmod(0o600)
+    r = run_mlxdist("node", "--no-mdns", "--bind", "127.0.0.1", "--port", "0", option, value,
+                    "--secret-file", str(secret), "--data-dir", str(tmp_path / "d"), timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "mlxdist: error: none of the given --interface/--address exist on this machine"]

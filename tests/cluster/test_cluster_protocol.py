@@ -9,6 +9,7 @@ import os
 import random
 import socket
 import struct
+import threading
 import time
 
 import msgpack
@@ -242,3 +243,121 @@ def test_authenticated_garbage_messages_get_errors(node):
             except Exception as e:
                 assert type(e).__name__ == "RemoteError", e
         assert c.ping()["t"] == "pong"
+
+
+# -- unauthenticated sockets against a real `mlxdist node` process ------------------------
+
+def closed_by_peer(socks: list[socket.socket], timeout: float) -> tuple[set, dict]:
+    """Wait until the node has closed each socket (EOF or reset), at most `timeout` s:
+    the ones closed, and what each was sent before (a refusal, or nothing)."""
+    import selectors
+
+    sel = selectors.DefaultSelector()
+    for s in socks:
+        sel.register(s, selectors.EVENT_READ)
+    closed, got = set(), {s: b"" for s in socks}
+    deadline = time.monotonic() + timeout
+    while len(closed) < len(socks) and time.monotonic() < deadline:
+        for key, _ in sel.select(max(0.0, deadline - time.monotonic())):
+            try:
+                data = key.fileobj.recv(4096)
+            except OSError:  # reset: closed with our bytes unread
+                data = b""
+            if data:
+                got[key.fileobj] += data
+            else:
+                closed.add(key.fileobj)
+                sel.unregister(key.fileobj)
+    sel.close()
+    return closed, got
+
+
+def refusal(data: bytes) -> dict | None:
+    return msgpack.unpackb(data[4:]) if len(data) > 4 else None
+
+
+@pytest.fixture
+def node_proc(tmp_path):
+    from cluster_fixtures import node_process, stop_process
+
+    secret = tmp_path / "secret"
+    secret.write_text(SECRET.decode())
+    secret.chmod(0o600)
+    p, port, _ = node_process(tmp_path / "data", secret)
+    try:
+        yield port
+    finally:
+        stop_process(p)
+
+
+def test_idle_sockets_never_keep_out_an_authenticated_peer(node_proc):
+    """100 idle sockets and some stuck in a partial frame, all held open from the client's
+    own address: authenticated requests on fresh connections still go through at once, a
+    session opened before goes on, and the node closes every held socket (the oldest when
+    more come from one address, the rest at the handshake deadline)."""
+    port = node_proc
+    before = NodeClient("127.0.0.1", port, SECRET, CLUSTER)
+    held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(100)]
+    for s in held[-10:]:  # a frame header announcing 100 bytes, then 10 of them
+        s.sendall(struct.pack(">I", 100) + b"x" * 10)
+    try:
+        for _ in range(20):
+            with NodeClient("127.0.0.1", port, SECRET, CLUSTER, timeout=5) as c:
+                assert c.status()["node"]["name"] == "solo"
+        assert before.ping()["t"] == "pong"
+        closed, _ = closed_by_peer(held, timeout=5 + 20)
+        assert len(closed) == len(held)
+        with NodeClient("127.0.0.1", port, SECRET, CLUSTER, timeout=5) as c:
+            assert c.ping()["t"] == "pong"
+    finally:
+        before.close()
+        for s in held:
+            s.close()
+
+
+def test_handshake_deadline_closes_a_trickling_peer(node_proc):
+    """A peer that sends its hello one byte at a time (each read well within any per-read
+    timeout) is refused at the 5 s deadline for the whole handshake, and says so; 100
+    idle sockets from another address meanwhile do not push it out."""
+    port = node_proc
+    trickling = []
+    for _ in range(4):
+        s = socket.socket()
+        try:
+            s.bind(("127.0.0.2", 0))
+        except OSError:
+            s.close()
+            pytest.skip("needs a second loopback address (127.0.0.2)")
+        s.settimeout(5)
+        s.connect(("127.0.0.1", port))
+        trickling.append(s)
+    held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(100)]
+    hello = frame(msgpack.packb({"t": "hello", "proto": PROTOCOL_VERSION, "sw": "x",
+                                 "cluster": CLUSTER, "nonce": os.urandom(32)}))
+    stop = threading.Event()
+
+    def trickle() -> None:  # a byte each 0.2 s to every socket: 60+ bytes take > 12 s
+        for i in range(len(hello)):
+            for s in trickling:
+                try:
+                    s.sendall(hello[i:i + 1])
+                except OSError:
+                    pass
+            if stop.wait(0.2):
+                return
+
+    sender = threading.Thread(target=trickle, daemon=True)
+    sender.start()
+    try:
+        closed, got = closed_by_peer(trickling, timeout=5 + 20)
+        assert len(closed) == len(trickling)
+        for s in trickling:
+            assert refusal(got[s]) == {"t": "refused",
+                                       "reason": "handshake not finished within 5 s"}, got[s]
+        with NodeClient("127.0.0.1", port, SECRET, CLUSTER, timeout=5) as c:
+            assert c.ping()["t"] == "pong"
+    finally:
+        stop.set()
+        sender.join(timeout=5)
+        for s in trickling + held:
+            s.close()

@@ -4,6 +4,7 @@ corrupt, copied from a shared path. Checked against hashlib and the source bytes
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
@@ -129,12 +130,57 @@ def test_chunk_with_wrong_offset_refused(node, tmp_path):
 
 
 def test_shared_path(node, tmp_path):
-    """The node copies from a path it can read itself (as from an NFS/SMB mount)."""
-    src = make_stage(tmp_path / "nfs")
+    """The node copies from a directory in its data dir that it can read itself (as from
+    an NFS/SMB mount there), given absolute or relative to the data dir."""
+    src = make_stage(node.config.data_dir / "shared" / "model")
     with NodeClient("127.0.0.1", node.port, SECRET, CLUSTER) as c:
         d = c.deliver_stage(src, "tiny", 0, shared_path=str(src))
         assert not d.skipped and d.bytes_sent == 0
         assert same_tree(src, node.store.stage_dir("tiny", 0))
         assert c.deliver_stage(src, "tiny", 0, shared_path=str(src)).skipped
+        d = c.deliver_stage(src, "tiny", 1, shared_path="shared/model/stages/0")
+        assert same_tree(src, node.store.stage_dir("tiny", 1))
         with pytest.raises(RemoteError, match="not a directory"):
-            c.deliver_stage(src, "tiny", 1, shared_path=str(tmp_path / "missing"))
+            c.deliver_stage(src, "tiny", 2, shared_path=str(node.config.data_dir / "missing"))
+
+
+def outside_paths(node, tmp_path) -> tuple[Path, list[str]]:
+    """A stage directory outside the node's data dir, and paths that reach it: absolute,
+    `..` (relative and absolute), a symlinked directory inside the data dir, and a real
+    directory inside whose weights file is a symlink out."""
+    data = node.config.data_dir
+    outside = make_stage(tmp_path / "outside")
+    (data / "shared").mkdir(parents=True, exist_ok=True)
+    (data / "shared" / "link").symlink_to(outside, target_is_directory=True)
+    inside = data / "shared" / "mixed"
+    inside.mkdir()
+    for f in outside.iterdir():
+        if f.name == "weights.safetensors":
+            (inside / f.name).symlink_to(f)
+        else:
+            (inside / f.name).write_bytes(f.read_bytes())
+    rel = os.path.relpath(outside, data)
+    return outside, [str(outside), rel, str(data / rel), str(data / "shared" / "link"),
+                     "shared/link", str(inside)]
+
+
+def test_shard_pull_is_confined_to_the_data_dir(node, tmp_path):
+    """A peer cannot make the node read a file outside its data dir, not even as a sha256
+    oracle: the right digests of files outside are refused as the wrong ones are, before
+    anything is read, with a one-line reason."""
+    outside, paths = outside_paths(node, tmp_path)
+    files = {n: {"size": f.size, "sha256": f.sha256} for n, f in stage_files(outside).items()}
+    wrong = {n: {"size": f["size"], "sha256": "0" * 64} for n, f in files.items()}
+    with NodeClient("127.0.0.1", node.port, SECRET, CLUSTER) as c:
+        for path in paths:
+            for digests in (files, wrong):
+                with pytest.raises(RemoteError) as e:
+                    c.request({"t": "shard_pull", "model": "tiny", "stage": 0, "path": path,
+                               "files": digests})
+                assert "outside this node's data dir" in str(e.value), (path, str(e.value))
+                assert "\n" not in str(e.value)
+        assert c.status()["shards"] == []
+    secret_bytes = (outside / "weights.safetensors").read_bytes()
+    for f in node.config.data_dir.rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            assert secret_bytes[:4096] not in f.read_bytes(), f
