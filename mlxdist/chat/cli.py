@@ -16,7 +16,7 @@ from mlxdist.errors import UserError
 @click.option("--system", "system", default=None, help="System prompt.")
 @click.option("--temperature", default=0.6, show_default=True, type=float)
 @click.option("--top-p", default=0.95, show_default=True, type=float)
-@click.option("--max-tokens", default=None, type=int, help="Cap on each answer's length.")
+@click.option("--max-tokens", default=None, type=click.IntRange(min=1), help="Cap on each answer's length.")
 def chat_command(model: str | None, url: str | None, api_key: str | None, local: int | None, system: str | None,
                  temperature: float, top_p: float, max_tokens: int | None) -> None:
     """Chat in the terminal with a server (--url) or with MODEL loaded here."""
@@ -27,9 +27,11 @@ def chat_command(model: str | None, url: str | None, api_key: str | None, local:
         raise UserError("give a MODEL or --url, not both")
     server = engine = None
     if model:
+        from mlxdist.runtime.stage import note_if_upcast
         from mlxdist.server.app import ApiServer
         from mlxdist.server.cli import DEFAULT_PROMPT_CACHE, open_engine_for
 
+        note_if_upcast(model)  # float16 runs as float32 on the CPU backend: said here, not in worker logs
         # each turn resends the conversation: the previous turn's caches are its prefix
         engine = open_engine_for(model, local, None, progress=lambda m: click.echo(m, err=True),
                                  prompt_cache=DEFAULT_PROMPT_CACHE)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, TextIO
 
 from mlxdist.chat.client import Answer, ChatClient, ChatError, note
+from mlxdist.errors import plural
 
 DIM, RESET, BOLD = "\033[2m", "\033[0m", "\033[1m"
 HELP = """commands:
@@ -153,14 +154,15 @@ class Repl:
             try:
                 data = json.loads(Path(arg).read_text())
                 s.system, s.messages = data.get("system"), list(data["messages"])
-                self.info(f"loaded {len(s.messages)} messages from {arg}")
+                self.info(f"loaded {plural(len(s.messages), 'message')} from {arg}")
             except (OSError, ValueError, KeyError, TypeError) as e:
                 self.info(f"cannot load {arg}: {e}")
         elif name == "/stats":
             if s.last is not None:
                 self.info("last answer: " + _timings(s.last))
             rate = f", {s.tokens / s.seconds:.1f} tok/s" if s.seconds else ""
-            self.info(f"session: {s.answers} answers, {s.tokens} tokens{rate}, {len(s.messages)} messages")
+            self.info(f"session: {plural(s.answers, 'answer')}, {plural(s.tokens, 'token')}{rate}, "
+                      f"{plural(len(s.messages), 'message')}")
         elif name == "/think":
             if s.last is not None and s.last.reasoning:
                 self.write(s.last.reasoning.strip() + "\n", DIM)
@@ -232,7 +234,7 @@ class _ReasoningView:
 
 
 def _timings(a: Answer) -> str:
-    parts = [f"{a.completion_tokens} tokens"]
+    parts = [plural(a.completion_tokens, "token")]
     if a.tokens_per_second is not None:
         parts.append(f"{a.tokens_per_second:.1f} tok/s")
     if a.ttft is not None:

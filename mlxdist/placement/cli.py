@@ -6,8 +6,8 @@ import json
 
 import click
 
-from mlxdist.errors import UserError
-from mlxdist.placement.hardware import GB, LINK_PRESETS, Cluster, cluster_from_nodes, load_nodes_json
+from mlxdist.errors import UserError, plural
+from mlxdist.placement.hardware import CHIPS, GB, LINK_PRESETS, Cluster, cluster_from_nodes, load_nodes_json
 from mlxdist.placement.model import load_model
 from mlxdist.placement.plan import Plan
 from mlxdist.placement.planner import Request, plan
@@ -43,15 +43,29 @@ def format_table(p: Plan) -> str:
     total_kv = sum(ld.kv_bytes for ld in p.loads) / GB
     lines += [
         "",
-        f"model {p.model} ({p.model_type}) at {p.bits} bits, context {p.context} x {p.concurrency} requests, "
-        f"links {p.link}",
+        f"model {p.model} ({p.model_type}) at {p.bits} bits, context {p.context} x "
+        f"{plural(p.concurrency, 'request')}, links {p.link}",
         f"strategy: {p.strategy}; memory: {total_w:.1f} GB weights + {total_kv:.1f} GB KV cache in all",
         f"decode: {e.decode_ms_per_token:.1f} ms/token alone ({e.decode_tok_s:.1f} tok/s, "
         f"{e.comm_ms_per_token:.2f} ms of it on links); {e.aggregate_tok_s:.1f} tok/s over "
-        f"{p.concurrency} requests ({e.step_ms_at_concurrency:.1f} ms/token each); prefill ~{e.prefill_tok_s:.0f} tok/s",
+        f"{plural(p.concurrency, 'request')} ({e.step_ms_at_concurrency:.1f} ms/token each); "
+        f"prefill ~{e.prefill_tok_s:.0f} tok/s",
         f"why: {p.reason}",
     ]
     return "\n".join(lines)
+
+
+def non_apple_note(p: Plan) -> str | None:
+    """The cost model prices Apple GPUs (decode bound by memory bandwidth). For any other
+    node (a Linux box: chip "generic", 100 GB/s and 1 TFLOPS guessed, or a measured CPU)
+    its tok/s are far above what MLX's CPU backend runs: say so, once."""
+    odd = list(dict.fromkeys(f"{ld.node} ({ld.chip})" for ld in p.loads
+                             if ld.chip == "generic" or ld.chip not in CHIPS))
+    if not odd:
+        return None
+    return (f"mlxdist: note: the speeds assume Apple GPUs, which {', '.join(odd)} "
+            f"{'is' if len(odd) == 1 else 'are'} not; on MLX's CPU backend expect far less "
+            f"(docs/placement.md, Limits)")
 
 
 @click.command("plan")
@@ -90,6 +104,8 @@ def plan_command(model: str, nodes_spec: str, context: int, concurrency: int, bi
     p = plan(spec, cluster, Request(context=context, concurrency=concurrency, strategy=strategy),
              describe_model=at_bits)
     click.echo(json.dumps(p.to_json(), indent=2) if as_json else format_table(p))
+    if (note := non_apple_note(p)) is not None:
+        click.echo(note, err=True)
 
 
-__all__ = ["plan_command", "auto_cluster", "format_table"]
+__all__ = ["plan_command", "auto_cluster", "format_table", "non_apple_note"]

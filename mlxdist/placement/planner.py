@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from mlxdist.errors import UserError
+from mlxdist.errors import UserError, plural
 from mlxdist.placement.cost import CostParams, Profile, ep_times, pipeline_times
 from mlxdist.placement.hardware import GB, Cluster, NodeSpec
 from mlxdist.placement.model import ModelSpec
@@ -209,11 +209,13 @@ def best_plan(model: ModelSpec, cluster: Cluster, req: Request, cp: CostParams =
         return None
     others = sorted(considered, key=lambda x: x.estimate.step_ms_at_concurrency)
     runner = next((x for x in others if x is not best), None)
-    why = (f"{best.strategy} over {len(best.group)} node(s), {best.reason}: "
+    fastest = ("the only plan that fits" if len(considered) == 1
+               else f"the fastest of {len(considered)} plans that fit")
+    why = (f"{best.strategy} over {plural(len(best.group), 'node')}, {best.reason}: "
            f"{best.estimate.step_ms_at_concurrency:.1f} ms/token per stream at concurrency {req.concurrency}, "
-           f"the fastest of {len(considered)} plans that fit")
+           f"{fastest}")
     if runner is not None:
-        why += (f" (next: {runner.strategy} over {len(runner.group)} node(s), {runner.reason}, "
+        why += (f" (next: {runner.strategy} over {plural(len(runner.group), 'node')}, {runner.reason}, "
                 f"{runner.estimate.step_ms_at_concurrency:.1f} ms)")
     return replace(best, reason=why)
 
@@ -265,8 +267,9 @@ def refusal(model: ModelSpec, cluster: Cluster, req: Request, cp: CostParams, de
             break
     per_node = ", ".join(f"{n.name} {budget(n, req.headroom) / GB:.1f}" for n in cluster.nodes)
     msg = (f"{model.name} at {model.quant.bits} bits does not fit: it needs {(weights + kv) / GB:.1f} GB "
-           f"(weights {weights / GB:.1f} GB + KV cache {kv / GB:.1f} GB for {req.context} tokens x "
-           f"{req.concurrency} requests) but the nodes offer {avail / GB:.1f} GB usable ({per_node}), "
+           f"(weights {weights / GB:.1f} GB + KV cache {kv / GB:.1f} GB for "
+           f"{plural(req.context, 'token')} x "
+           f"{plural(req.concurrency, 'request')}) but the nodes offer {avail / GB:.1f} GB usable ({per_node}), "
            f"and no layer split fits each node")
     msg += "; it would fit with " + " or ".join(fixes) if fixes else "; no single change makes it fit"
     return msg

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from mlxdist.errors import UserError
+from mlxdist.errors import UserError, plural
 from mlxdist.runtime.api import HANDOFF_HELP, HANDOFFS, check_handoff
 
 
@@ -25,7 +25,8 @@ def _parse_split(split: str | None) -> list[int] | None:
 @click.option("--ranks", "-n", type=int, default=1, show_default=True, help="local ranks (processes)")
 @click.option("--split", default=None, help="layers per rank, e.g. 20,25,16 (default: even)")
 @click.option("--prompt", "-p", required=True, help="the prompt (sent through the chat template)")
-@click.option("--max-tokens", "-m", type=int, default=128, show_default=True)
+@click.option("--max-tokens", "-m", type=click.IntRange(min=1), default=128, show_default=True,
+              help="most tokens to generate")
 @click.option("--temp", type=float, default=0.0, show_default=True, help="0 = greedy")
 @click.option("--top-p", type=float, default=1.0, show_default=True)
 @click.option("--top-k", type=int, default=0, show_default=True)
@@ -47,8 +48,10 @@ def run_command(model: str, ranks: int, split: str | None, prompt: str, max_toke
     from mlxdist.runtime.api import GenerationRequest, SamplingParams
     from mlxdist.runtime.engine import open_engine
     from mlxdist.runtime.group import WorkerFailure
+    from mlxdist.runtime.stage import note_if_upcast
 
     check_handoff(handoff, expert_parallel=expert_parallel)
+    note_if_upcast(model)  # float16 -> float32 on the CPU backend, said here: workers log elsewhere
     try:
         engine = open_engine(model, ranks=ranks, split=_parse_split(split), backend=backend,
                              in_process=ranks == 1, expert_parallel=expert_parallel, handoff=handoff)
@@ -69,7 +72,8 @@ def run_command(model: str, ranks: int, split: str | None, prompt: str, max_toke
         sys.stdout.write("\n")
         if stats:
             dt = time.monotonic() - t0
-            click.echo(f"[{n} tokens in {dt:.2f}s, {n / max(dt, 1e-9):.1f} tok/s, {ranks} ranks]", err=True)
+            click.echo(f"[{plural(n, 'token')} in {dt:.2f}s, {n / max(dt, 1e-9):.1f} tok/s, "
+                       f"{plural(ranks, 'rank')}]", err=True)
     except KeyboardInterrupt:
         raise
     finally:

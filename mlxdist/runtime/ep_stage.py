@@ -31,6 +31,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from mlxdist.errors import plural
 from mlxdist.runtime.expert_parallel import expert_parallel, is_moe_block, split_experts
 from mlxdist.runtime.pipeline import Coordinator, StageRunner
 from mlxdist.runtime.prefix_cache import copy_caches
@@ -58,7 +59,7 @@ def keep_own_experts(model: nn.Module, group: mx.distributed.Group,
     if n == 0:
         raise ValueError("expert parallel needs a model with MoE blocks (deepseek_v3, qwen3_moe)")
     if group.size() > n:
-        raise ValueError(f"{group.size()} ranks but only {n} routed experts per layer")
+        raise ValueError(f"{plural(group.size(), 'rank')} but only {plural(n, 'routed expert')} per layer")
     mine = list(owned) if owned is not None else split_experts(n, group.size())[group.rank()]
     expert_parallel(model, mine, group)
     return mine

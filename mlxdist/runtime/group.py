@@ -80,7 +80,8 @@ class WorkerGroupBackend:
                 self.failure = self._exit_failure()
                 if self.failure is None and time.monotonic() > deadline:
                     missing = sorted(set(range(self.n)) - self.ready)
-                    self.failure = f"ranks {missing} did not become ready within {timeout:.0f} s"
+                    self.failure = (f"{'rank' if len(missing) == 1 else 'ranks'} {', '.join(map(str, missing))} "
+                                    f"did not become ready within {timeout:.0f} s")
                 self._cond.wait(0.2)
         if self.failure:
             raise WorkerFailure(self.failure)

@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
-from mlxdist.errors import UserError
+from mlxdist.errors import UserError, plural
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,9 @@ class Launcher(Protocol):
     def terminate(self) -> None: ...  # kill every worker, wait for them
 
 
+TAIL_LINES = 20  # log lines per rank kept for log_tail once the log directory is gone
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -86,11 +91,18 @@ def one_gpu_per_rank(ranks: int, visible: str | None) -> Callable[[int], dict[st
     on one): rank r gets the r-th GPU this process may use (CUDA_VISIBLE_DEVICES, else 0, 1, ...)."""
     ids = [v.strip() for v in (visible or "").split(",") if v.strip()] or [str(r) for r in range(ranks)]
     if len(ids) < ranks:
-        raise UserError(f"{ranks} ranks need a GPU each for NCCL; CUDA_VISIBLE_DEVICES lists {len(ids)}")
+        raise UserError(f"{plural(ranks, 'rank')} need a GPU each for NCCL; "
+                        f"CUDA_VISIBLE_DEVICES lists {len(ids)}")
     return lambda rank: {"CUDA_VISIBLE_DEVICES": ids[rank]}
 
 
 class LocalLauncher:
+    """Workers as subprocesses of this machine. Their hostfile and logs (rank<N>.log) go to
+    `log_dir` when given (kept), else to a temporary directory of our own that
+    `terminate()` removes once the workers are dead, keeping each rank's last log lines in
+    memory for `log_tail`. So `terminate()` (the group calls it on failure and on close)
+    is all the clean-up there is; `cleanup()` alone is for a launcher that never launched."""
+
     control_host = "127.0.0.1"
 
     def __init__(self, python: str = sys.executable, log_dir: str | None = None,
@@ -98,8 +110,12 @@ class LocalLauncher:
         self.python = python
         # extra environment per rank, e.g. one GPU each: {"CUDA_VISIBLE_DEVICES": str(rank)}
         self.rank_env = rank_env or (lambda rank: {})
+        self.owns_dir = log_dir is None
         self.dir = Path(log_dir or tempfile.mkdtemp(prefix="mlxdist-run-"))
         self.procs: dict[int, subprocess.Popen] = {}
+        self._tails: dict[int, list[str]] = {}  # each rank's last log lines, kept at clean-up
+        if self.owns_dir:  # dropped without terminate() (an error before launch): removed at exit
+            weakref.finalize(self, shutil.rmtree, str(self.dir), True)
 
     def ring_addresses(self, ranks: int) -> list[list[str]]:
         return [[f"127.0.0.1:{free_port()}"] for _ in range(ranks)]
@@ -111,10 +127,12 @@ class LocalLauncher:
         return str(self.dir / "hostfile.json")
 
     def launch(self, specs: list[WorkerSpec], hostfile: list[list[str]]) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)  # again, if an earlier terminate() removed it
         Path(self.hostfile_path()).write_text(json.dumps(hostfile))
         root = str(Path(__file__).resolve().parents[2])
         env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
         for spec in specs:
+            self._tails.pop(spec.rank, None)
             log = open(self.dir / f"rank{spec.rank}.log", "wb")
             self.procs[spec.rank] = subprocess.Popen(
                 [self.python, *spec.argv()], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
@@ -125,13 +143,19 @@ class LocalLauncher:
         return {r: p.poll() for r, p in self.procs.items()}
 
     def log_tail(self, rank: int, lines: int = 5) -> str:
+        """The last `lines` lines of the rank's log: read from the file, or once
+        terminate() has removed it, from the last TAIL_LINES lines kept in memory."""
+        text = self._log_lines(rank)
+        return "\n".join((self._tails.get(rank, []) if text is None else text)[-lines:])
+
+    def _log_lines(self, rank: int) -> list[str] | None:
         try:
-            text = (self.dir / f"rank{rank}.log").read_text(errors="replace").strip().splitlines()
+            return (self.dir / f"rank{rank}.log").read_text(errors="replace").strip().splitlines()
         except OSError:
-            return ""
-        return "\n".join(text[-lines:])
+            return None
 
     def terminate(self) -> None:
+        """Kill every worker and wait for them, then `cleanup()`."""
         for p in self.procs.values():
             if p.poll() is None:
                 try:
@@ -143,3 +167,15 @@ class LocalLauncher:
                 p.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 pass
+        self.cleanup()
+
+    def cleanup(self) -> None:
+        """Remove our temporary directory (never a caller's log_dir), keeping each rank's
+        last log lines for log_tail. Safe to call more than once."""
+        if not self.owns_dir:
+            return
+        for rank in list(self.procs):
+            text = self._log_lines(rank)
+            if text is not None:
+                self._tails[rank] = text[-TAIL_LINES:]
+        shutil.rmtree(self.dir, ignore_errors=True)

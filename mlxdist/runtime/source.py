@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from mlxdist.errors import UserError
+from mlxdist.errors import UserError, plural
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ def resolve_source(path: Path, ranks: int, split: Sequence[int] | None = None,
     if expert_parallel and ranks > 1:
         return _expert_parallel_source(path, config, ranks, split, experts)
     if ranks > num_layers:
-        raise UserError(f"{ranks} ranks but the model has only {num_layers} layers")
+        raise UserError(f"{plural(ranks, 'rank')} but the model has only {plural(num_layers, 'layer')}")
     if split is None:
         split = even_split(num_layers, ranks)
     split = [int(s) for s in split]
@@ -102,13 +102,13 @@ def _expert_parallel_source(path: Path, config: dict[str, Any], ranks: int, spli
         raise UserError(f"{path}: --expert-parallel needs an MoE model (deepseek_v3, qwen3_moe); "
                         f"config.json names no routed experts")
     if ranks > n_experts:
-        raise UserError(f"{ranks} ranks but the model has only {n_experts} routed experts per layer")
+        raise UserError(f"{plural(ranks, 'rank')} but the model has only {plural(n_experts, 'routed expert')} per layer")
     owned: tuple[tuple[int, ...], ...] = ()
     if experts is not None:
         owned = tuple(tuple(sorted(int(e) for e in mine)) for mine in experts)
         flat = sorted(e for mine in owned for e in mine)
         if len(owned) != ranks or flat != list(range(n_experts)) or not all(owned):
-            raise UserError(f"experts must give each of the {ranks} ranks a non-empty share, and "
+            raise UserError(f"experts must give each of the {plural(ranks, 'rank')} a non-empty share, and "
                             f"every expert 0..{n_experts - 1} to exactly one rank")
     model_dir, shard = path, False
     manifest = path / "manifest.json"

@@ -14,12 +14,16 @@ from __future__ import annotations
 import glob
 import json
 import re
+import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from mlxdist.errors import plural
 
 LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
 
@@ -77,6 +81,74 @@ def _to_local(name: str, spec: StageSpec) -> str:
     return name
 
 
+# MLX's CPU backend runs half-precision matmuls far slower than float32, quantized ones
+# above all (4-bit, 2 x86 cores: float16 ~25x, bfloat16 ~5x; SmolLM2-135M decoded 0.1
+# tok/s with float16 scales and norms, 5.7 with float32): there a stage computes in
+# float32. Metal and CUDA keep the stored dtype.
+HALF_DTYPES = {mx.float16: "float16", mx.bfloat16: "bfloat16"}
+_HALF_HEADER_DTYPES = {"F16": "float16", "BF16": "bfloat16"}
+_upcast_noted = False
+
+
+def computes_half_as_float32() -> bool:
+    """True when MLX's default device is the CPU: float16/bfloat16 weights run as float32."""
+    return mx.default_device() == mx.cpu
+
+
+def note_float32_upcast(dtypes: set[str]) -> None:
+    """Say once per process, in one line on stderr, that `dtypes` weights run as float32."""
+    global _upcast_noted
+    if _upcast_noted or not dtypes:
+        return
+    _upcast_noted = True
+    names = " and ".join(sorted(dtypes))
+    print(f"mlxdist: note: {names} weights run as float32 on MLX's CPU backend, many times "
+          f"faster there (Metal and CUDA keep {names})", file=sys.stderr, flush=True)
+
+
+def stored_half_dtypes(model_dir: str | Path) -> set[str]:
+    """float16/bfloat16 among the tensors of MODEL_DIR's safetensors files (an mlx-lm
+    directory or a shard directory), read from their headers only."""
+    model_dir = Path(model_dir)
+    found: set[str] = set()
+    for f in weight_files(model_dir) or sorted(glob.glob(str(model_dir / "stages" / "*" / "*.safetensors"))):
+        try:
+            with open(f, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(n))
+        except (OSError, ValueError, struct.error):
+            continue
+        found |= {_HALF_HEADER_DTYPES[t["dtype"]] for k, t in header.items()
+                  if k != "__metadata__" and isinstance(t, dict) and t.get("dtype") in _HALF_HEADER_DTYPES}
+    return found
+
+
+def note_if_upcast(model_dir: str | Path) -> None:
+    """What the CLI calls before it starts worker processes (whose stderr goes to their
+    logs): the same one-line note load_stage prints in-process."""
+    if computes_half_as_float32():
+        note_float32_upcast(stored_half_dtypes(model_dir))
+
+
+def _upcast_half(model: nn.Module) -> set[str]:
+    """The model's float16/bfloat16 parameters -> float32 (lazily: nothing is read here), on
+    the CPU backend only; returns the dtypes converted."""
+    from mlx.utils import tree_map
+
+    if not computes_half_as_float32():
+        return set()
+    seen: set[str] = set()
+
+    def cast(v: Any) -> Any:
+        if isinstance(v, mx.array) and v.dtype in HALF_DTYPES:
+            seen.add(HALF_DTYPES[v.dtype])
+            return v.astype(mx.float32)
+        return v
+
+    model.update(tree_map(cast, model.parameters()))
+    return seen
+
+
 def read_config(model_dir: Path) -> dict[str, Any]:
     with open(model_dir / "config.json") as f:
         return json.load(f)
@@ -129,13 +201,15 @@ def load_stage(model_dir: str | Path, spec: StageSpec, files: list[str] | None =
                presanitized: bool = False, prepare: Callable[[nn.Module], Any] | None = None) -> Stage:
     """Build the model from config.json, drop every layer outside `spec`, and load only
     the stage's tensors (lazily, straight from the safetensors files). `prepare(model)`
-    runs before anything is read (expert parallel drops other ranks' experts there)."""
+    runs before anything is read (expert parallel drops other ranks' experts there).
+    On MLX's CPU backend float16/bfloat16 tensors are loaded as float32 (see
+    computes_half_as_float32); on Metal and CUDA they keep their dtype."""
     from mlx_lm.utils import _get_classes, infer_quant_config
 
     model_dir = Path(model_dir)
     config = read_config(model_dir)
     if config["num_hidden_layers"] != spec.num_layers:
-        raise ValueError(f"config has {config['num_hidden_layers']} layers, plan says {spec.num_layers}")
+        raise ValueError(f"config has {plural(config['num_hidden_layers'], 'layer')}, plan says {spec.num_layers}")
     model_class, args_class = _get_classes(config)
     model = model_class(args_class.from_dict(config))
     tied = "lm_head" not in model
@@ -163,6 +237,8 @@ def load_stage(model_dir: str | Path, spec: StageSpec, files: list[str] | None =
     _check_loaded(model, weights)
     if prepare is not None:
         prepare(model)
+    # after prepare: expert parallel has cut the stacked experts, so only what stays is converted
+    note_float32_upcast(_upcast_half(model))  # CPU backend only: norms, embeddings, scales, biases
     mx.eval(model.parameters())
     return Stage(model, spec, config)
 

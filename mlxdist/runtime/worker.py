@@ -22,6 +22,7 @@ import time
 import traceback
 from typing import Callable
 
+from mlxdist.errors import plural
 from mlxdist.runtime.api import HANDOFFS, handoff_problem
 from mlxdist.runtime.control import HEARTBEAT_INTERVAL_S, Channel, connect
 
@@ -115,7 +116,7 @@ def run(a: argparse.Namespace, chan: Channel) -> None:
 
     group = _join_group(a)
     link = RingLink(group, _inbound_sockets(a), _collective_group(a, group))
-    print(f"rank {a.rank}: layers {start}:{end}, waiting on {len(link.wait_on)} inbound ring socket(s)",
+    print(f"rank {a.rank}: layers {start}:{end}, waiting on {plural(len(link.wait_on), 'inbound ring socket')}",
           file=sys.stderr, flush=True)
     runner = StageRunner(stage)
     if a.rank == 0:

@@ -15,12 +15,14 @@ header deadline, below).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
 import socket
 import threading
-from typing import Any
+from dataclasses import replace
+from typing import Any, Iterator
 
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -28,7 +30,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from mlxdist.runtime.api import Engine
 from mlxdist.server.routes import MAX_BODY, Api, HttpLimits, build_app
 
-__all__ = ["ApiServer", "HttpLimits", "MAX_BODY", "bind", "raise_fd_limit"]
+__all__ = ["ApiServer", "HttpLimits", "MAX_BODY", "bind", "fd_limit_only_raised", "raise_fd_limit"]
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -48,19 +50,55 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+LINGER_MAX = 64  # refused connections that may wait (0.25 s) for their 503 to be read
+FD_RESERVE = 256  # descriptors kept for everything but client sockets (ranks, shards, logs)
+
+
 def raise_fd_limit(want: int) -> int:
-    """Let this process hold `want` open files if the hard limit allows (macOS starts
-    processes at 256); returns the soft limit now in force."""
+    """Let this process hold `want` open files if it may (macOS starts processes at 256,
+    and importing mlx-lm sets 2048 soft / 4096 hard); raises the hard limit too where
+    privileged. Returns the soft limit now in force (0: unknown)."""
     try:
         import resource
 
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        target = want if hard == resource.RLIM_INFINITY else min(want, hard)
-        if soft != resource.RLIM_INFINITY and soft < target:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        if soft == resource.RLIM_INFINITY or soft >= want:
+            return soft if soft != resource.RLIM_INFINITY else want
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(want, hard) if hard != resource.RLIM_INFINITY
+                                                        else hard))
+        except (ValueError, OSError):  # not privileged: as far as the hard limit goes
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, hard), hard))
         return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     except (ImportError, ValueError, OSError):
         return 0
+
+
+@contextlib.contextmanager
+def fd_limit_only_raised() -> Iterator[None]:
+    """While inside, setrlimit(RLIMIT_NOFILE) may raise the open-file limits but not lower
+    them: importing mlx_lm.utils sets them to 2048 soft / 4096 hard, and a lowered hard
+    limit cannot be raised again without privileges, which would cap a server's sockets."""
+    import resource
+
+    setrlimit = resource.setrlimit
+
+    def raise_only(which: int, limits: tuple[int, int]) -> None:
+        if which != resource.RLIMIT_NOFILE:
+            return setrlimit(which, limits)
+        soft, hard = resource.getrlimit(which)
+        inf = resource.RLIM_INFINITY
+        new_hard = inf if inf in (hard, limits[1]) else max(hard, limits[1])
+        new_soft = inf if inf in (soft, limits[0]) else max(soft, limits[0])
+        if new_hard != inf and new_soft > new_hard:
+            new_soft = new_hard
+        setrlimit(which, (new_soft, new_hard))
+
+    resource.setrlimit = raise_only  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        resource.setrlimit = setrlimit  # type: ignore[assignment]
 
 
 def _canned(status: int, reason: str, message: str, code: str) -> bytes:
@@ -78,6 +116,7 @@ class _GuardedH11(H11Protocol):
     is closed (slow or silent clients)."""
 
     limits: HttpLimits = HttpLimits()
+    lingering = 0  # refused connections waiting to close (all servers of this process)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -85,15 +124,23 @@ class _GuardedH11(H11Protocol):
         self._refused = len(self.connections) > self.limits.max_connections
         if self._refused:
             # answer, stop writing, and read (discarding) a moment before closing: closing
-            # with the client's request unread would reset the connection and lose the answer
+            # with the client's request unread would reset the connection and lose the
+            # answer. Only a few linger at once: each holds a file descriptor.
             self.connections.discard(self)
             transport.write(_canned(503, "Service Unavailable", "too many connections to this server; try again "
                                     "shortly", "too_many_connections"))
-            if transport.can_write_eof():
-                transport.write_eof()
-            self.loop.call_later(1.0, transport.close)
+            if _GuardedH11.lingering >= LINGER_MAX or not transport.can_write_eof():
+                transport.close()
+                return
+            transport.write_eof()
+            _GuardedH11.lingering += 1
+            self.loop.call_later(0.25, self._close_refused)
             return
         self._arm()
+
+    def _close_refused(self) -> None:
+        _GuardedH11.lingering -= 1
+        self.transport.close()
 
     def data_received(self, data: bytes) -> None:
         if not self._refused:
@@ -138,7 +185,12 @@ class ApiServer:
                  limits: HttpLimits | None = None, sock: socket.socket | None = None) -> None:
         limits = limits or HttpLimits()
         if max_body != limits.max_body:
-            limits = HttpLimits(**{**limits.__dict__, "max_body": max_body})
+            limits = replace(limits, max_body=max_body)
+        # the connection cap must stay under the open-file limit: past it, accept() fails
+        # and asyncio stops accepting anyone, /health included, for a second at a time
+        fds = raise_fd_limit(limits.max_connections + FD_RESERVE)
+        if fds and limits.max_connections > fds - FD_RESERVE:
+            limits = replace(limits, max_connections=max(1, fds - FD_RESERVE))
         self.api = Api(engine, api_key, max_queue, limits, quiet)
         self.engine, self.limits = engine, limits
         self.sock = sock if sock is not None else bind(host, port)

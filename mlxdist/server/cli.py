@@ -43,8 +43,11 @@ def open_engine_for(model: str, local: int | None, nodes: str | None, progress=p
         from mlxdist.runtime.engine import open_engine  # type: ignore[import-not-found]
     except ImportError:
         raise UserError("this build has no runtime engine (mlxdist.runtime.engine)")
+    from mlxdist.runtime.stage import note_if_upcast
+
     ranks = local or 1
     progress(f"loading {path} on {ranks} rank{'s' if ranks > 1 else ''} ...")
+    note_if_upcast(path)  # the ranks' own stderr goes to their logs
     return start_engine(open_engine, str(path), ranks=ranks, **opts)
 
 
@@ -93,7 +96,7 @@ def serve_command(model: str, host: str, port: int, local: int | None, nodes: st
                   prompt_cache: int = DEFAULT_PROMPT_CACHE) -> None:
     """Serve MODEL (a converted model directory, an mlx-lm directory, or `demo`) over an
     OpenAI-compatible HTTP API."""
-    from mlxdist.server.app import ApiServer, HttpLimits, bind, raise_fd_limit
+    from mlxdist.server.app import ApiServer, HttpLimits, bind, fd_limit_only_raised
 
     if local is not None and nodes:
         raise UserError("give --local or --nodes, not both")
@@ -105,12 +108,13 @@ def serve_command(model: str, host: str, port: int, local: int | None, nodes: st
     progress = lambda msg: click.echo(msg, err=True)  # noqa: E731
     opts = {**({"plan": plan} if plan else {}), **({"expert_parallel": True} if expert_parallel else {}),
             **({"handoff": handoff} if handoff != "messages" else {}), "prompt_cache": prompt_cache}
-    raise_fd_limit(max_connections + 256)  # sockets, shards, ranks' pipes
     try:  # before the model loads: a port in use is found at once
         sock = bind(host, port)
     except OSError as e:
         raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}")
     try:
+        with fd_limit_only_raised():  # mlx-lm's import would cap the sockets at 4096 for good
+            import mlx_lm.utils  # noqa: F401
         engine = open_engine_for(model, local, nodes, progress=progress, **opts)
     except BaseException:
         sock.close()
@@ -118,6 +122,9 @@ def serve_command(model: str, host: str, port: int, local: int | None, nodes: st
     try:
         server = ApiServer(engine, host, port, api_key=api_key, max_queue=max_queue, quiet=quiet,
                            limits=HttpLimits(max_connections=max_connections), sock=sock)
+        if server.limits.max_connections < max_connections:
+            progress(f"note: at most {server.limits.max_connections} connections (this process may open no more "
+                     "files; raise `ulimit -n`)")
         if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
             progress(f"warning: listening on {host} without --api-key: anyone who can reach it can use it")
         signal.signal(signal.SIGTERM, _stop_on_sigterm)

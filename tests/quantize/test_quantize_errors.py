@@ -141,3 +141,16 @@ def test_hub_repo_from_local_cache(llama_ckpt, tmp_path):
                 env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_zero_stages_refused(llama_ckpt, tmp_path):
+    """--stages 0 is no shorthand for the default of one stage: refused, on the command
+    line (a usage error) and through the Python API alike."""
+    line = _fails(tmp_path / "out", str(llama_ckpt), "--stages", "0", match="--stages")
+    assert line.startswith("mlxdist: error: invalid value for '--stages': 0 is not in the range x>=1")
+    from mlxdist.errors import UserError
+    from quantize.convert import convert
+
+    with pytest.raises(UserError, match="--stages must be between 1 and"):
+        convert(llama_ckpt, tmp_path / "api-out", stages=0, progress=False)
+    assert not (tmp_path / "api-out" / "manifest.json").exists()

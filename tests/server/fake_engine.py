@@ -4,7 +4,6 @@ scripted answer per prompt, a settable delay per token, and bookkeeping the test
 from __future__ import annotations
 
 import threading
-import time
 from typing import Iterator, Sequence
 
 from mlxdist.runtime.api import GenerationRequest, TokenEvent
