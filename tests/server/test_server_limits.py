@@ -201,3 +201,18 @@ def test_health_tells_the_truth(make_server):
     assert status == 503 and body["status"] == "degraded" and "rank 1" in body["reason"]
     engine.status = Health("down", "crash loop")
     assert get(server, "/health")[0] == 503
+
+
+def test_mlx_lm_import_cannot_lower_the_open_file_limit():
+    """mlx_lm.utils sets RLIMIT_NOFILE to (2048, 4096) when imported; `mlxdist serve`
+    imports it under fd_limit_only_raised, so a server keeps the limits it had (or more)."""
+    import resource
+
+    from mlxdist.server.app import fd_limit_only_raised
+
+    before = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with fd_limit_only_raised():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 2048))  # what a lowering import does
+        during = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, before)  # (soft may have been raised)
+    assert during[1] == before[1] and (during[0] >= before[0] or during[0] == resource.RLIM_INFINITY)
