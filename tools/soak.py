@@ -443,6 +443,7 @@ def main() -> None:
         text, _ = probe(port, model)
         tally.add(text == answer, "final probe")
         out["server_alive"] = server.poll() is None
+        out["server_log"] = [ln.strip() for ln in stderr_lines if "restart" in ln or "error" in ln.lower()][-20:]
         out["requests"] = {"sent": tally.sent, "answered_correctly": tally.correct, "errors": dict(tally.errors)}
         print(json.dumps(out, indent=1))
     finally:

@@ -290,6 +290,7 @@ class Engine:
         over (regroup). Failures close together back off (1, 2, 4 ... s); more than
         MAX_RESTARTS within RESTART_WINDOW_S is a crash loop: give up and say so."""
         reason = message
+        self._drop_replayed(message)
         while not self._closed:
             now = time.monotonic()
             self._restarts = [t for t in self._restarts if now - t < RESTART_WINDOW_S] + [now]
@@ -309,7 +310,6 @@ class Engine:
                 return
             t0 = time.monotonic()
             try:
-                self._drop_replayed(message)
                 self.regroup()
             except Exception as e:  # noqa: BLE001 - try again, backing off
                 reason = f"restart failed: {type(e).__name__}: {e}"
@@ -361,6 +361,9 @@ class Engine:
                                 experts=self._opts.get("experts") if n == len(self._opts.get("experts") or ()) else None)
         backend = make_backend(source, n, self._opts)
         with self._events_lock:
+            if self._closed:  # closed while the new group started: it goes too
+                backend.close()
+                return
             self._failed = None
             self._healing = None
             self._attach(backend)
