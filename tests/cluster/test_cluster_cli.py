@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster_fixtures import run_mlxdist
+from cluster_fixtures import run_mlxdist, stop_process
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,13 +38,7 @@ def start_node(tmp_path: Path, secret: Path, *extra: str) -> tuple[subprocess.Po
     raise AssertionError("node did not start: " + "".join(lines))
 
 
-def stop(p: subprocess.Popen) -> None:
-    p.terminate()
-    try:
-        p.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.wait(timeout=5)
+stop = stop_process
 
 
 def test_node_creates_secret_then_cluster_lists_it(tmp_path):

@@ -11,6 +11,7 @@ import time
 
 import pytest
 from fake_engine import FakeEngine
+from test_server_errors import post as post_raw
 
 from mlxdist.runtime.api import Health
 from mlxdist.server.app import HttpLimits
@@ -20,14 +21,7 @@ OK = {"model": "fake", "messages": [{"role": "user", "content": "hi"}]}
 
 
 def post(server, body, headers: dict | None = None, path: str = CHAT) -> tuple[int, dict]:
-    host, port = server.address
-    conn = http.client.HTTPConnection(host, port, timeout=30)
-    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-    conn.request("POST", path, raw, {"Content-Type": "application/json", **(headers or {})})
-    r = conn.getresponse()
-    data = r.read()
-    conn.close()
-    return r.status, json.loads(data)
+    return post_raw(server, path, body, headers)
 
 
 def get(server, path: str) -> tuple[int, dict]:
