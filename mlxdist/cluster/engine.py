@@ -26,7 +26,7 @@ from typing import Any, Sequence
 from mlxdist.cluster.client import NodeClient
 from mlxdist.cluster.coordinator import NodeView, deliver
 from mlxdist.cluster.launcher import ClusterLauncher, Placement
-from mlxdist.runtime.api import GenerationRequest
+from mlxdist.runtime.api import GenerationRequest, Health
 
 log = logging.getLogger("mlxdist.cluster.engine")
 
@@ -266,6 +266,9 @@ class ClusterEngine:
     @property
     def failure(self) -> str | None:
         return self._fatal
+
+    def health(self) -> Health:
+        return Health("down", self._fatal) if self._fatal else self._inner.health()
 
     def close(self) -> None:
         self._closed = True

@@ -87,6 +87,7 @@ class Engine:
         self._eos = set(tokenizer.eos_token_ids or ())
         self._opts = dict(opts or {})
         self._healing: str | None = None  # why the group is being rebuilt, while it is
+        self._replacing: str | None = None  # the same while an on_failure hook runs
         self._restarts: list[float] = []  # when the group was restarted (crash-loop window)
         self.events_log: list[dict] = []  # restarts and give-ups, newest last (for /health)
         self._attach(backend)
@@ -270,12 +271,14 @@ class Engine:
             return Health("down", self._failed)
         if self._healing is not None:
             return Health("degraded", f"restarting the ranks after: {self._healing}")
+        if self._replacing is not None:
+            return Health("degraded", f"re-placing after: {self._replacing}")
         return Health("ok")
 
     def _group_failed(self, message: str) -> None:
         hook = self._opts.get("on_failure")
         if hook is not None:
-            threading.Thread(target=hook, args=(self, message), daemon=True).start()
+            threading.Thread(target=self._run_hook, args=(hook, message), daemon=True).start()
         elif self._opts.get("restart", self._opts.get("launcher") is None):
             with self._events_lock:
                 if self._healing is not None or self._closed:
@@ -284,6 +287,15 @@ class Engine:
             threading.Thread(target=self._heal, args=(message,), daemon=True, name="mlxdist-heal").start()
         else:
             self.fail(message)
+
+    def _run_hook(self, hook: Any, message: str) -> None:
+        """The caller's failure hook (e.g. the cluster re-placing): health() says degraded
+        while it runs."""
+        self._replacing = message
+        try:
+            hook(self, message)
+        finally:
+            self._replacing = None
 
     def _heal(self, message: str) -> None:
         """Restart the group on this machine (same ranks and split) and carry the requests

@@ -136,3 +136,27 @@ def test_a_cancelled_prompt_stops_prefilling_between_chunks(tiny_models):
         assert len(eng.generate(list(b"after"), 4)) == 4
     finally:
         eng.close()
+
+
+def test_health_is_degraded_while_a_failure_hook_runs(tiny_models):
+    """The cluster re-places through on_failure: meanwhile health() says so, then ok."""
+    entered, gate = threading.Event(), threading.Event()
+
+    def hook(engine, message: str) -> None:
+        entered.set()
+        gate.wait(60)
+        engine.regroup()
+
+    eng = open_engine(tiny_models["llama"], ranks=2, on_failure=hook)
+    try:
+        assert eng.health().status == "ok"
+        os.kill(eng._backend.launcher.procs[1].pid, signal.SIGKILL)
+        assert entered.wait(60)
+        h = eng.health()
+        assert h.status == "degraded" and "rank 1" in h.reason, h
+        gate.set()
+        _wait(lambda: eng.health().status == "ok", what="health ok after the hook")
+        assert len(eng.generate(list(b"again"), 4)) == 4
+    finally:
+        gate.set()
+        eng.close()
