@@ -6,6 +6,7 @@ import json
 import logging
 import signal
 import socket
+import time
 from pathlib import Path
 
 import click
@@ -106,9 +107,15 @@ def _row(v) -> dict:
 @click.option("--node", "nodes", multiple=True,
               help="Also ask this node directly, as HOST:PORT (repeatable).")
 @click.option("--no-mdns", is_flag=True, help="Only ask the --node addresses.")
+@click.option("--url", default=None, help="Ask a running `mlxdist serve` at URL (its GET /v1/cluster) instead: "
+                                          "the nodes, the stages and layers each runs, live numbers, events.")
+@click.option("--api-key", default=None, envvar="MLXDIST_API_KEY", help="With --url: the server's API key.")
 def cluster_command(cluster: str, secret_file: str | None, as_json: bool, browse: float,
-                    addresses: tuple[str, ...], nodes: tuple[str, ...], no_mdns: bool) -> None:
+                    addresses: tuple[str, ...], nodes: tuple[str, ...], no_mdns: bool,
+                    url: str | None = None, api_key: str | None = None) -> None:
     """Show the nodes of a cluster: chip, memory, links, shards, health, role."""
+    if url:
+        return _served_cluster(url, api_key, as_json)
     from mlxdist.cluster.coordinator import discover_nodes, query_nodes
     from mlxdist.cluster.secret import DEFAULT_SECRET_FILE, load_secret
 
@@ -149,3 +156,46 @@ def cluster_command(cluster: str, secret_file: str | None, as_json: bool, browse
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
         click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+def _gb(n: int | None) -> str:
+    return "?" if n is None else f"{n / 2**30:.1f}"
+
+
+def _served_cluster(url: str, api_key: str | None, as_json: bool) -> None:
+    """The cluster as a running server sees it (GET /v1/cluster, docs/console.md)."""
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url.rstrip("/") + "/v1/cluster",
+                                 headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            view = json.load(r)
+    except urllib.error.HTTPError as e:
+        raise UserError(f"{url} answered {e.code}" + (" (give --api-key)" if e.code == 401 else ""))
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot ask {url}: {getattr(e, 'reason', e)}")
+    if as_json:
+        click.echo(json.dumps(view, indent=2))
+        return
+    h = view["health"]
+    click.echo(f"{view['model']} ({view['mode']}), {h['status']}" + (f": {h['reason']}" if h["reason"] else ""))
+    rows = [["NODE", "CHIP", "MEMORY GiB (weights/kv/free/total)", "LINKS", "HEALTH", "STAGES"]]
+    for n in view["nodes"]:
+        m = n["memory"]
+        stages = [f"rank {st['rank']}: layers {st['layers'][0]}-{st['layers'][1] - 1}"
+                  + (f" ({len(st['experts']['owned'])} of {st['experts']['total']} experts)" if st["experts"] else "")
+                  for st in view["stages"] if st["node"] == n["name"]]
+        rows.append([n["name"], n["chip"][:24], "/".join(_gb(m[k]) for k in ("weights", "kv_cache", "free", "total")),
+                     " ".join(f"{l['to']}({l['kind']})" for l in n["links"]) or "-", n["health"],
+                     "; ".join(stages) or "-"])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    live = view["live"]
+    click.echo(f"live: {live['tokens_per_second']:.1f} tok/s, {live['active']}/{live['slots']} slots busy, "
+               f"{live['queued']} queued, prefix-cache hits {live['prefix_cache_hit_tokens']} tokens")
+    for e in view["events"][-5:]:
+        stamp = time.strftime("%H:%M:%S", time.localtime(e["t"]))
+        click.echo(f"{stamp} {e['event']}: {e['message']}")

@@ -20,13 +20,14 @@ import json
 import logging
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
 from mlxdist.cluster.client import NodeClient
 from mlxdist.cluster.coordinator import NodeView, deliver
 from mlxdist.cluster.launcher import ClusterLauncher, Placement
-from mlxdist.runtime.api import GenerationRequest, Health
+from mlxdist.runtime.api import GenerationRequest, Health, Layout, NodeInfo
 
 log = logging.getLogger("mlxdist.cluster.engine")
 
@@ -85,6 +86,15 @@ def names(views: Sequence[NodeView]) -> list[str]:
 
 def where(v: NodeView) -> str:
     return f"{v.name} ({v.host}:{v.port})"
+
+
+def link_kind(a: NodeView, b: NodeView) -> str:
+    """How `a` reaches `b`, as far as the nodes' interfaces tell."""
+    if a.node_id == b.node_id or a.host.startswith("127.") or a.host in ("localhost", "::1"):
+        return "loopback"
+    if any(i.thunderbolt for i in a.interfaces) and any(i.thunderbolt for i in b.interfaces):
+        return "thunderbolt"
+    return "ethernet" if a.interfaces else "unknown"
 
 
 def moved(before: Sequence[NodeView], after: Sequence[NodeView]) -> str:
@@ -269,6 +279,45 @@ class ClusterEngine:
 
     def health(self) -> Health:
         return Health("down", self._fatal) if self._fatal else self._inner.health()
+
+    def layout(self) -> Layout:
+        """The inner engine's stages on the nodes that run them, and every node known."""
+        inner = self._inner.layout()
+        stages = tuple(replace(st, node=self.placement[st.rank].name) for st in inner.stages
+                       if st.rank < len(self.placement))
+        running = {v.node_id for v in self.placement}
+        lost = set(self.recoveries[-1].get("lost") or ()) if self.recoveries else set()
+        ring = list(dict.fromkeys(v.node_id for v in self.placement))
+        by_id = {v.node_id: v for v in self.nodes}
+        nodes = []
+        for v in self.nodes:
+            health = "ok" if v.node_id in running else ("lost" if v.name in lost else "idle")
+            links: tuple[tuple[str, str], ...] = ()
+            if v.node_id in running and len(ring) > 1:  # its ring neighbour
+                nxt = by_id[ring[(ring.index(v.node_id) + 1) % len(ring)]]
+                links = ((nxt.name, link_kind(v, nxt)),)
+            nodes.append(NodeInfo(v.name, v.host, v.chip, health, v.memory_total or None,
+                                  v.memory_available or None, links))
+        return Layout("nodes", inner.num_layers, stages, tuple(nodes))
+
+    def events(self) -> list[dict]:
+        """Node losses, re-placements and returns, with the inner engine's own (requests
+        carried over), newest last."""
+        out = []
+        for r in self.recoveries:
+            t = float(r.get("noticed_at") or 0.0)
+            if r.get("reason") == "nodes back":
+                out.append({"t": t, "event": "nodes_back", "message": f"{', '.join(r.get('back') or [])} back; "
+                            f"stages moved home in {r.get('seconds', 0):.1f} s"})
+                continue
+            out.append({"t": t, "event": "node_lost", "message": f"{', '.join(r.get('lost') or []) or 'a worker'} "
+                        f"lost: {r.get('reason')}"})
+            if r.get("fatal"):
+                out.append({"t": t, "event": "fatal", "message": str(r["fatal"])})
+            else:
+                out.append({"t": t + float(r.get("seconds") or 0), "event": "replaced",
+                            "message": f"re-placed in {r.get('seconds', 0):.1f} s on {', '.join(r.get('nodes') or [])}"})
+        return sorted(out + self._inner.events(), key=lambda e: e["t"])[-50:]
 
     def close(self) -> None:
         self._closed = True

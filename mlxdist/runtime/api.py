@@ -93,6 +93,59 @@ class Health:
     reason: str = ""
 
 
+@dataclass(frozen=True)
+class StageInfo:
+    """One rank's part of the model, as `GET /v1/cluster` shows it: layers [start, end)
+    on node `node`; for a rank of an expert-parallel stage, the routed experts it owns."""
+
+    rank: int
+    node: str
+    start: int
+    end: int
+    weight_bytes: int = 0
+    experts: tuple[int, ...] | None = None
+    total_experts: int = 0
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """A machine that runs ranks. Memory in bytes (None: unknown); links as (to, kind),
+    kind one of thunderbolt, ethernet, wifi, loopback, unknown."""
+
+    name: str
+    host: str
+    chip: str = ""
+    health: str = "ok"
+    memory_total: int | None = None
+    memory_free: int | None = None
+    links: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the model runs: `mode` is "process" (one process), "local" (ranks on this
+    machine) or "nodes" (cluster nodes)."""
+
+    mode: str
+    num_layers: int
+    stages: tuple[StageInfo, ...]
+    nodes: tuple[NodeInfo, ...]
+
+
+def engine_layout(engine: object) -> Layout:
+    """An engine's layout; one without `layout()` is one process of unknown shape."""
+    probe = getattr(engine, "layout", None)
+    if callable(probe):
+        return probe()
+    return Layout("process", 0, (), ())
+
+
+def engine_events(engine: object) -> list[dict]:
+    """What happened to an engine's ranks (restarts, node losses), newest last."""
+    probe = getattr(engine, "events", None)
+    return list(probe()) if callable(probe) else []
+
+
 def engine_health(engine: object) -> Health:
     """An engine's health; one without `health()` is judged by its `failure`."""
     probe = getattr(engine, "health", None)
@@ -124,6 +177,10 @@ class Engine(Protocol):
     def stats(self) -> dict[str, float]: ...
 
     def health(self) -> Health: ...
+
+    def layout(self) -> Layout: ...
+
+    def events(self) -> list[dict]: ...
 
     def close(self) -> None: ...
 

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from mlxdist.errors import UserError
-from mlxdist.runtime.api import GenerationRequest, Health, SamplingParams, TokenEvent
+from mlxdist.errors import UserError, plural
+from mlxdist.runtime.api import GenerationRequest, Health, Layout, NodeInfo, SamplingParams, StageInfo, TokenEvent
 
 
 SEED_RANGE = 1 << 62
@@ -89,7 +89,8 @@ class Engine:
         self._healing: str | None = None  # why the group is being rebuilt, while it is
         self._replacing: str | None = None  # the same while an on_failure hook runs
         self._restarts: list[float] = []  # when the group was restarted (crash-loop window)
-        self.events_log: list[dict] = []  # restarts and give-ups, newest last (for /health)
+        self.events_log: list[dict] = []  # restarts and give-ups, newest last (GET /v1/cluster)
+        self.source: Any = None  # the ModelSource the ranks run (open_engine sets it)
         self._attach(backend)
 
     def _attach(self, backend: Any) -> None:
@@ -351,6 +352,35 @@ class Engine:
                                                error=f"the ranks failed {r.replays} times while this request "
                                                      f"ran; giving it up ({message})"))
 
+    def events(self) -> list[dict]:
+        """Restarts, give-ups and healed requests, newest last (at most 50)."""
+        return list(self.events_log)
+
+    def layout(self) -> Layout:
+        """Where each rank runs and what it holds (GET /v1/cluster)."""
+        source = self.source
+        if source is None:
+            return Layout("process", 0, (), ())
+        backend = self._backend
+        hosts = list(getattr(backend, "hosts", None) or ["127.0.0.1"] * len(source.stages))
+        names = [_host_name(h) for h in hosts]
+        total = int(source.config.get("n_routed_experts") or source.config.get("num_experts") or 0)
+        stages = []
+        for p in source.stages:
+            experts = None
+            if source.expert_parallel:
+                from mlxdist.runtime.expert_parallel import split_experts
+
+                owned = source.experts[p.rank] if source.experts else split_experts(total, len(source.stages))[p.rank]
+                experts = tuple(int(e) for e in owned)
+            stages.append(StageInfo(p.rank, names[p.rank], p.start, p.end, _stage_weight_bytes(source, p), experts,
+                                    total if experts is not None else 0))
+        nodes = tuple(dict.fromkeys((n, h) for n, h in zip(names, hosts)))
+        mode = "process" if len(source.stages) == 1 and not hasattr(backend, "launcher") else (
+            "local" if self._opts.get("launcher") is None else "nodes")
+        return Layout(mode, int(source.config.get("num_hidden_layers") or 0), tuple(stages),
+                      tuple(NodeInfo(n, h) for n, h in nodes))
+
     def _log_event(self, kind: str, message: str, **extra: Any) -> None:
         self.events_log = (self.events_log + [{"t": time.time(), "event": kind, "message": message, **extra}])[-50:]
 
@@ -378,11 +408,17 @@ class Engine:
                 return
             self._failed = None
             self._healing = None
+            self.source = source
             self._attach(backend)
+            healed = 0
             for r in list(self._requests.values()):
                 if not r.done:
+                    healed += 1
                     self._send_add(r, list(r.req.prompt_tokens) + r.generated,
                                    r.req.max_tokens - len(r.generated))
+            if healed:
+                self._log_event("requests_healed", f"{plural(healed, 'request')} carried over to the new group "
+                                                   "(re-prefilled, continuing where they stopped)")
 
     def fail(self, message: str) -> None:
         """End every open request with `message`; later submits raise it."""
@@ -398,6 +434,27 @@ class Engine:
     @property
     def failure(self) -> str | None:
         return self._failed
+
+
+def _host_name(host: str) -> str:
+    """This machine's ranks are named after it; others by their address."""
+    import socket
+
+    if host in ("127.0.0.1", "localhost", "::1"):
+        return socket.gethostname() or "localhost"
+    return host
+
+
+def _stage_weight_bytes(source: Any, plan: Any) -> int:
+    """The bytes of a stage's weights: its shard files; for an unsharded model directory,
+    the model's files in proportion to the stage's layers (expert-parallel: its share of
+    the ranks)."""
+    if plan.shard:
+        return sum(f.stat().st_size for f in Path(plan.model_dir).glob("*.safetensors"))
+    total = sum(f.stat().st_size for f in Path(source.root).glob("*.safetensors"))
+    if source.expert_parallel:
+        return total // max(1, len(source.stages))
+    return total * (plan.end - plan.start) // max(1, plan.num_layers)
 
 
 class _Detached:
@@ -487,8 +544,10 @@ def open_engine(model_path: str | os.PathLike, ranks: int = 1, split: Sequence[i
                             expert_parallel=bool(opts.get("expert_parallel")), experts=opts.get("experts"))
     tokenizer = source.load_tokenizer()
     backend = make_backend(source, ranks, opts)
-    return Engine(source.root, tokenizer, backend, source.context_length,
-                  int(opts.get("max_concurrent", 8)), opts.get("model_name"), opts)
+    engine = Engine(source.root, tokenizer, backend, source.context_length,
+                    int(opts.get("max_concurrent", 8)), opts.get("model_name"), opts)
+    engine.source = source
+    return engine
 
 
 __all__ = ["Engine", "open_engine", "make_backend", "RequestHandleImpl", "UserError"]

@@ -397,6 +397,7 @@ class Coordinator:
     def _send_free(self, s: Sequence) -> None:
         s.freed = True
         del self.seqs[s.slot]
+        self.stats["kv_bytes"] = self._kv_bytes()  # this rank's caches, for the console
         self.emit({"t": "end", "id": s.req_id, "stats": dict(self.stats)})  # counters for /metrics
         # the caches hold the prompt and every generated token but the last (never fed);
         # anything past that (a chained or lock-step step after the end) is trimmed on reuse
@@ -407,6 +408,12 @@ class Coordinator:
             self._evict_retained(self.prompt_cache)
             return
         self._free_slot(s.slot)
+
+    def _kv_bytes(self) -> int:
+        try:
+            return int(sum(c.nbytes for caches in self.runner.caches.values() for c in caches))
+        except Exception:  # a cache type without nbytes: unknown
+            return 0
 
     def _evict_retained(self, keep: int) -> bool:
         """Free the least recently used retained slots until `keep` are left, sparing the

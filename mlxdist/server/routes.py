@@ -14,18 +14,19 @@ import json
 import sys
 import time
 import traceback
+from importlib import resources
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from mlxdist.runtime.api import Engine, GenerationRequest, engine_health
-from mlxdist.server import protocol
+from mlxdist.server import cluster_view, protocol
 from mlxdist.server.generation import ClientGone, Generation
 from mlxdist.server.metrics import Metrics, render
 from mlxdist.server.protocol import ApiError, CompletionParams
@@ -35,6 +36,12 @@ from mlxdist.server.responses import (ChoiceState, chat_chunk_choice, chat_messa
 from mlxdist.server.slots import QueueFull, Slots
 
 MAX_BODY = 4 << 20
+# the web console's files (package data, docs/console.md): public, they hold no data
+CONSOLE_FILES = {"/": ("index.html", "text/html; charset=utf-8"),
+                 "/console/console.css": ("console.css", "text/css; charset=utf-8"),
+                 "/console/console.js": ("console.js", "text/javascript; charset=utf-8")}
+PUBLIC = {"/health", *CONSOLE_FILES}
+MAX_CLUSTER_STREAMS = 16  # open /v1/cluster/stream connections; more: 429
 
 
 @dataclass(frozen=True)
@@ -62,6 +69,7 @@ class Api:
         self.started = time.time()
         self.pool = ThreadPoolExecutor(limits.workers, thread_name_prefix="api-work")
         self.body_gate: asyncio.Semaphore | None = None  # made on the loop
+        self.cluster_streams = 0
         self.vocab = _vocab_size(engine)
         self.max_token_chars = _max_token_chars(engine)
 
@@ -79,7 +87,9 @@ class Api:
 
 def build_app(api: Api) -> Starlette:
     routes = {("GET", "/health"): _health, ("GET", "/v1/models"): _models, ("GET", "/metrics"): _metrics,
-              ("POST", "/v1/chat/completions"): _chat, ("POST", "/v1/completions"): _completions}
+              ("POST", "/v1/chat/completions"): _chat, ("POST", "/v1/completions"): _completions,
+              ("GET", "/v1/cluster"): _cluster, ("GET", "/v1/cluster/stream"): _cluster_stream,
+              **{("GET", path): _console_file for path in CONSOLE_FILES}}
 
     async def dispatch(request: Request) -> Response:
         path = request.url.path.rstrip("/") or "/"
@@ -127,7 +137,7 @@ async def _guard(api: Api, request: Request, endpoint: str,
     """Run one endpoint; every failure becomes an HTTP error, never a dead server."""
     t0 = time.monotonic()
     try:
-        if endpoint != "/health" and not _authorized(api, request):
+        if endpoint not in PUBLIC and not _authorized(api, request):
             raise ApiError(401, "Missing or wrong API key: send 'Authorization: Bearer KEY'",
                            type="authentication_error", code="invalid_api_key")
         response = await work(api, request)
@@ -201,6 +211,48 @@ async def _models(api: Api, request: Request) -> Response:
 async def _metrics(api: Api, request: Request) -> Response:
     text = await api.run(render, api.metrics, api.slots.active, api.slots.queued, api.slots.slots, api.engine.stats)
     return Response(text.encode(), 200, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+async def _console_file(api: Api, request: Request) -> Response:
+    name, media_type = CONSOLE_FILES[request.url.path]
+    try:
+        body = (resources.files("mlxdist.server") / "console" / name).read_bytes()
+    except OSError:
+        raise ApiError(404, f"this build has no console file {name}", code="not_found")
+    return Response(body, 200, media_type=media_type, headers={"Cache-Control": "no-cache"})
+
+
+def _live(api: Api) -> dict[str, Any]:
+    m = api.metrics
+    with m._lock:
+        ttft = m.ttft_sum / m.ttft_count if m.ttft_count else None
+        cancelled = m.cancelled
+    return {"tokens_per_second": round(m.tokens_per_second(), 3), "active": api.slots.active,
+            "queued": api.slots.queued, "slots": api.slots.slots,
+            "ttft_mean_s": None if ttft is None else round(ttft, 4), "cancelled": cancelled}
+
+
+async def _cluster(api: Api, request: Request) -> Response:
+    return _json(200, await api.run(cluster_view.snapshot, api.engine, _live(api)))
+
+
+async def _cluster_stream(api: Api, request: Request) -> Response:
+    """Live numbers once a second as Server-Sent Events, until the client leaves."""
+    if api.cluster_streams >= MAX_CLUSTER_STREAMS:
+        raise ApiError(429, f"at most {MAX_CLUSTER_STREAMS} cluster streams at once", type="rate_limit_error",
+                       code="rate_limit_exceeded")
+
+    async def ticks() -> AsyncIterator[bytes]:
+        api.cluster_streams += 1
+        try:
+            while True:
+                update = await api.run(cluster_view.live_update, api.engine, _live(api))
+                yield f"data: {json.dumps(update)}\n\n".encode()
+                await asyncio.sleep(1.0)
+        finally:
+            api.cluster_streams -= 1
+
+    return StreamingResponse(ticks(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 # ---- generation ----------------------------------------------------------------------------

@@ -155,6 +155,7 @@ def test_node_killed_mid_stream_named_text_continues_and_moves_back(trial):
 
         tokens, seamed, times = stream(engine, kill_b)
         [rec] = engine.recoveries
+        rec_split = engine.split
         assert rec["fatal"] is None and rec["lost"] == ["nodeB"], rec
         assert times[-1] > rec["noticed_at"], "the loss was not mid-stream"  # a real seam
         assert tokens == expected
@@ -162,6 +163,13 @@ def test_node_killed_mid_stream_named_text_continues_and_moves_back(trial):
         line = said.wait_for(" lost", timeout=5)
         assert line.startswith(f"nodeB (127.0.0.1:{pb}) lost; stage 1 moved from nodeB to "
                                "nodeA; now on ['nodeA', 'nodeA']"), line
+        # what GET /v1/cluster shows: both stages on nodeA, nodeB lost, the events in order
+        layout = engine.layout()
+        assert [(st.rank, st.node, st.start, st.end) for st in layout.stages] == \
+            [(0, "nodeA", 0, rec_split[0]), (1, "nodeA", rec_split[0], sum(rec_split))]
+        assert {n.name: n.health for n in layout.nodes} == {"nodeA": "ok", "nodeB": "lost"}
+        kinds = [e["event"] for e in engine.events()]
+        assert kinds[:3] == ["node_lost", "requests_healed", "replaced"], kinds
 
         assert nodes.procs["nodeB"].wait(timeout=20) == 0
         nodes.start("nodeB", port=pb)  # B comes back on its port, with its data dir
@@ -171,6 +179,8 @@ def test_node_killed_mid_stream_named_text_continues_and_moves_back(trial):
         assert engine.recoveries[-1]["reason"] == "nodes back"
         assert engine.recoveries[-1]["back"] == ["nodeB"]
         assert [v.name for v in engine.placement] == ["nodeA", "nodeB"]
+        assert [st.node for st in engine.layout().stages] == ["nodeA", "nodeB"]
+        assert engine.events()[-1]["event"] == "nodes_back"
         assert stream(engine)[:2] == (expected, text)
     finally:
         engine.close()
