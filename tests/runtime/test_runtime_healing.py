@@ -97,8 +97,8 @@ def test_local_ranks_restart_and_the_request_finishes_unchanged(tiny_models, sig
         _wait(lambda: eng.health().status == "ok", what="health ok")
         new_pids = {r: p.pid for r, p in eng._backend.launcher.procs.items()}
         assert not set(new_pids.values()) & set(old_pids.values())  # a new group
-        assert [e["event"] for e in eng.events_log][-2:] == ["restarting", "restarted"]
-        assert "rank 1" in eng.events_log[-1]["message"]
+        assert [e["event"] for e in eng.events()][-3:] == ["restarting", "requests_healed", "restarted"]
+        assert "rank 1" in eng.events()[-1]["message"]
         assert eng.generate(prompt, 20) == ref[:20]  # and it serves new requests
     finally:
         eng.close()

@@ -267,3 +267,19 @@ def test_cluster_view_plan_and_a_killed_rank(browser, tiny):
                      seen=lambda d: [e.text for e in by_css(d, "#events .event")])
         kinds = [e["event"] for e in json.loads(http_get(s.url + "/v1/cluster")[1])["events"]]
         assert "restarted" in kinds or "restarting" in kinds, kinds
+
+
+def test_markdown_is_rendered_and_html_is_not(browser, make_server):
+    """The (scripted) answer repeats the question: its markdown becomes elements, the
+    HTML in it stays text, and only http(s) links become links."""
+    server = make_server(FakeEngine())
+    open_console(browser, server.url + "/")
+    ask(browser, "**bold** and `x<y>` and [a link](http://example.com) and <b>raw</b> and [bad](javascript:alert(1))")
+    wait_browser(browser, lambda d: answers(d) and "raw" in answers(d)[-1], 15, "the answer")
+    answer = by_css(browser, "#messages .msg.assistant .answer")[-1]
+    assert [e.text for e in answer.find_elements("css selector", "strong")] == ["bold"]
+    assert [e.text for e in answer.find_elements("css selector", "code")] == ["x<y>"]
+    links = answer.find_elements("css selector", "a")
+    assert [(a.text, a.get_attribute("href")) for a in links] == [("a link", "http://example.com/")]
+    assert not answer.find_elements("css selector", "b") and "<b>raw</b>" in answer.text
+    no_severe(browser)
