@@ -42,6 +42,10 @@ class Metrics:
             self.ttft_sum += seconds
             self.ttft_count += 1
 
+    def ttft_mean(self) -> float | None:
+        with self._lock:
+            return self.ttft_sum / self.ttft_count if self.ttft_count else None
+
     def cancel(self) -> None:
         with self._lock:
             self.cancelled += 1

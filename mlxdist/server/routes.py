@@ -142,7 +142,7 @@ async def _guard(api: Api, request: Request, endpoint: str,
                            type="authentication_error", code="invalid_api_key")
         response = await work(api, request)
     except ApiError as e:
-        response = _error(e, close=getattr(e, "close", e.status in (408, 411)))
+        response = _error(e, close=e.close)
     except (ClientGone, ClientDisconnect):
         api.metrics.cancel()
         response = Response(b"", 499, headers={"Connection": "close"})
@@ -157,20 +157,18 @@ async def _guard(api: Api, request: Request, endpoint: str,
 async def _read_json(api: Api, request: Request) -> Any:
     lengths = request.headers.getlist("content-length")
     if "chunked" in request.headers.get("transfer-encoding", "").lower() or not lengths:
-        raise ApiError(411, "send the request body with a Content-Length header")
+        raise ApiError(411, "send the request body with a Content-Length header", close=True)
     if len(lengths) > 1:
-        raise ApiError(400, "more than one Content-Length header")
+        raise ApiError(400, "more than one Content-Length header", close=True)
     try:
         n = int(lengths[0])
     except ValueError:
-        raise ApiError(400, "bad Content-Length header")
+        raise ApiError(400, "bad Content-Length header", close=True)
     if n < 0 or n > api.limits.max_body:
-        e = ApiError(413, f"request body of {n} bytes is over the limit of {api.limits.max_body}",
-                     code="request_too_large")
         # a body a little over the limit is read and dropped after the answer (the client,
         # still sending, would otherwise see a reset instead of the 413); a huge one is not
-        e.close = n < 0 or n > 2 * api.limits.max_body
-        raise e
+        raise ApiError(413, f"request body of {n} bytes is over the limit of {api.limits.max_body}",
+                       code="request_too_large", close=n < 0 or n > 2 * api.limits.max_body)
     if api.body_gate is None:
         api.body_gate = asyncio.Semaphore(api.limits.body_readers)
     try:
@@ -178,7 +176,7 @@ async def _read_json(api: Api, request: Request) -> Any:
             raw = await asyncio.wait_for(request.body(), api.limits.body_timeout_s)
     except asyncio.TimeoutError:
         raise ApiError(408, f"the request body did not arrive within {api.limits.body_timeout_s:g} s",
-                       code="request_timeout")
+                       code="request_timeout", close=True)
     return await api.run(_parse_json, raw)
 
 
@@ -224,12 +222,10 @@ async def _console_file(api: Api, request: Request) -> Response:
 
 def _live(api: Api) -> dict[str, Any]:
     m = api.metrics
-    with m._lock:
-        ttft = m.ttft_sum / m.ttft_count if m.ttft_count else None
-        cancelled = m.cancelled
+    ttft = m.ttft_mean()
     return {"tokens_per_second": round(m.tokens_per_second(), 3), "active": api.slots.active,
             "queued": api.slots.queued, "slots": api.slots.slots,
-            "ttft_mean_s": None if ttft is None else round(ttft, 4), "cancelled": cancelled}
+            "ttft_mean_s": None if ttft is None else round(ttft, 4), "cancelled": m.cancelled}
 
 
 async def _cluster(api: Api, request: Request) -> Response:
