@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tools"))
 import netns  # noqa: E402
 
-from cluster_fixtures import make_shards, reference_tokens, tiny_model  # noqa: E402
+from cluster_fixtures import make_shards, reference_tokens, stop_process, tiny_model  # noqa: E402
 
 pytestmark = [needs_root, pytest.mark.root, pytest.mark.skipif(
     netns.available() is not None, reason=f"network namespaces: {netns.available()}")]
@@ -251,12 +251,7 @@ def test_mlxdist_serve_nodes_auto_over_openai(cluster):
         assert count == n
         assert text == load_tokenizer(cluster.model).decode(cluster.expected[:n])
     finally:
-        serve.terminate()
-        try:
-            serve.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            serve.kill()
-            serve.wait(timeout=5)
+        stop_process(serve)
 
 
 class Events:
