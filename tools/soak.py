@@ -386,6 +386,73 @@ def kill_rank(port: int, model: str, server_pid: int, sig: int, reference: str, 
             "service_back_after_s": round(healed, 2) if healed is not None else None}
 
 
+def node_flood(held_n: int = 100, clients: int = 26, seconds: float = 15.0) -> dict:
+    """`mlxdist node` on loopback with `held_n` unauthenticated sockets held open (10 of
+    them stuck in a partial frame): how many of `clients` authenticated coordinators get
+    an answer within `seconds`, and how many held sockets the node closed by itself."""
+    import re
+    import struct
+    import tempfile
+
+    sys.path.insert(0, str(ROOT))
+    from mlxdist.cluster.client import NodeClient
+
+    work = Path(tempfile.mkdtemp(prefix="mlxdist-soak-node-"))
+    secret_file = work / "secret"
+    secret_file.write_text(os.urandom(24).hex())
+    secret_file.chmod(0o600)
+    node = subprocess.Popen([sys.executable, "-m", "mlxdist", "node", "--name", "soak", "--cluster", "soak",
+                             "--port", "0", "--bind", "127.0.0.1", "--no-mdns", "--data-dir", str(work / "data"),
+                             "--secret-file", str(secret_file)], env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert node.stderr is not None
+        port = 0
+        for line in node.stderr:
+            if m := re.search(r"on port (\d+);", line):
+                port = int(m.group(1))
+                break
+        threading.Thread(target=node.stderr.read, daemon=True).start()
+        held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(held_n)]
+        for s in held[-10:]:
+            s.sendall(struct.pack(">I", 100) + b"x" * 10)
+        ok, latencies = 0, []
+        t_end = time.monotonic() + seconds
+        for _ in range(clients):
+            if time.monotonic() > t_end:
+                break
+            t0 = time.monotonic()
+            try:
+                with NodeClient("127.0.0.1", port, secret_file.read_text().strip().encode(), "soak",
+                                timeout=max(0.1, t_end - t0)) as c:
+                    ok += c.ping().get("t") == "pong"
+                latencies.append(time.monotonic() - t0)
+            except (OSError, ValueError, RuntimeError):
+                pass
+        closed, deadline = 0, time.monotonic() + 15  # the node's handshake deadline is 5 s
+        for s in held:
+            try:
+                while True:  # a refusal frame may come first, then the end
+                    s.settimeout(max(0.1, deadline - time.monotonic()))
+                    if not s.recv(4096):
+                        closed += 1
+                        break
+            except socket.timeout:
+                pass
+            except OSError:  # reset: closed too
+                closed += 1
+            s.close()
+        return {"held_unauthenticated": held_n, "authenticated_clients": clients, "answered": ok,
+                "latency_p50_s": pctl(latencies, 0.5), "latency_max_s": pctl(latencies, 1.0),
+                "held_sockets_closed_by_node": closed}
+    finally:
+        node.terminate()
+        try:
+            node.wait(15)
+        except subprocess.TimeoutExpired:
+            node.kill()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="demo")
@@ -394,11 +461,14 @@ def main() -> None:
     ap.add_argument("--idle-seconds", type=float, default=30.0)
     ap.add_argument("--clients", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--node-only", action="store_true", help="only the `mlxdist node` flood")
     ap.add_argument("--hold-idle", type=int, default=0, help=argparse.SUPPRESS)  # the holder process
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.hold_idle:
         return hold_idle(a.port, a.hold_idle, a.idle_seconds)
+    if a.node_only:
+        return print(json.dumps(node_flood(), indent=1))
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -440,6 +510,8 @@ def main() -> None:
         out["disconnects"] = disconnect_rounds(port, model, a.clients, a.rounds, pids, tally)
         out["rank_faults"] = [kill_rank(port, model, server.pid, sig, reference, tally)
                               for sig in (signal.SIGKILL, signal.SIGSTOP)]
+        out["node_flood"] = flood = node_flood()
+        tally.add(flood["answered"] == flood["authenticated_clients"], "node: coordinators kept out")
         text, _ = probe(port, model)
         tally.add(text == answer, "final probe")
         out["server_alive"] = server.poll() is None
