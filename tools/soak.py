@@ -261,10 +261,13 @@ def disconnect_rounds(port: int, model: str, clients: int, rounds: int, pids: li
         if i:
             per_round.append(rss_mb(pids))
     after = rss_mb(pids)
+    view = json.loads(request(port, "GET", "/v1/cluster")[1])
+    kv = sum(n["memory"]["kv_cache"] or 0 for n in view["nodes"])
     return {"clients": clients, "rounds": rounds, "rss_mb_at_start": start, "rss_mb_after_warmup": before,
             "rss_mb_after_each": per_round, "rss_mb_after": after,
             "rss_growth_vs_warmup": round(after / before - 1, 4) if before else None,
-            "rss_growth_vs_start": round(after / start - 1, 4) if start else None}
+            "rss_growth_vs_start": round(after / start - 1, 4) if start else None,
+            "kv_caches_held_mb": round(kv / 2**20, 1)}  # the retained prefix caches (GET /v1/cluster)
 
 
 class IdleHolder:
@@ -362,19 +365,35 @@ def idle_sockets(port: int, model: str, n: int, answer: str, idle_probe: list[fl
 
 
 def kill_rank(port: int, model: str, server_pid: int, sig: int, reference: str, tally: Tally) -> dict:
+    """Hurt rank 1 right after the stream's first text; meanwhile a watcher polls /health
+    every 50 ms: when it first says something else than ok, and when ok again."""
     victim = worker_pids(server_pid)[1]
     when: list[float] = []
+    seen: dict[str, float] = {}
+
+    def watch() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            status = health(port, timeout=5)[1]
+            now = time.monotonic()
+            if status != "ok":
+                seen.setdefault("not_ok", now)
+            elif "not_ok" in seen:
+                seen["ok"] = now
+                return
+            time.sleep(0.05)
 
     def hurt() -> None:
         when.append(time.monotonic())
         os.kill(victim, sig)
+        threading.Thread(target=watch, daemon=True).start()
 
     text = stream_text(port, model, on_first=hurt)
     done = time.monotonic()
     deadline = time.monotonic() + 120
-    while health(port)[1] != "ok" and time.monotonic() < deadline:
+    while "ok" not in seen and time.monotonic() < deadline:
         time.sleep(0.1)
-    healed = time.monotonic() - when[0] if when else None
+    healed = seen["ok"] - when[0] if when and "ok" in seen else None
     if sig == signal.SIGSTOP:
         try:
             os.kill(victim, signal.SIGKILL)
@@ -382,8 +401,9 @@ def kill_rank(port: int, model: str, server_pid: int, sig: int, reference: str, 
             pass
     tally.add(text == reference, f"stream across {signal.Signals(sig).name}")
     return {"signal": signal.Signals(sig).name, "same_text_as_uninterrupted": text == reference,
-            "stream_done_after_s": round(done - when[0], 2) if when else None,
-            "service_back_after_s": round(healed, 2) if healed is not None else None}
+            "health_not_ok_after_s": round(seen["not_ok"] - when[0], 2) if when and "not_ok" in seen else None,
+            "service_back_after_s": round(healed, 2) if healed is not None else None,
+            "stream_done_after_s": round(done - when[0], 2) if when else None}
 
 
 def node_flood(held_n: int = 100, clients: int = 26, seconds: float = 15.0) -> dict:
