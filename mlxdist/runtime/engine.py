@@ -89,6 +89,7 @@ class Engine:
         self._healing: str | None = None  # why the group is being rebuilt, while it is
         self._replacing: str | None = None  # the same while an on_failure hook runs
         self._restarts: list[float] = []  # when the group was restarted (crash-loop window)
+        self._closing = threading.Event()  # set by close(): a restart's back-off ends
         self.events_log: list[dict] = []  # restarts and give-ups, newest last (GET /v1/cluster)
         self.source: Any = None  # the ModelSource the ranks run (open_engine sets it)
         self._attach(backend)
@@ -170,6 +171,7 @@ class Engine:
         if self._closed:
             return
         self._closed = True  # a restart in progress stops at its next step
+        self._closing.set()
         with self._events_lock:
             for r in list(self._requests.values()):
                 if not r.done:
@@ -319,7 +321,7 @@ class Engine:
             self._log_event("restarting", reason, delay_s=delay)
             print(f"mlxdist: {reason}; restarting the ranks" + (f" in {delay:.0f} s" if delay else ""),
                   file=sys.stderr, flush=True)
-            if delay and self._closed_wait(delay):
+            if delay and self._closing.wait(delay):
                 return
             t0 = time.monotonic()
             try:
@@ -330,14 +332,6 @@ class Engine:
             self._log_event("restarted", message, seconds=round(time.monotonic() - t0, 2))
             print(f"mlxdist: ranks restarted in {time.monotonic() - t0:.1f} s", file=sys.stderr, flush=True)
             return
-
-    def _closed_wait(self, seconds: float) -> bool:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            if self._closed:
-                return True
-            time.sleep(0.1)
-        return self._closed
 
     def _drop_replayed(self, message: str) -> None:
         """A request in flight through MAX_REPLAYS failures may be what kills the ranks:

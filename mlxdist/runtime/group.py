@@ -154,8 +154,8 @@ class WorkerGroupBackend:
                 # A dead peer makes its neighbours' ring calls fail too: give the dead
                 # rank's own report a moment to arrive, so the message names the cause.
                 self.errors[rank] = str(msg.get("msg"))
-                text = f"rank {rank} on {self.hosts[rank]} failed: {msg.get('msg')}"
-                threading.Timer(1.0, self._fail_after_error, args=(rank, text)).start()
+                # (_describe names a rank that went without a word instead, if one did)
+                threading.Timer(1.0, lambda r=rank: self._fail(self._describe(r, None))).start()
             elif t in ("token", "end"):
                 if t == "end" and isinstance(msg.get("stats"), dict):
                     self.rank0_stats = msg.pop("stats")
@@ -167,10 +167,6 @@ class WorkerGroupBackend:
             if code is not None and not self.closing:
                 return self._describe(rank, code)
         return None
-
-    def _fail_after_error(self, rank: int, text: str) -> None:
-        silent = sorted(self.gone - set(self.errors))
-        self._fail(self._describe(silent[0], self.launcher.poll().get(silent[0])) if silent else text)
 
     def _describe(self, rank: int, code: int | None) -> str:
         # a survivor's ring error (and its exit) often arrives before the dead rank's end:

@@ -22,7 +22,7 @@ import random
 import socket
 import threading
 from dataclasses import replace
-from typing import Any, Iterator
+from typing import Iterator
 
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -212,14 +212,6 @@ class ApiServer:
     def url(self) -> str:
         host, port = self.address
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-    @property
-    def metrics(self) -> Any:
-        return self.api.metrics
-
-    @property
-    def slots(self) -> Any:
-        return self.api.slots
 
     def _run(self) -> None:
         try:

@@ -9,39 +9,19 @@ from typing import Any
 from mlxdist.runtime.api import Layout, engine_events, engine_health, engine_layout
 
 
-def local_memory() -> tuple[int | None, int | None]:
-    """This machine's total and available memory in bytes (None: unknown)."""
-    from mlxdist.placement.local_node import total_memory_bytes
-
-    free = None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    free = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return total_memory_bytes(), free
-
-
-def _local_chip() -> str:
-    from mlxdist.placement.local_node import chip_name
-
-    return chip_name()
-
-
 def snapshot(engine: Any, live: dict[str, Any]) -> dict[str, Any]:
+    from mlxdist.cluster import hardware  # this machine, probed as `mlxdist node` probes it
+
     layout: Layout = engine_layout(engine)
-    stats = _stats(engine)
-    kv0 = float(stats.get("kv_bytes") or 0)
+    kv0 = float(_stats(engine).get("kv_bytes") or 0)
     layers0 = next((st.end - st.start for st in layout.stages if st.rank == 0), 0)
     nodes = []
     for n in layout.nodes:
         mine = [st for st in layout.stages if st.node == n.name]
         total, free, chip = n.memory_total, n.memory_free, n.chip
         if layout.mode != "nodes":  # this machine
-            total, free = local_memory()
-            chip = chip or _local_chip()
+            total, free = hardware.memory_total(), hardware.memory_available()
+            chip = chip or hardware.chip_name()
         # rank 0 measures its caches; the others hold the same sequences over their layers
         kv = int(sum(kv0 * (st.end - st.start) / layers0 for st in mine)) if layers0 else None
         nodes.append({"name": n.name, "host": n.host, "chip": chip, "health": n.health,
@@ -52,12 +32,8 @@ def snapshot(engine: Any, live: dict[str, Any]) -> dict[str, Any]:
     stages = [{"rank": st.rank, "node": st.node, "layers": [st.start, st.end], "weight_bytes": st.weight_bytes,
                "experts": None if st.experts is None else {"owned": list(st.experts), "total": st.total_experts}}
               for st in layout.stages]
-    h = engine_health(engine)
     return {"model": engine.model_name, "mode": layout.mode, "num_layers": layout.num_layers,
-            "health": {"status": h.status, "reason": h.reason}, "nodes": nodes, "stages": stages,
-            "live": {**live, "prefix_cache_hit_tokens": int(stats.get("reused_tokens") or 0),
-                     "requests_total": int(stats.get("requests_total") or 0)},
-            "events": engine_events(engine)[-50:], "time": time.time()}
+            "nodes": nodes, "stages": stages, **live_update(engine, live)}
 
 
 def live_update(engine: Any, live: dict[str, Any]) -> dict[str, Any]:
