@@ -7,9 +7,11 @@ A forward pass is the same on every rank; inside it, each MoE block does one `al
 the ranks' partial outputs, so every rank ends each layer with the single-device output.
 
 Rank 0 runs the ordinary `Coordinator` (as a single stage, `link=None`) over an
-`EPRunner`: before each SETUP, FORWARD, FREE, PARK or STOP it *broadcasts* the message to
-the followers as two `all_sum`s, a fixed 8-word int32 header and then its payload (the
-sampling words or the token ids), to which the other ranks contribute zeros. The ring and
+`EPRunner`: before each SETUP, FORWARD, JOIN, LEAVE, FREE, PARK or STOP it *broadcasts* the
+message to the followers as two `all_sum`s, a fixed 8-word int32 header and then its
+payload (the sampling words or the token ids), to which the other ranks contribute zeros.
+Decoding is batched as on one stage (batch.py): a group's step broadcasts its rows' tokens
+and every rank runs one forward over all of them. The ring and
 jaccl backends offer `all_sum` over the whole group, so this needs no neighbour links.
 Only rank 0 runs the head and samples: the followers get each next token in the next
 FORWARD's payload, so no rank needs to agree on a sample.
@@ -33,12 +35,13 @@ import numpy as np
 
 from mlxdist.errors import plural
 from mlxdist.runtime.expert_parallel import expert_parallel, is_moe_block, split_experts
-from mlxdist.runtime.pipeline import Coordinator, StageRunner
-from mlxdist.runtime.prefix_cache import copy_caches
+from mlxdist.runtime.coordinator import Coordinator
+from mlxdist.runtime.pipeline import StageRunner
 from mlxdist.runtime.profile import StepProfile
 from mlxdist.runtime.stage import Stage
 from mlxdist.runtime.wire import (
-    FLAG_REUSE, FLAG_SAMPLE, OP_FORWARD, OP_FREE, OP_PARK, OP_SETUP, OP_STOP, header,
+    FLAG_GROUP, FLAG_RETAIN, FLAG_REUSE, FLAG_SAMPLE, OP_FORWARD, OP_FREE, OP_JOIN, OP_LEAVE, OP_PARK, OP_SETUP,
+    OP_STOP, header,
 )
 
 
@@ -135,6 +138,19 @@ class EPRunner(StageRunner):
         # a prompt chunk: evaluate the hidden state too, so that every MoE all_sum runs
         return [self.stage.forward(tokens, self.caches[slot])]
 
+    def join(self, group: int, slot: int) -> None:
+        mx.eval(self.bcast.send(header(OP_JOIN, group, value=slot)))
+        super().join(group, slot)
+
+    def leave(self, group: int, slot: int, retain: bool) -> None:
+        mx.eval(self.bcast.send(header(OP_LEAVE, group, flags=FLAG_RETAIN if retain else 0, value=slot)))
+        super().leave(group, slot, retain)
+
+    def step(self, group: int, x: mx.array, sample: bool) -> Any:
+        b = int(x.size)
+        tokens = self.bcast.send(header(OP_FORWARD, group, b, FLAG_GROUP | FLAG_SAMPLE), x.reshape(-1))
+        return super().step(group, tokens.reshape(b, 1), sample)
+
 
 class EPCoordinator(Coordinator):
     """The Coordinator over an EPRunner: as a single stage (no ring link), plus PARK when
@@ -152,27 +168,32 @@ class EPCoordinator(Coordinator):
 def ep_follower_loop(stage: Stage, bcast: Broadcast,
                      wait_for_wake: Callable[[int], None] = lambda kicks: None) -> None:
     """Ranks 1..N-1: receive each broadcast message and run the same forward as rank 0
-    (without the head: rank 0 samples and sends the token in the next FORWARD)."""
-    caches: dict[int, list[Any]] = {}
+    (without the head: rank 0 samples and sends the tokens in the next FORWARD)."""
+    runner = StageRunner(stage)  # its caches and groups; its samplers go unused
     prof = StepProfile(bcast.rank)
     while True:
         t0 = time.perf_counter()
         h = bcast.recv_header()
         t1 = time.perf_counter()
-        op, slot, n, tag = int(h[0]), int(h[1]), int(h[2]), int(h[7])
+        op, slot, n, flags, tag = int(h[0]), int(h[1]), int(h[2]), int(h[3]), int(h[7])
         if op == OP_SETUP:
-            mx.eval(bcast.recv_payload(n))
-            if int(h[3]) & FLAG_REUSE:  # a retained prefix: a copy of its caches, cut to it
-                caches[slot] = copy_caches(caches[int(h[6])], int(h[5]))
-            else:
-                caches[slot] = stage.make_cache()
+            words = bcast.recv_payload(n)
+            mx.eval(words)
+            runner.setup(slot, np.array(words), int(h[5]) if flags & FLAG_REUSE else None, int(h[6]))
         elif op == OP_FORWARD:
-            tokens = bcast.recv_payload(n).reshape(1, n)
-            out = stage.forward(tokens, caches[slot])
+            tokens = bcast.recv_payload(n)
+            if flags & FLAG_GROUP:
+                out = stage.forward(tokens.reshape(n, 1), runner.groups[slot].caches)
+            else:
+                out = stage.forward(tokens.reshape(1, n), runner.caches[slot])
             mx.async_eval(out)
             prof.row(op, n, t0, t1, out)
+        elif op == OP_JOIN:
+            runner.join(slot, int(h[5]))
+        elif op == OP_LEAVE:
+            runner.leave(slot, int(h[5]), bool(flags & FLAG_RETAIN))
         elif op == OP_FREE:
-            caches.pop(slot, None)
+            runner.free(slot)
         elif op == OP_PARK:
             wait_for_wake(tag)
         elif op == OP_STOP:

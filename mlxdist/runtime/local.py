@@ -9,7 +9,8 @@ from __future__ import annotations
 import threading
 from typing import Any, Callable
 
-from mlxdist.runtime.pipeline import Coordinator, StageRunner
+from mlxdist.runtime.coordinator import Coordinator
+from mlxdist.runtime.pipeline import StageRunner
 from mlxdist.runtime.source import ModelSource
 from mlxdist.runtime.stage import Stage, StageSpec, load_stage
 

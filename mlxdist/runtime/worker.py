@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> None:
 def run(a: argparse.Namespace, chan: Channel) -> None:
     from pathlib import Path
 
-    from mlxdist.runtime.pipeline import Coordinator, StageRunner, follower_loop
+    from mlxdist.runtime.coordinator import Coordinator
+    from mlxdist.runtime.pipeline import StageRunner, follower_loop
     from mlxdist.runtime.source import StagePlan
     from mlxdist.runtime.stage import StageSpec, load_stage
     from mlxdist.runtime.wire import RingLink

@@ -1,0 +1,512 @@
+"""Rank 0's scheduler: which messages go round the ring, in what order (pipeline.py has
+what each rank does with them).
+
+Rank 0 owns the sequences. For each one it sends, in order, SETUP (sampling parameters:
+every stage makes a cache for the slot, the last one a sampler), the prompt minus its last
+token in chunks of `prefill_step` (as mlx-lm's generate_step does, so the floating-point
+results match), then one FORWARD with FLAG_SAMPLE of the last prompt token, which brings
+the first token. Then the sequence JOINs a group and decodes as one of its rows: one
+FORWARD per group step carries every row (continuous batching, batch.py). When it ends it
+LEAVEs its group (or, never having joined, its slot is FREEd).
+
+Groups: with S stages the decoding rows are dealt over up to S groups (new rows join the
+smallest), so that S group steps are in the ring at once, one per stage, each as wide as
+it can be: pipelined micro-batches. With one stage there is one group, and its next step
+is queued on the device before the current one's tokens are read (as mlx-lm's
+BatchGenerator does), so no host round trip sits between two steps.
+
+Prompts interleave with decoding: between two steps of a group at most one prompt chunk
+runs, so a long new prompt stalls the decoders for at most one chunk at a time. At most
+one multi-token message is in the ring at a time: large sends block until the neighbour
+receives, and a ring of blocked senders would deadlock.
+
+With a collective group (`RingLink.collective`), once every sequence is decoding, rank 0
+switches to lock-step runs over the groups (lockstep.py: RUN, ticks of all_sum, then TRIM).
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import mlx.core as mx
+import numpy as np
+
+from mlxdist.runtime.api import SamplingParams
+from mlxdist.runtime.lockstep import lead_run, run_candidates
+from mlxdist.runtime.pipeline import StageRunner
+from mlxdist.runtime.prefix_cache import RetainedPrefixes
+from mlxdist.runtime.sampling import MAX_TOP_LOGPROBS, decode_top, encode_params
+from mlxdist.runtime.wire import (
+    FLAG_GROUP, FLAG_RETAIN, FLAG_REUSE, FLAG_SAMPLE, OP_ACK, OP_FORWARD, OP_FREE, OP_JOIN, OP_LEAVE, OP_PARK,
+    OP_SETUP, OP_STOP, OP_TOKEN, OP_TRIM, RingLink, dtype_code, header, read_token,
+)
+
+
+@dataclass
+class Sequence:
+    req_id: int
+    slot: int
+    prompt: list[int]
+    max_tokens: int
+    params: SamplingParams
+    seed: int
+    stop_ids: frozenset[int]
+    logprobs: int = 0
+    pos: int = 0  # prompt tokens sent (or found in a retained cache)
+    reused: int = 0  # prompt tokens copied from a retained cache
+    source: int = 0  # the retained slot they come from
+    setup_sent: bool = False
+    group: int | None = None  # the group it decodes in, once joined
+    generated: int = 0
+    last_token: int | None = None
+    tokens: list[int] = field(default_factory=list)  # generated so far
+    awaiting: int = 0  # steps in flight that bring a token of this sequence
+    feed: Any = None  # its next step's input: a token id, or (lazy tokens, row) of a step in flight
+    finished: bool = False
+    freed: bool = False
+
+
+@dataclass
+class Group:
+    gid: int
+    rows: list[Sequence] = field(default_factory=list)  # in row order, as every stage has them
+    inflight: int = 0  # steps of this group not yet answered
+
+
+@dataclass
+class _InFlight:
+    op: int
+    seq: Sequence | None = None  # a slot's message
+    rows: list[Sequence] | None = None  # a group step: its rows when it was sent
+    group: Group | None = None
+    sample: bool = False
+    large: bool = False
+    local: Any = None  # single stage: the lazy result
+
+
+Emit = Callable[[dict], None]
+
+
+@dataclass
+class Coordinator:
+    """Rank 0's loop. Commands (dicts) arrive on `commands`: {"t": "add", ...},
+    {"t": "cancel", "id"}, {"t": "stop"}; events leave through `emit`:
+    {"t": "token", "id", "tok", "lp"}, {"t": "end", "id"}.
+
+    `max_slots` is the batch width: at most that many sequences at once, all of them
+    decoding together."""
+
+    runner: StageRunner
+    link: RingLink | None  # None: a single stage in this process
+    emit: Emit
+    max_slots: int = 16
+    prefill_step: int = 2048
+    # Finished sequences whose caches stay on every rank, for a later prompt that starts
+    # the same way (a chat's next turn, a repeated system prompt): prefix caching.
+    prompt_cache: int = 0
+    commands: "queue.Queue[dict]" = field(default_factory=queue.Queue)
+    stats: dict[str, float] = field(default_factory=lambda: {"tokens": 0, "steps": 0, "bytes_sent": 0})
+
+    def __post_init__(self) -> None:
+        self.num_stages = 1 if self.link is None else self.link.size
+        self.max_inflight = self.num_stages + 1  # slot messages (setup, chunks, first steps)
+        # one group per stage when rows can share a forward; else each row is its own group
+        self.max_groups = self.num_stages if self.runner.batchable else self.max_slots
+        self.seqs: dict[int, Sequence] = {}
+        self.groups: dict[int, Group] = {}
+        self.free_slots = list(range(self.max_slots + self.prompt_cache - 1, -1, -1))
+        self.retained = RetainedPrefixes()
+        self.waiting: deque[dict] = deque()
+        self.inflight: deque[_InFlight] = deque()
+        self.stopping = False
+        self._rr = 0
+        self.kicks = 0  # "add" and "stop" commands seen: the engine wakes parked ranks per each
+        self.parked = True  # followers start waiting for a wake-up
+        self.vocab = int(self.runner.stage.config.get("vocab_size") or 0)
+
+    # -- the loop ---------------------------------------------------------------------
+    def run(self) -> None:
+        while True:
+            idle = not self.inflight and not self._has_work()
+            if idle and not self.parked and not self.stopping and self._park():
+                continue
+            self._drain_commands(block=idle)
+            if self.stopping and not self.inflight and not self.seqs:
+                for slot in self.retained:  # every rank drops its caches as it stops
+                    self.runner.free(slot)
+                self._shutdown_ring()
+                return
+            if groups := run_candidates(self):  # a lock-step run is due: drain the ring, then run
+                if self.inflight:
+                    self._receive_one()
+                else:
+                    lead_run(self, groups)
+                continue
+            self._issue()
+            if self.inflight:
+                self._receive_one()
+
+    def _park(self) -> bool:
+        """Nothing to do: tell the followers to wait for the engine's wake-up rather than
+        in a ring recv (which the backend serves by polling a core)."""
+        if self.link is None:
+            return False
+        self.parked = True
+        mx.async_eval(self.link.send(header(OP_PARK, 0, tag=self.kicks)))
+        self.inflight.append(_InFlight(OP_PARK))
+        return True
+
+    def _drain_commands(self, block: bool) -> None:
+        try:
+            cmd = self.commands.get(timeout=0.2) if block else self.commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._command(cmd)
+            try:
+                cmd = self.commands.get_nowait()
+            except queue.Empty:
+                break
+
+    def _command(self, cmd: dict) -> None:
+        t = cmd["t"]
+        if t in ("add", "stop"):
+            self.kicks += 1
+            self.parked = False
+        if t == "add":
+            self.waiting.append(cmd)
+        elif t == "cancel":
+            if any(c["id"] == cmd["id"] for c in self.waiting):  # never admitted: done at once
+                self.waiting = deque(c for c in self.waiting if c["id"] != cmd["id"])
+                self.emit({"t": "end", "id": cmd["id"]})
+            for s in self.seqs.values():
+                if s.req_id == cmd["id"]:
+                    s.finished = True
+        elif t == "stop":
+            self.stopping = True
+            self.waiting.clear()
+            for s in self.seqs.values():
+                s.finished = True
+
+    def _admit(self) -> None:
+        # Slots are max_slots + prompt_cache: with fewer than max_slots active and at most
+        # prompt_cache retained one is free, unless retained sources wait for their copy.
+        while self.waiting and len(self.seqs) < self.max_slots and not self.stopping:
+            if not self.free_slots and not self._evict_retained(len(self.retained) - 1):
+                return  # every retained slot is the source of a prefix not yet copied
+            c = self.waiting.popleft()
+            p = c.get("params") or {}
+            prompt = list(c["prompt"])
+            source, keep = self.retained.find(prompt)
+            if keep:
+                self.stats["reused_tokens"] = self.stats.get("reused_tokens", 0) + keep
+            seq = Sequence(req_id=c["id"], slot=self.free_slots.pop(), prompt=prompt, pos=keep, reused=keep,
+                           source=source, max_tokens=int(c["max_tokens"]), params=SamplingParams(**p),
+                           seed=int(c["seed"]), stop_ids=frozenset(c.get("stop_ids", ())),
+                           logprobs=int(c.get("logprobs", 0)))
+            self.seqs[seq.slot] = seq
+
+    def _has_work(self) -> bool:
+        self._retire_finished()
+        self._admit()
+        return (any(s.finished or self._next_op(s) is not None or self._can_join(s) for s in self.seqs.values())
+                or any(self._step_ready(g) for g in self.groups.values()))
+
+    def _retire_finished(self) -> None:
+        """Free (or retain) finished sequences before admitting new ones: a client that
+        sends its next turn as soon as it has the last token must find this one retained.
+        Also before a group step: it must not carry rows that have ended."""
+        for s in [s for s in self.seqs.values() if s.finished and not s.freed]:
+            self._send_free(s)
+
+    def _next_op(self, s: Sequence) -> str | None:
+        """The slot message `s` needs next (its group's steps are not slot messages)."""
+        if s.finished or s.group is not None:
+            return None
+        if not s.setup_sent:
+            return "setup"
+        if len(s.prompt) - s.pos > 1:
+            return "chunk"
+        if s.generated == 0 and not s.awaiting:
+            return "first"
+        return None
+
+    def _can_join(self, s: Sequence) -> bool:
+        return not s.finished and s.group is None and s.generated > 0 and not s.awaiting
+
+    def _step_ready(self, g: Group) -> bool:
+        """A group's next step can go: none of its steps in flight, or (one stage) one, whose
+        lazy tokens feed the next, unless a row is at its last token (its next step would
+        be wasted)."""
+        if not g.rows or self.stopping:
+            return False
+        if g.inflight == 0:
+            return True
+        return (self.link is None and g.inflight == 1
+                and all(s.generated + s.awaiting < s.max_tokens for s in g.rows))
+
+    def _issue(self) -> None:
+        """Send what can go now: frees and leaves first, then joins, the groups' steps, and
+        slot messages (setups, prompt chunks, first steps) while there is room."""
+        self._retire_finished()
+        self._admit()
+        for s in sorted(self.seqs.values(), key=lambda s: s.slot):
+            if self._can_join(s):
+                self._send_join(s)
+        for g in list(self.groups.values()):
+            while self._step_ready(g):  # one stage: the next step queued behind the current
+                self._send_group_step(g)
+        while sum(f.seq is not None for f in self.inflight) < self.max_inflight and self._send_slot_message():
+            pass
+
+    def _send_slot_message(self) -> bool:
+        seqs = sorted(self.seqs.values(), key=lambda s: s.slot)
+        n = len(seqs)
+        for i in range(n):
+            s = seqs[(self._rr + i) % n]
+            op = self._next_op(s)
+            if op is None or (op == "chunk" and any(f.large for f in self.inflight)):
+                continue
+            self._rr = (self._rr + i + 1) % max(n, 1)
+            getattr(self, f"_send_{op}")(s)
+            return True
+        return False
+
+    # -- what rank 0 sends ------------------------------------------------------------
+    def _send_setup(self, s: Sequence) -> None:
+        words = encode_params(s.params, s.seed, s.logprobs, s.prompt)
+        self.runner.setup(s.slot, words, s.reused if s.reused else None, s.source)
+        s.setup_sent = True
+        if self.link is not None:
+            head = header(OP_SETUP, s.slot, len(words), FLAG_REUSE if s.reused else 0, value=s.reused,
+                          aux=s.source)
+            mx.async_eval(self.link.send(head, mx.array(words)))
+        self.inflight.append(_InFlight(OP_SETUP, s))
+
+    def _send_chunk(self, s: Sequence) -> None:
+        n = min(self.prefill_step, len(s.prompt) - s.pos - 1)
+        tokens = s.prompt[s.pos:s.pos + n]
+        s.pos += n
+        self.stats["prefill_chunks"] = self.stats.get("prefill_chunks", 0) + 1
+        self._forward(s, tokens, sample=False, large=n > 1)
+
+    def _send_first(self, s: Sequence) -> None:
+        """The last prompt token, alone in the slot's caches: its reply is the first token."""
+        tokens, s.pos = s.prompt[s.pos:], len(s.prompt)
+        s.awaiting += 1
+        self._forward(s, tokens, sample=True, large=len(tokens) > 1)
+
+    def _forward(self, s: Sequence, tokens: list[int], sample: bool, large: bool) -> None:
+        x = mx.array(tokens, dtype=mx.int32)[None]
+        if self.link is None:
+            out = self.runner.forward(s.slot, x, sample)
+            mx.async_eval([o for o in out if o is not None])
+            self.inflight.append(_InFlight(OP_FORWARD, s, sample=sample, large=large, local=out))
+            return
+        h = self.runner.forward(s.slot, x, False)
+        head = header(OP_FORWARD, s.slot, len(tokens), FLAG_SAMPLE if sample else 0, dtype_code(h.dtype))
+        mx.async_eval(self.link.send(head, h))
+        self.inflight.append(_InFlight(OP_FORWARD, s, sample=sample, large=large))
+
+    def _send_join(self, s: Sequence) -> None:
+        g = self._group_for_new_row()
+        s.group = g.gid
+        s.feed = s.last_token
+        g.rows.append(s)
+        self.runner.join(g.gid, s.slot)
+        if self.link is not None:
+            mx.async_eval(self.link.send(header(OP_JOIN, g.gid, value=s.slot)))
+
+    def _group_for_new_row(self) -> Group:
+        """Up to max_groups groups (one per stage); a new row joins the smallest."""
+        if len(self.groups) < self.max_groups:
+            gid = min(set(range(len(self.groups) + 1)) - set(self.groups))
+            self.groups[gid] = Group(gid)
+            return self.groups[gid]
+        return min(self.groups.values(), key=lambda g: (len(g.rows), g.gid))
+
+    def _send_group_step(self, g: Group) -> None:
+        rows = list(g.rows)
+        x = _feed(rows)
+        for s in rows:
+            s.awaiting += 1
+        if self.link is None:
+            out = self.runner.step(g.gid, x, True)
+            mx.async_eval([o for o in out if o is not None])
+            for i, s in enumerate(rows):
+                s.feed = (out[0], i)
+        else:
+            out = None
+            h = self.runner.step(g.gid, x, False)
+            head = header(OP_FORWARD, g.gid, 1, FLAG_SAMPLE | FLAG_GROUP, dtype_code(h.dtype), aux=len(rows))
+            mx.async_eval(self.link.send(head, h))
+        g.inflight += 1
+        self.stats["rows"] = self.stats.get("rows", 0) + len(rows)
+        self.stats["widest"] = max(self.stats.get("widest", 0), len(rows))
+        self.inflight.append(_InFlight(OP_FORWARD, rows=rows, group=g, sample=True, local=out))
+
+    def _send_free(self, s: Sequence) -> None:
+        """`s` has ended: it leaves its group (or its slot is freed), its caches kept when
+        prefix caching wants them, and the engine hears its end."""
+        s.freed = True
+        del self.seqs[s.slot]
+        # the caches hold the prompt and every generated token but the last (never fed);
+        # anything past that (a chained or lock-step step after the end) is trimmed on reuse
+        held = s.prompt[:s.pos] + s.tokens[:-1]
+        caches = self.runner.groups[s.group].caches if s.group is not None else self.runner.caches.get(s.slot, [])
+        retain = bool(self.prompt_cache and s.setup_sent and held and not self.stopping
+                      and all(c.is_trimmable() for c in caches))
+        if s.group is not None:
+            self._send_leave(s, retain)
+        self.stats["kv_bytes"] = self.runner.kv_bytes()  # this rank's caches, for the console
+        self.emit({"t": "end", "id": s.req_id, "stats": dict(self.stats)})  # counters for /metrics
+        if retain:
+            self.retained.add(s.slot, held)
+            self._evict_retained(self.prompt_cache)
+        elif s.group is not None:
+            self.free_slots.append(s.slot)
+        else:
+            self._free_slot(s.slot)
+
+    def _send_leave(self, s: Sequence, retain: bool) -> None:
+        g = self.groups[s.group]
+        g.rows.remove(s)
+        self.runner.leave(g.gid, s.slot, retain)
+        if self.link is not None:
+            mx.async_eval(self.link.send(header(OP_LEAVE, g.gid, flags=FLAG_RETAIN if retain else 0, value=s.slot)))
+        if not g.rows:
+            del self.groups[g.gid]  # its steps still in flight answer through their records
+        if not retain:
+            mx.clear_cache()
+
+    def _evict_retained(self, keep: int) -> bool:
+        """Free the least recently used retained slots until `keep` are left, sparing the
+        sources of prefixes that a waiting SETUP is still to copy; True if any went."""
+        pinned = {s.source for s in self.seqs.values() if s.reused and not s.setup_sent}
+        victims = self.retained.victims(keep, pinned)
+        for slot in victims:
+            self._free_slot(slot)
+        return bool(victims)
+
+    def _free_slot(self, slot: int) -> None:
+        self.retained.discard(slot)
+        self.runner.free(slot)
+        if self.link is not None:
+            mx.async_eval(self.link.send(header(OP_FREE, slot)))
+        self.inflight.append(_InFlight(OP_FREE))
+        self.free_slots.append(slot)
+        mx.clear_cache()
+
+    def expect_ack(self) -> None:
+        """A message was sent outside the scheduler (lock-step's TRIM): its ACK comes back in turn."""
+        self.inflight.append(_InFlight(OP_TRIM))
+
+    def _shutdown_ring(self) -> None:
+        if self.link is not None:
+            mx.eval(self.link.send(header(OP_STOP, 0)))
+            self.link.recv_header()
+
+    # -- what comes back --------------------------------------------------------------
+    def _receive_one(self) -> None:
+        f = self.inflight.popleft()
+        if f.rows is not None:
+            self._receive_group_step(f)
+            return
+        if self.link is None:
+            if not f.sample:
+                # a prompt chunk: wait for it, so that the next one is sent (or, once the
+                # request is cancelled, not sent) only after it; otherwise every chunk of
+                # every prompt would be queued on the device at once and a cancel could not
+                # cut the prefill short
+                if f.local is not None:
+                    mx.eval(f.local)
+                return
+            token_arr, lp_arr, top_arr = f.local
+            token, logprob = int(token_arr.item()), float(lp_arr.item())
+            top = decode_top(np.array(top_arr)) if top_arr is not None else None
+        else:
+            h = self._recv_reply()
+            if int(h[0]) != OP_TOKEN:
+                return
+            token, logprob = read_token(h)
+            top = None
+            if int(h[2]) > 0:
+                words = self.link.recv_payload((2 * int(h[2]),), mx.int32)
+                mx.eval(words)
+                top = decode_top(np.array(words))
+        s = f.seq
+        if s is None:
+            return
+        s.awaiting -= 1
+        if not s.finished:
+            self._accept(s, token, logprob, top)
+
+    def _recv_reply(self) -> np.ndarray:
+        t_wait = time.perf_counter()
+        h = self.link.recv_header()
+        self.stats["wait_s"] = self.stats.get("wait_s", 0.0) + time.perf_counter() - t_wait
+        self.stats["bytes_sent"] = self.link.bytes_sent
+        if int(h[0]) not in (OP_TOKEN, OP_ACK):
+            raise RuntimeError(f"rank 0 got unexpected op {int(h[0])} from the last stage")
+        return h
+
+    def _receive_group_step(self, f: _InFlight) -> None:
+        rows = f.rows
+        b = len(rows)
+        if self.link is None:
+            tokens, lps, top = f.local
+            mx.eval(tokens, lps, *([top] if top is not None else []))
+            toks, lp = np.array(tokens).tolist(), np.array(lps).tolist()
+            top_words = np.array(top) if top is not None else np.zeros((0,), np.int32)
+        else:
+            h = self._recv_reply()
+            if int(h[0]) != OP_TOKEN or not int(h[3]) & FLAG_GROUP:
+                raise RuntimeError("rank 0 expected a group's tokens from the last stage")
+            words = self.link.recv_payload((int(h[2]),), mx.int32)
+            mx.eval(words)
+            w = np.array(words)
+            toks, lp = w[:b].tolist(), w[b:2 * b].view(np.float32).tolist()
+            top_words = w[2 * b:]
+        f.group.inflight -= 1
+        self.stats["steps"] += 1
+        at = 0
+        for i, s in enumerate(rows):
+            top = None
+            if s.logprobs > 0:
+                k = 2 * min(s.logprobs, MAX_TOP_LOGPROBS, self.vocab or MAX_TOP_LOGPROBS)
+                top, at = decode_top(top_words[at:at + k]), at + k
+            s.awaiting -= 1
+            if s.finished:
+                continue
+            if s.awaiting == 0:
+                s.feed = int(toks[i])
+            self._accept(s, int(toks[i]), float(lp[i]), top)
+
+    def _accept(self, s: Sequence, token: int, logprob: float, top: list | None) -> None:
+        """A token of `s` came back: hand it out; finish the sequence at its end."""
+        s.generated += 1
+        s.tokens.append(token)
+        s.last_token = token
+        self.stats["tokens"] += 1
+        ev = {"t": "token", "id": s.req_id, "tok": token, "lp": logprob}
+        if top is not None:
+            ev["top"] = [[i, v] for i, v in top]
+        self.emit(ev)
+        if s.generated >= s.max_tokens or token in s.stop_ids:
+            s.finished = True
+
+
+def _feed(rows: list[Sequence]) -> mx.array:
+    """A group step's input [B, 1]: each row's last token, a host int or (one stage) the
+    lazy output of the step still in flight, which then is used as it is."""
+    first = rows[0].feed
+    if isinstance(first, tuple) and first[0].shape[0] == len(rows) and all(
+            isinstance(s.feed, tuple) and s.feed[0] is first[0] and s.feed[1] == i for i, s in enumerate(rows)):
+        return first[0][:, None]
+    parts = [s.feed[0][s.feed[1]:s.feed[1] + 1] if isinstance(s.feed, tuple) else mx.array([s.feed], mx.int32)
+             for s in rows]
+    return mx.concatenate(parts)[:, None]
