@@ -14,6 +14,21 @@ from mlxdist.errors import UserError
 from mlxdist.runtime.api import HANDOFF_HELP, HANDOFFS, check_handoff
 
 DEFAULT_PROMPT_CACHE = 4  # retained requests; each holds its KV caches until evicted
+DEFAULT_CONCURRENCY = 8  # requests decoded together (the batch width) without a plan
+
+
+def _plan_concurrency(plan_file: str) -> int:
+    """The concurrency a plan (`mlxdist plan --json`) was made for: its KV caches are the
+    ones the planner counted."""
+    import json
+
+    try:
+        value = json.loads(Path(plan_file).read_text()).get("concurrency", DEFAULT_CONCURRENCY)
+    except (OSError, ValueError, AttributeError) as e:
+        raise UserError(f"{plan_file}: not a plan from `mlxdist plan --json` ({e})")
+    if not isinstance(value, int) or value < 1:
+        raise UserError(f"{plan_file}: its concurrency is not a positive whole number")
+    return value
 
 
 def open_engine_for(model: str, local: int | None, nodes: str | None, progress=print, **opts: Any):
@@ -78,6 +93,10 @@ def start_engine(opener: Callable[..., Any], *args: Any, **kw: Any) -> Any:
               help="With --nodes: a plan from `mlxdist plan --json` (the one the model was "
                    "converted with); its nodes run the stages, in its order.")
 @click.option("--api-key", default=None, envvar="MLXDIST_API_KEY", help="Require this bearer key.")
+@click.option("--concurrency", default=None, type=click.IntRange(1, 1024),
+              help="Requests decoded together, one batched forward per step (the batch width); more wait "
+                   "in the queue. Default: the plan's --concurrency with --plan (its KV caches are what the "
+                   "planner counted), else 8.")
 @click.option("--max-queue", default=64, show_default=True, type=int,
               help="Requests that may wait for a slot; more get 429.")
 @click.option("--max-connections", default=4096, show_default=True, type=click.IntRange(1, 1 << 20),
@@ -93,7 +112,7 @@ def start_engine(opener: Callable[..., Any], *args: Any, **kw: Any) -> Any:
 def serve_command(model: str, host: str, port: int, local: int | None, nodes: str | None,
                   plan: str | None, api_key: str | None, max_queue: int, quiet: bool, max_connections: int = 4096,
                   expert_parallel: bool = False, handoff: str = "messages",
-                  prompt_cache: int = DEFAULT_PROMPT_CACHE) -> None:
+                  prompt_cache: int = DEFAULT_PROMPT_CACHE, concurrency: int | None = None) -> None:
     """Serve MODEL (a converted model directory, an mlx-lm directory, or `demo`) over an
     OpenAI-compatible HTTP API."""
     from mlxdist.server.app import ApiServer, HttpLimits, bind, fd_limit_only_raised
@@ -107,7 +126,8 @@ def serve_command(model: str, host: str, port: int, local: int | None, nodes: st
     check_handoff(handoff, nodes=bool(nodes), expert_parallel=expert_parallel)
     progress = lambda msg: click.echo(msg, err=True)  # noqa: E731
     opts = {**({"plan": plan} if plan else {}), **({"expert_parallel": True} if expert_parallel else {}),
-            **({"handoff": handoff} if handoff != "messages" else {}), "prompt_cache": prompt_cache}
+            **({"handoff": handoff} if handoff != "messages" else {}), "prompt_cache": prompt_cache,
+            "max_concurrent": concurrency or (_plan_concurrency(plan) if plan else DEFAULT_CONCURRENCY)}
     try:  # before the model loads: a port in use is found at once
         sock = bind(host, port)
     except OSError as e:

@@ -1,0 +1,149 @@
+"""Continuous batching: decoding rows share one forward pass per step, on one rank, across a
+pipeline, in lock-step runs and expert parallel; every row stays exact.
+
+References are independent: greedy rows against mlx-lm's generate_step on the prompt alone
+(float32 tiny models), seeded rows against the same request decoded alone."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from runtime_helpers import drain_concurrently, reference_top_logprobs, reference_tokens, tiny_models  # noqa: F401
+
+from mlxdist.runtime.api import GenerationRequest, SamplingParams
+from mlxdist.runtime.engine import open_engine
+
+PROMPTS = [list(f"row {i}: {'abcdefghij' * (i % 3)} the end".encode()) for i in range(8)]
+LENGTHS = [6, 14, 9, 20, 3, 11, 16, 8]  # rows leave at different steps
+SAMPLED = [
+    SamplingParams(temperature=0.8, top_k=40, seed=3),
+    SamplingParams(temperature=1.1, top_p=0.9, seed=4),
+    SamplingParams(temperature=0.7, min_p=0.05, repetition_penalty=1.2, seed=5),
+]
+
+
+def _widest(eng) -> float:
+    return eng.stats().get("widest", 0)
+
+
+@pytest.mark.parametrize("ranks,split,opts", [
+    (1, None, {}),
+    (2, [3, 3], {}),
+    (3, [1, 3, 2], {}),
+    (2, [2, 4], {"handoff": "collective"}),
+])
+def test_batched_rows_match_each_prompt_alone(tiny_models, ranks, split, opts):
+    path = tiny_models["deepseek_v3"] if ranks == 3 else tiny_models["llama"]
+    refs = [reference_tokens(path, p, n) for p, n in zip(PROMPTS, LENGTHS)]
+    with open_engine(path, ranks=ranks, split=split, max_concurrent=8, **opts) as eng:
+        handles = [eng.submit(GenerationRequest(tuple(p), n)) for p, n in zip(PROMPTS, LENGTHS)]
+        assert drain_concurrently(handles) == refs
+        assert _widest(eng) >= 2  # rows did share forwards
+        if opts:
+            assert eng.stats().get("runs", 0) >= 1  # and lock-step runs carried whole groups
+
+
+def test_rows_join_and_leave_between_steps(tiny_models):
+    """A long row decodes while others join mid-way and leave at their own lengths; then a
+    fresh one joins the same group. Every row equals its prompt alone in mlx-lm."""
+    path = tiny_models["llama"]
+    long_ref = reference_tokens(path, PROMPTS[0], 40)
+    refs = [reference_tokens(path, p, n) for p, n in zip(PROMPTS[1:5], LENGTHS[1:5])]
+    with open_engine(path, max_concurrent=8) as eng:
+        long = iter(eng.submit(GenerationRequest(tuple(PROMPTS[0]), 40)))
+        got = [next(long).token for _ in range(5)]
+        joined = [eng.submit(GenerationRequest(tuple(p), n)) for p, n in zip(PROMPTS[1:5], LENGTHS[1:5])]
+        out = {}
+        t = threading.Thread(target=lambda: out.setdefault("rows", drain_concurrently(joined)))
+        t.start()
+        got += [ev.token for ev in long if ev.token is not None]
+        t.join(60)
+        assert got == long_ref
+        assert out["rows"] == refs
+        assert eng.generate(PROMPTS[5], max_tokens=LENGTHS[5]) == reference_tokens(path, PROMPTS[5], LENGTHS[5])
+        assert _widest(eng) >= 3
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_seeded_rows_same_alone_and_in_any_batch(tiny_models, ranks):
+    """Each request keeps its own key and filters: alone, or among greedy and other sampled
+    rows, it draws the same tokens."""
+    path = tiny_models["llama"]
+    split = [3, 3] if ranks == 2 else None
+    with open_engine(path, ranks=ranks, split=split, max_concurrent=8) as eng:
+        alone = [eng.submit(GenerationRequest(tuple(PROMPTS[i]), 12, s)).tokens() for i, s in enumerate(SAMPLED)]
+        reqs = [GenerationRequest(tuple(PROMPTS[i]), 12, s) for i, s in enumerate(SAMPLED)]
+        reqs += [GenerationRequest(tuple(p), n) for p, n in zip(PROMPTS[3:], LENGTHS[3:])]
+        for order in (reqs, reqs[::-1]):
+            results = drain_concurrently([eng.submit(r) for r in order])
+            if order is not reqs:
+                results = results[::-1]
+            assert results[:3] == alone
+        assert _widest(eng) >= 4
+
+
+def test_top_logprobs_per_row_in_a_batch(tiny_models):
+    """Rows asking for top logprobs (different k) beside rows that do not: each gets its own,
+    equal to mlx-lm's for its prompt alone."""
+    path = tiny_models["llama"]
+    want = {i: reference_top_logprobs(path, PROMPTS[i], 5, k) for i, k in ((0, 3), (2, 5))}
+    with open_engine(path, max_concurrent=8) as eng:
+        handles = {i: eng.submit(GenerationRequest(tuple(PROMPTS[i]), 5, logprobs=k))
+                   for i, k in ((0, 3), (1, 0), (2, 5), (3, 0))}
+        events = {}
+        threads = [threading.Thread(target=lambda i=i, h=h: events.__setitem__(i, list(h))) for i, h in handles.items()]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    for i, ref in want.items():
+        assert len(events[i]) == 5
+        for ev, steps in zip(events[i], ref):
+            assert [j for j, _ in ev.top_logprobs] == [j for j, _ in steps]
+            assert all(abs(a - b) < 1e-4 for (_, a), (_, b) in zip(ev.top_logprobs, steps))
+            assert abs(ev.logprob - steps[0][1]) < 1e-4
+    assert all(ev.top_logprobs == () for ev in events[1])
+
+
+def test_prompt_chunks_interleave_with_decoding(tiny_models):
+    """A long new prompt is prefilled a chunk at a time between the decoders' steps: the
+    running row keeps getting tokens before the new one's first."""
+    path = tiny_models["llama"]
+    long_prompt = list(b"a long prompt " * 8)  # 112 tokens: 28 chunks of 4
+    order: list[str] = []
+    with open_engine(path, max_concurrent=4, prefill_step=4) as eng:
+        running = eng.submit(GenerationRequest(tuple(PROMPTS[1]), 200))
+        events = iter(running)
+        next(events)
+        newcomer = eng.submit(GenerationRequest(tuple(long_prompt), 3))
+        reader = threading.Thread(target=lambda: [order.append("run") for _ in events])
+        reader.start()
+        for _ in newcomer:
+            order.append("new")
+        running.cancel()
+        reader.join(60)
+    assert order[:order.index("new")].count("run") >= 5
+
+
+def test_prefix_copies_into_a_batch_row(tiny_models):
+    """A retained prefix is copied into each of several concurrent rows."""
+    path = tiny_models["llama"]
+    first = PROMPTS[2]
+    with open_engine(path, max_concurrent=4, prompt_cache=2) as eng:
+        answer = eng.generate(first, max_tokens=6)
+        follow = [first + answer + list(f" next {i}".encode()) for i in range(3)]
+        refs = [reference_tokens(path, p, 7) for p in follow]
+        assert drain_concurrently([eng.submit(GenerationRequest(tuple(p), 7)) for p in follow]) == refs
+        assert eng.stats().get("reused_tokens", 0) >= 3 * len(first)
+        assert _widest(eng) >= 2
+
+
+@pytest.mark.parametrize("ranks", [2])
+def test_expert_parallel_batches(tiny_models, ranks):
+    path = tiny_models["deepseek_v3"]
+    refs = [reference_tokens(path, p, n) for p, n in zip(PROMPTS[:4], LENGTHS[:4])]
+    with open_engine(path, ranks=ranks, expert_parallel=True, max_concurrent=4) as eng:
+        handles = [eng.submit(GenerationRequest(tuple(p), n)) for p, n in zip(PROMPTS[:4], LENGTHS[:4])]
+        assert drain_concurrently(handles) == refs
+        assert _widest(eng) >= 2
