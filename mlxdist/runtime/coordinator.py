@@ -113,7 +113,9 @@ class Coordinator:
 
     def __post_init__(self) -> None:
         self.num_stages = 1 if self.link is None else self.link.size
-        self.max_inflight = self.num_stages + 1  # slot messages (setup, chunks, first steps)
+        # slot messages in flight (setups, chunks, first steps): room for a new sequence's
+        # setup, one chunk and its first step back to back, plus one per further stage
+        self.max_inflight = self.num_stages + 2
         # one group per stage when rows can share a forward; else each row is its own group
         self.max_groups = self.num_stages if self.runner.batchable else self.max_slots
         self.seqs: dict[int, Sequence] = {}
@@ -246,8 +248,14 @@ class Coordinator:
             return False
         if g.inflight == 0:
             return True
-        return (self.link is None and g.inflight == 1
+        return (self.link is None and g.inflight == 1 and not self._prompts_pending()
                 and all(s.generated + s.awaiting < s.max_tokens for s in g.rows))
+
+    def _prompts_pending(self) -> bool:
+        """A sequence is still on its way to its first token: the next group step waits
+        behind its prompt work instead of being queued ahead of it (its time to first
+        token)."""
+        return any(s.group is None and not s.finished for s in self.seqs.values())
 
     def _issue(self) -> None:
         """Send what can go now: frees and leaves first, then joins, the groups' steps, and
