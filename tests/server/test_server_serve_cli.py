@@ -61,7 +61,7 @@ def group_alive(pgid: int) -> bool:
 
 
 @pytest.mark.parametrize("sig,local", [(signal.SIGINT, ["--local", "2"]), (signal.SIGTERM, ["--local", "2"]),
-                                       (signal.SIGTERM, [])])
+                                       (signal.SIGTERM, ["--concurrency", "3"])])
 def test_serve_with_key_then_stop(tmp_path, sig, local):
     sys.path.insert(0, str(ROOT / "tools"))
     from tiny_models import make_tiny_model
@@ -82,11 +82,12 @@ def test_serve_with_key_then_stop(tmp_path, sig, local):
                                       max_tokens=4, temperature=0)
         assert r.usage.completion_tokens >= 1 and r.choices[0].finish_reason in ("stop", "length")
         if Path("/proc/self/cmdline").exists():
-            assert len(processes_mentioning(str(model))) >= (2 if local else 1)  # the server and its ranks
+            assert len(processes_mentioning(str(model))) >= (2 if "--local" in local else 1)  # server and ranks
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=30)
         assert proc.returncode == 0, err
         assert "Traceback" not in err
+        assert f" {3 if '--concurrency' in local else 8} at once)" in err  # the batch width
         t0 = time.monotonic()
         while group_alive(proc.pid) and time.monotonic() - t0 < 10:
             time.sleep(0.1)
@@ -99,3 +100,22 @@ def test_serve_with_key_then_stop(tmp_path, sig, local):
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_plan_concurrency_is_the_batch_width(tmp_path):
+    """With --plan, the batch width is the concurrency the planner counted KV caches for."""
+    from mlxdist.errors import UserError
+    from mlxdist.server.cli import _plan_concurrency
+
+    nodes = tmp_path / "nodes.json"
+    nodes.write_text(json.dumps({"nodes": [{"name": "mini", "chip": "M4 Pro", "memory_gb": 128, "count": 8}]}))
+    r = subprocess.run([sys.executable, "-m", "mlxdist", "plan", "deepseek-r1", "--nodes", str(nodes),
+                        "--concurrency", "6", "--json"], capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert r.returncode == 0, r.stderr
+    plan = tmp_path / "plan.json"
+    plan.write_text(r.stdout)
+    assert _plan_concurrency(str(plan)) == 6
+    (tmp_path / "bad.json").write_text("not json")
+    with pytest.raises(UserError, match="not a plan"):
+        _plan_concurrency(str(tmp_path / "bad.json"))
