@@ -15,9 +15,10 @@ it can be: pipelined micro-batches. With one stage there is one group, and its n
 is queued on the device before the current one's tokens are read (as mlx-lm's
 BatchGenerator does), so no host round trip sits between two steps.
 
-Prompts interleave with decoding: between two steps of a group at most one prompt chunk
-runs, so a long new prompt stalls the decoders for at most one chunk at a time. At most
-one multi-token message is in the ring at a time: large sends block until the neighbour
+Prompts interleave with decoding: between two steps of a group at most `prefill_step`
+tokens of prompt work run (one chunk of a long prompt, or the whole of several short
+ones), so a long new prompt stalls the decoders for at most one chunk at a time. In a ring
+at most one multi-token message is in flight: large sends block until the neighbour
 receives, and a ring of blocked senders would deadlock.
 
 With a collective group (`RingLink.collective`), once every sequence is decoding, rank 0
@@ -84,7 +85,7 @@ class _InFlight:
     rows: list[Sequence] | None = None  # a group step: its rows when it was sent
     group: Group | None = None
     sample: bool = False
-    large: bool = False
+    tokens: int = 0  # prompt tokens it carries
     local: Any = None  # single stage: the lazy result
 
 
@@ -113,8 +114,8 @@ class Coordinator:
 
     def __post_init__(self) -> None:
         self.num_stages = 1 if self.link is None else self.link.size
-        # slot messages in flight (setups, chunks, first steps): room for a new sequence's
-        # setup, one chunk and its first step back to back, plus one per further stage
+        # a ring's slot messages in flight (setups, chunks, first steps): room for a new
+        # sequence's setup, one chunk and its first step back to back, plus one per stage
         self.max_inflight = self.num_stages + 2
         # one group per stage when rows can share a forward; else each row is its own group
         self.max_groups = self.num_stages if self.runner.batchable else self.max_slots
@@ -268,7 +269,7 @@ class Coordinator:
         for g in list(self.groups.values()):
             while self._step_ready(g):  # one stage: the next step queued behind the current
                 self._send_group_step(g)
-        while sum(f.seq is not None for f in self.inflight) < self.max_inflight and self._send_slot_message():
+        while self._send_slot_message():
             pass
 
     def _send_slot_message(self) -> bool:
@@ -277,12 +278,24 @@ class Coordinator:
         for i in range(n):
             s = seqs[(self._rr + i) % n]
             op = self._next_op(s)
-            if op is None or (op == "chunk" and any(f.large for f in self.inflight)):
+            if op is None or not self._room_for(op, s):
                 continue
             self._rr = (self._rr + i + 1) % max(n, 1)
             getattr(self, f"_send_{op}")(s)
             return True
         return False
+
+    def _room_for(self, op: str, s: Sequence) -> bool:
+        """Whether slot message `op` of `s` may go now. One stage: while the prompt tokens
+        queued stay within one chunk (a lone chunk always may). A ring: while fewer than
+        max_inflight slot messages are out, and one multi-token message at a time."""
+        n = 0 if op == "setup" else len(s.prompt) - s.pos if op == "first" else min(
+            self.prefill_step, len(s.prompt) - s.pos - 1)
+        slot_msgs = [f for f in self.inflight if f.seq is not None]
+        if self.link is not None:
+            return len(slot_msgs) < self.max_inflight and not (n > 1 and any(f.tokens > 1 for f in slot_msgs))
+        queued = sum(f.tokens for f in slot_msgs)
+        return queued == 0 or queued + n <= self.prefill_step
 
     # -- what rank 0 sends ------------------------------------------------------------
     def _send_setup(self, s: Sequence) -> None:
@@ -300,25 +313,25 @@ class Coordinator:
         tokens = s.prompt[s.pos:s.pos + n]
         s.pos += n
         self.stats["prefill_chunks"] = self.stats.get("prefill_chunks", 0) + 1
-        self._forward(s, tokens, sample=False, large=n > 1)
+        self._forward(s, tokens, sample=False)
 
     def _send_first(self, s: Sequence) -> None:
         """The last prompt token, alone in the slot's caches: its reply is the first token."""
         tokens, s.pos = s.prompt[s.pos:], len(s.prompt)
         s.awaiting += 1
-        self._forward(s, tokens, sample=True, large=len(tokens) > 1)
+        self._forward(s, tokens, sample=True)
 
-    def _forward(self, s: Sequence, tokens: list[int], sample: bool, large: bool) -> None:
+    def _forward(self, s: Sequence, tokens: list[int], sample: bool) -> None:
         x = mx.array(tokens, dtype=mx.int32)[None]
         if self.link is None:
             out = self.runner.forward(s.slot, x, sample)
             mx.async_eval([o for o in out if o is not None])
-            self.inflight.append(_InFlight(OP_FORWARD, s, sample=sample, large=large, local=out))
+            self.inflight.append(_InFlight(OP_FORWARD, s, sample=sample, tokens=len(tokens), local=out))
             return
         h = self.runner.forward(s.slot, x, False)
         head = header(OP_FORWARD, s.slot, len(tokens), FLAG_SAMPLE if sample else 0, dtype_code(h.dtype))
         mx.async_eval(self.link.send(head, h))
-        self.inflight.append(_InFlight(OP_FORWARD, s, sample=sample, large=large))
+        self.inflight.append(_InFlight(OP_FORWARD, s, sample=sample, tokens=len(tokens)))
 
     def _send_join(self, s: Sequence) -> None:
         g = self._group_for_new_row()
