@@ -126,7 +126,6 @@ class Coordinator:
         self.waiting: deque[dict] = deque()
         self.inflight: deque[_InFlight] = deque()
         self.stopping = False
-        self._rr = 0
         self.kicks = 0  # "add" and "stop" commands seen: the engine wakes parked ranks per each
         self.parked = True  # followers start waiting for a wake-up
         self.vocab = int(self.runner.stage.config.get("vocab_size") or 0)
@@ -273,21 +272,20 @@ class Coordinator:
             pass
 
     def _send_slot_message(self) -> bool:
-        seqs = sorted(self.seqs.values(), key=lambda s: s.slot)
-        n = len(seqs)
-        for i in range(n):
-            s = seqs[(self._rr + i) % n]
-            op = self._next_op(s)
-            if op is None or not self._room_for(op, s):
-                continue
-            self._rr = (self._rr + i + 1) % max(n, 1)
-            getattr(self, f"_send_{op}")(s)
-            return True
+        """The next slot message with room: first steps before anything (each ends a wait
+        for a first token), then prompt work in order of arrival (a sequence's setup and
+        chunks before the next one's, which brings first tokens soonest)."""
+        ops = [(op, s) for s in sorted(self.seqs.values(), key=lambda s: s.req_id)
+               if (op := self._next_op(s)) is not None]
+        for op, s in sorted(ops, key=lambda o: o[0] != "first"):
+            if self._room_for(op, s):
+                getattr(self, f"_send_{op}")(s)
+                return True
         return False
 
     def _room_for(self, op: str, s: Sequence) -> bool:
         """Whether slot message `op` of `s` may go now. One stage: while the prompt tokens
-        queued stay within one chunk (a lone chunk always may). A ring: while fewer than
+        queued stay within one chunk (a lone chunk always may), for two sequences. A ring: while fewer than
         max_inflight slot messages are out, and one multi-token message at a time."""
         n = 0 if op == "setup" else len(s.prompt) - s.pos if op == "first" else min(
             self.prefill_step, len(s.prompt) - s.pos - 1)
@@ -295,7 +293,11 @@ class Coordinator:
         if self.link is not None:
             return len(slot_msgs) < self.max_inflight and not (n > 1 and any(f.tokens > 1 for f in slot_msgs))
         queued = sum(f.tokens for f in slot_msgs)
-        return queued == 0 or queued + n <= self.prefill_step
+        # and prompt work of at most two sequences at once: the next one's is queued while
+        # this one's first token is read (where queueing computes, as on MLX's CPU backend,
+        # the first token of one is not held back by the prompts of all the others)
+        ahead = {f.seq.req_id for f in slot_msgs} | {s.req_id}
+        return (queued == 0 or queued + n <= self.prefill_step) and len(ahead) <= 2
 
     # -- what rank 0 sends ------------------------------------------------------------
     def _send_setup(self, s: Sequence) -> None:
