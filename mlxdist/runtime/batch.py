@@ -14,13 +14,18 @@ row is cut out with `filter` (and, when its prefix is kept for a later prompt, c
 with `extract`). A group of one row keeps the row's own cache, unbatched, so a single
 stream runs exactly the single-sequence code.
 
+Several new prompts that each fit one chunk may also join a fresh group *before* their
+prompt runs (each row with its number of prompt tokens still to run): one right-padded
+forward then runs them all, as mlx-lm's prompt batches do, and the group's first step
+samples their first tokens; the coordinator later merges the group into another.
+
 Sampling stays per row: each row keeps its own `SlotSampler` (its key, temperature,
 filters, penalty, logprobs); rows that are plainly greedy are sampled together.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import mlx.core as mx
 
@@ -40,26 +45,53 @@ class Batch:
         self.slots: list[int] = []
         self.caches: list[Any] = []
         self.batched = False  # caches are batch caches (two rows or more joined)
+        self.pending: dict[int, int] = {}  # slot -> prompt tokens it joined with, still to run
 
     def __len__(self) -> int:
         return len(self.slots)
 
-    def join(self, slot: int, caches: list[Any]) -> None:
-        """Add a row at the end; `caches` are its own (single-sequence) caches."""
+    def join(self, slot: int, caches: list[Any], prompt: int = 0) -> None:
+        """Add a row at the end; `caches` are its own (single-sequence) caches; `prompt`
+        tokens of its prompt are still to run (with the other joiners', in one forward)."""
+        one = Batch()
+        one.slots, one.caches = [slot], caches
+        if prompt:
+            one.pending[slot] = prompt
+        self.absorb(one)
+
+    def absorb(self, other: "Batch") -> None:
+        """Append `other`'s rows (a group merging into this one)."""
         if not self.slots:
-            self.caches = caches
+            self.slots, self.caches, self.batched = list(other.slots), other.caches, other.batched
         else:
             if not self.batched:
                 self.caches = [type(c).merge([c]) for c in self.caches]
                 self.batched = True
-            for mine, theirs in zip(self.caches, caches):
-                mine.extend(type(theirs).merge([theirs]))
-        self.slots.append(slot)
+            theirs = other.caches if other.batched else [type(c).merge([c]) for c in other.caches]
+            for mine, t in zip(self.caches, theirs):
+                mine.extend(t)
+            self.slots += other.slots
+        self.pending.update(other.pending)
+
+    def forward_prompts(self, forward: Callable[[list[Any]], mx.array], n: int) -> mx.array:
+        """Run the rows' pending prompt tokens, right-padded to `n`, as one forward (as
+        mlx-lm's prompt batches do: the caches learn the padding, and move it to the left
+        after); `forward(caches)` runs the layers."""
+        lengths = [self.pending.pop(s, 0) for s in self.slots]
+        if not self.batched:
+            return forward(self.caches)
+        for c in self.caches:
+            c.prepare(lengths=lengths, right_padding=[n - k for k in lengths])
+        out = forward(self.caches)
+        for c in self.caches:
+            c.finalize()
+        return out
 
     def leave(self, slot: int, keep: bool) -> list[Any] | None:
         """Remove `slot`'s row; with `keep`, return its caches as single-sequence caches
         (for prefix reuse), else None."""
         i = self.slots.index(slot)
+        self.pending.pop(slot, None)
         out = None
         if not self.batched:
             out = self.caches if keep else None

@@ -42,8 +42,8 @@ from mlxdist.runtime.pipeline import StageRunner
 from mlxdist.runtime.prefix_cache import RetainedPrefixes
 from mlxdist.runtime.sampling import MAX_TOP_LOGPROBS, decode_top, encode_params
 from mlxdist.runtime.wire import (
-    FLAG_GROUP, FLAG_RETAIN, FLAG_REUSE, FLAG_SAMPLE, OP_ACK, OP_FORWARD, OP_FREE, OP_JOIN, OP_LEAVE, OP_PARK,
-    OP_SETUP, OP_STOP, OP_TOKEN, OP_TRIM, RingLink, dtype_code, header, read_token,
+    FLAG_GROUP, FLAG_RETAIN, FLAG_REUSE, FLAG_SAMPLE, OP_ACK, OP_FORWARD, OP_FREE, OP_JOIN, OP_LEAVE, OP_MERGE,
+    OP_PARK, OP_SETUP, OP_STOP, OP_TOKEN, OP_TRIM, RingLink, dtype_code, header, read_token,
 )
 
 
@@ -258,25 +258,30 @@ class Coordinator:
         return any(s.group is None and not s.finished for s in self.seqs.values())
 
     def _issue(self) -> None:
-        """Send what can go now: frees and leaves first, then joins, the groups' steps, and
-        slot messages (setups, prompt chunks, first steps) while there is room."""
+        """Send what can go now: frees and leaves first, then merges and joins, setups,
+        new prompts together, the groups' steps, and slot messages (prompt chunks, first
+        steps) while there is room."""
         self._retire_finished()
         self._admit()
+        self._merge_groups()
         for s in sorted(self.seqs.values(), key=lambda s: s.slot):
             if self._can_join(s):
                 self._send_join(s)
+        while self._send_slot_message(only="setup"):
+            pass
+        self._prefill_together()
         for g in list(self.groups.values()):
             while self._step_ready(g):  # one stage: the next step queued behind the current
                 self._send_group_step(g)
         while self._send_slot_message():
             pass
 
-    def _send_slot_message(self) -> bool:
+    def _send_slot_message(self, only: str | None = None) -> bool:
         """The next slot message with room: first steps before anything (each ends a wait
         for a first token), then prompt work in order of arrival (a sequence's setup and
         chunks before the next one's, which brings first tokens soonest)."""
         ops = [(op, s) for s in sorted(self.seqs.values(), key=lambda s: s.req_id)
-               if (op := self._next_op(s)) is not None]
+               if (op := self._next_op(s)) is not None and only in (None, op)]
         for op, s in sorted(ops, key=lambda o: o[0] != "first"):
             if self._room_for(op, s):
                 getattr(self, f"_send_{op}")(s)
@@ -289,14 +294,16 @@ class Coordinator:
         max_inflight slot messages are out, and one multi-token message at a time."""
         n = 0 if op == "setup" else len(s.prompt) - s.pos if op == "first" else min(
             self.prefill_step, len(s.prompt) - s.pos - 1)
-        slot_msgs = [f for f in self.inflight if f.seq is not None]
+        slot_msgs = [f for f in self.inflight if f.seq is not None or f.tokens]
         if self.link is not None:
             return len(slot_msgs) < self.max_inflight and not (n > 1 and any(f.tokens > 1 for f in slot_msgs))
+        if op == "setup":
+            return True  # no device work here
         queued = sum(f.tokens for f in slot_msgs)
         # and prompt work of at most two sequences at once: the next one's is queued while
         # this one's first token is read (where queueing computes, as on MLX's CPU backend,
         # the first token of one is not held back by the prompts of all the others)
-        ahead = {f.seq.req_id for f in slot_msgs} | {s.req_id}
+        ahead = {f.seq.req_id if f.seq else -1 for f in slot_msgs if f.tokens} | {s.req_id}
         return (queued == 0 or queued + n <= self.prefill_step) and len(ahead) <= 2
 
     # -- what rank 0 sends ------------------------------------------------------------
@@ -347,16 +354,81 @@ class Coordinator:
     def _group_for_new_row(self) -> Group:
         """Up to max_groups groups (one per stage); a new row joins the smallest."""
         if len(self.groups) < self.max_groups:
-            gid = min(set(range(len(self.groups) + 1)) - set(self.groups))
-            self.groups[gid] = Group(gid)
-            return self.groups[gid]
+            return self._new_group()
         return min(self.groups.values(), key=lambda g: (len(g.rows), g.gid))
+
+    def _new_group(self) -> Group:
+        gid = min(set(range(len(self.groups) + 1)) - set(self.groups))
+        self.groups[gid] = Group(gid)
+        return self.groups[gid]
+
+    def _prefill_together(self) -> None:
+        """New sequences whose remaining prompt fits the room for prompt work (at least
+        two): they join a fresh group before their prompts run, and one right-padded
+        forward runs them all (as mlx-lm's prompt batches do); the group's first step
+        then samples their first tokens, and it is merged into another group later."""
+        if not self.runner.batchable or self.stopping:
+            return
+        busy = [f for f in self.inflight if f.seq is not None or f.tokens]
+        if self.link is not None and any(f.tokens > 1 for f in busy):
+            return  # one multi-token message in the ring at a time
+        room = self.prefill_step - sum(f.tokens for f in busy)
+        rows = []
+        for s in sorted(self.seqs.values(), key=lambda s: s.req_id):
+            n = len(s.prompt) - s.pos - 1
+            if (s.setup_sent and s.group is None and not s.finished and s.generated == 0 and not s.awaiting
+                    and 0 < n <= room and not any(f.seq is s for f in busy)):
+                rows.append(s)
+                room -= n
+        if len(rows) < 2:
+            return
+        g = self._new_group()
+        lengths = [len(s.prompt) - s.pos - 1 for s in rows]
+        width = max(lengths)
+        tokens = [s.prompt[s.pos:-1] + [0] * (width - n) for s, n in zip(rows, lengths)]
+        for s, n in zip(rows, lengths):
+            s.group, s.feed, s.pos = g.gid, s.prompt[-1], len(s.prompt) - 1
+            g.rows.append(s)
+            self.runner.join(g.gid, s.slot, n)
+            if self.link is not None:
+                mx.async_eval(self.link.send(header(OP_JOIN, g.gid, n, value=s.slot)))
+        self.stats["prompts_together"] = self.stats.get("prompts_together", 0) + len(rows)
+        x = mx.array(tokens, dtype=mx.int32)
+        if self.link is None:
+            out = self.runner.step(g.gid, x, False)
+            mx.async_eval(out)
+            self.inflight.append(_InFlight(OP_FORWARD, group=g, tokens=sum(lengths), local=out))
+            return
+        h = self.runner.step(g.gid, x, False)
+        mx.async_eval(self.link.send(header(OP_FORWARD, g.gid, width, FLAG_GROUP, dtype_code(h.dtype)), h))
+        self.inflight.append(_InFlight(OP_FORWARD, group=g, tokens=sum(lengths)))
+
+    def _merge_groups(self) -> None:
+        """More groups than max_groups (new prompts run together in their own): once every
+        row of the smallest has had a step, it joins the next smallest."""
+        while len(self.groups) > self.max_groups:
+            small = sorted(self.groups.values(), key=lambda g: (len(g.rows), -g.gid))
+            a, b = small[0], small[1]
+            if not all(s.generated or s.awaiting for s in a.rows):
+                return
+            self.runner.merge(b.gid, a.gid)
+            if self.link is not None:
+                mx.async_eval(self.link.send(header(OP_MERGE, b.gid, value=a.gid)))
+            for s in a.rows:
+                s.group = b.gid
+            b.rows += a.rows
+            b.inflight += a.inflight
+            for f in self.inflight:  # its steps in flight now count for b
+                if f.group is a:
+                    f.group = b
+            del self.groups[a.gid]
 
     def _send_group_step(self, g: Group) -> None:
         rows = list(g.rows)
         x = _feed(rows)
         for s in rows:
             s.awaiting += 1
+            s.pos = len(s.prompt)  # a row that joined before its prompt ran feeds its last token now
         if self.link is None:
             out = self.runner.step(g.gid, x, True)
             mx.async_eval([o for o in out if o is not None])

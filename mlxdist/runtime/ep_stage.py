@@ -7,7 +7,7 @@ A forward pass is the same on every rank; inside it, each MoE block does one `al
 the ranks' partial outputs, so every rank ends each layer with the single-device output.
 
 Rank 0 runs the ordinary `Coordinator` (as a single stage, `link=None`) over an
-`EPRunner`: before each SETUP, FORWARD, JOIN, LEAVE, FREE, PARK or STOP it *broadcasts* the
+`EPRunner`: before each SETUP, FORWARD, JOIN, LEAVE, MERGE, FREE, PARK or STOP it *broadcasts* the
 message to the followers as two `all_sum`s, a fixed 8-word int32 header and then its
 payload (the sampling words or the token ids), to which the other ranks contribute zeros.
 Decoding is batched as on one stage (batch.py): a group's step broadcasts its rows' tokens
@@ -40,8 +40,8 @@ from mlxdist.runtime.pipeline import StageRunner
 from mlxdist.runtime.profile import StepProfile
 from mlxdist.runtime.stage import Stage
 from mlxdist.runtime.wire import (
-    FLAG_GROUP, FLAG_RETAIN, FLAG_REUSE, FLAG_SAMPLE, OP_FORWARD, OP_FREE, OP_JOIN, OP_LEAVE, OP_PARK, OP_SETUP,
-    OP_STOP, header,
+    FLAG_GROUP, FLAG_RETAIN, FLAG_REUSE, FLAG_SAMPLE, OP_FORWARD, OP_FREE, OP_JOIN, OP_LEAVE, OP_MERGE, OP_PARK,
+    OP_SETUP, OP_STOP, header,
 )
 
 
@@ -138,18 +138,22 @@ class EPRunner(StageRunner):
         # a prompt chunk: evaluate the hidden state too, so that every MoE all_sum runs
         return [self.stage.forward(tokens, self.caches[slot])]
 
-    def join(self, group: int, slot: int) -> None:
-        mx.eval(self.bcast.send(header(OP_JOIN, group, value=slot)))
-        super().join(group, slot)
+    def join(self, group: int, slot: int, prompt: int = 0) -> None:
+        mx.eval(self.bcast.send(header(OP_JOIN, group, prompt, value=slot)))
+        super().join(group, slot, prompt)
+
+    def merge(self, group: int, other: int) -> None:
+        mx.eval(self.bcast.send(header(OP_MERGE, group, value=other)))
+        super().merge(group, other)
 
     def leave(self, group: int, slot: int, retain: bool) -> None:
         mx.eval(self.bcast.send(header(OP_LEAVE, group, flags=FLAG_RETAIN if retain else 0, value=slot)))
         super().leave(group, slot, retain)
 
     def step(self, group: int, x: mx.array, sample: bool) -> Any:
-        b = int(x.size)
-        tokens = self.bcast.send(header(OP_FORWARD, group, b, FLAG_GROUP | FLAG_SAMPLE), x.reshape(-1))
-        return super().step(group, tokens.reshape(b, 1), sample)
+        flags = FLAG_GROUP | (FLAG_SAMPLE if sample else 0)
+        tokens = self.bcast.send(header(OP_FORWARD, group, int(x.size), flags), x.reshape(-1))
+        return super().step(group, tokens.reshape(x.shape), sample)
 
 
 class EPCoordinator(Coordinator):
@@ -182,14 +186,17 @@ def ep_follower_loop(stage: Stage, bcast: Broadcast,
             runner.setup(slot, np.array(words), int(h[5]) if flags & FLAG_REUSE else None, int(h[6]))
         elif op == OP_FORWARD:
             tokens = bcast.recv_payload(n)
-            if flags & FLAG_GROUP:
-                out = stage.forward(tokens.reshape(n, 1), runner.groups[slot].caches)
+            if flags & FLAG_GROUP:  # a group's step, or its rows' prompts: [B, n / B]
+                rows = len(runner.groups[slot])
+                out = runner.step(slot, tokens.reshape(rows, n // rows), False)
             else:
                 out = stage.forward(tokens.reshape(1, n), runner.caches[slot])
             mx.async_eval(out)
             prof.row(op, n, t0, t1, out)
         elif op == OP_JOIN:
-            runner.join(slot, int(h[5]))
+            runner.join(slot, int(h[5]), n)
+        elif op == OP_MERGE:
+            runner.merge(slot, int(h[5]))
         elif op == OP_LEAVE:
             runner.leave(slot, int(h[5]), bool(flags & FLAG_RETAIN))
         elif op == OP_FREE:

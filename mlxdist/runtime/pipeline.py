@@ -27,8 +27,8 @@ from mlxdist.runtime.profile import StepProfile
 from mlxdist.runtime.sampling import SlotSampler
 from mlxdist.runtime.stage import Stage
 from mlxdist.runtime.wire import (
-    DTYPES, FLAG_GROUP, FLAG_RETAIN, FLAG_REUSE, FLAG_SAMPLE, OP_ACK, OP_FORWARD, OP_FREE, OP_JOIN, OP_LEAVE, OP_PARK,
-    OP_RUN, OP_SETUP, OP_STOP, OP_TOKEN, OP_TRIM, RingLink, header, token_header,
+    DTYPES, FLAG_GROUP, FLAG_RETAIN, FLAG_REUSE, FLAG_SAMPLE, OP_ACK, OP_FORWARD, OP_FREE, OP_JOIN, OP_LEAVE,
+    OP_MERGE, OP_PARK, OP_RUN, OP_SETUP, OP_STOP, OP_TOKEN, OP_TRIM, RingLink, header, token_header,
 )
 
 
@@ -66,9 +66,14 @@ class StageRunner:
     def trim(self, slot: int, length: int) -> None:
         trim_caches(self.caches[slot], length)
 
-    def join(self, group: int, slot: int) -> None:
-        """`slot` (prefilled, first token sampled) becomes the last row of `group`."""
-        self.groups.setdefault(group, Batch()).join(slot, self.caches.pop(slot))
+    def join(self, group: int, slot: int, prompt: int = 0) -> None:
+        """`slot` becomes the last row of `group`, with `prompt` tokens of its prompt still
+        to run (0: prefilled, its first token sampled)."""
+        self.groups.setdefault(group, Batch()).join(slot, self.caches.pop(slot), prompt)
+
+    def merge(self, group: int, other: int) -> None:
+        """Group `other`'s rows join the end of `group`."""
+        self.groups.setdefault(group, Batch()).absorb(self.groups.pop(other))
 
     def leave(self, group: int, slot: int, retain: bool) -> None:
         """`slot`'s row leaves `group`; with `retain` its caches stay in the slot."""
@@ -81,10 +86,17 @@ class StageRunner:
         self.samplers.pop(slot, None)
 
     def step(self, group: int, x: mx.array, sample: bool) -> Any:
-        """One batched forward of every row of `group`: x is [B, 1] token ids on the first
-        stage, [B, 1, D] hidden states on the others. The last stage, sampling, returns
-        sample_rows's (tokens, logprobs, tops); otherwise the hidden states."""
+        """One batched forward of every row of `group`: x is [B, n] token ids on the first
+        stage, [B, n, D] hidden states on the others; n = 1 a decode step, n > 1 the rows'
+        pending prompt tokens, right-padded. The last stage, sampling, returns
+        sample_rows's (tokens, logprobs, tops); after prompts, the caches' states;
+        otherwise the hidden states."""
         batch = self.groups[group]
+        if x.shape[1] > 1:
+            h = batch.forward_prompts(lambda caches: self.stage.forward(x, caches), x.shape[1])
+            # the last stage: the caches are what matters, and the hidden state too where
+            # a collective inside the last layer must run everywhere (expert parallel)
+            return [h, *(c.state for c in batch.caches)] if self.stage.spec.is_last else h
         if self.stage.spec.is_last and sample:
             logits = self.stage.forward(x, batch.caches, logits=True)[:, -1, :]
             return sample_rows([self.samplers[s] for s in batch.slots], logits)
@@ -131,15 +143,19 @@ def follower_loop(runner: StageRunner, link: RingLink, hidden_size: int,
             out = runner.step(slot, x, bool(flags & FLAG_SAMPLE))
             if not last:
                 mx.async_eval(link.send(mx.array(h), out))
+            elif not flags & FLAG_SAMPLE:  # prompts: only the caches matter
+                mx.async_eval(link.send(header(OP_ACK, slot, tag=tag)), out)
             else:
                 tokens, logprobs, top = out
                 parts = [tokens, logprobs.astype(mx.float32).view(mx.int32)] + ([top] if top is not None else [])
                 words = mx.concatenate(parts)
                 mx.async_eval(link.send(header(OP_TOKEN, slot, words.size, FLAG_GROUP, tag=tag), words))
             prof.row(op, n, t0, t1, list(out) if isinstance(out, tuple) else out)
-        elif op in (OP_JOIN, OP_LEAVE):
+        elif op in (OP_JOIN, OP_LEAVE, OP_MERGE):
             if op == OP_JOIN:
-                runner.join(slot, int(h[5]))
+                runner.join(slot, int(h[5]), n)
+            elif op == OP_MERGE:
+                runner.merge(slot, int(h[5]))
             else:
                 runner.leave(slot, int(h[5]), bool(flags & FLAG_RETAIN))
             if not last:
