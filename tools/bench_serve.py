@@ -21,7 +21,7 @@ text delta, as `ChatClient` times it), per-request decode tok/s (mean) and aggre
 (all completion tokens / wall time), and against mlx_lm.server (one rank) measured in this
 run: `aggregate_vs_mlx_lm` (ours / theirs), `ttft_p50_vs_mlx_lm` and `ttft_vs_mlx_lm` (mean).
 Every request shares the chat template's prefix (the system prompt), which both servers'
-prompt caches reuse; one more row runs mlxdist on one rank with `--prompt-cache 0` to show
+prompt caches reuse, each holding `--prompt-cache` (10, mlx_lm.server's default) KV caches; one more row runs mlxdist on one rank with `--prompt-cache 0` to show
 what its prefix cache is worth.
 
 `busy_ttft` (each server but the prompt-cache-0 and pipeline rows): the TTFT of a new
@@ -331,6 +331,9 @@ def main() -> None:
     p.add_argument("--no-mlx-lm", action="store_true")
     p.add_argument("--no-pipeline", action="store_true")
     p.add_argument("--no-prompt-cache-row", action="store_true")
+    p.add_argument("--prompt-cache", default=10, type=int,
+                   help="KV caches each server keeps for prefix reuse (mlx_lm.server's --prompt-cache-size, "
+                        "mlxdist's --prompt-cache): the same on both sides, mlx-lm's default")
     p.add_argument("--no-busy", action="store_true", help="skip the busy-TTFT test")
     args = p.parse_args()
     if args.no_busy:
@@ -345,13 +348,17 @@ def main() -> None:
     py = sys.executable
     slots = args.concurrency or max(max(args.clients), args.busy_streams + 1)
     ours_extra = ["--concurrency", str(slots)]
+    # the same prompt-cache capacity on both sides: mlx_lm.server keeps 10 KV caches
+    # (--prompt-cache-size), `mlxdist serve` 4 unless told
+    cached = ["--prompt-cache", str(args.prompt_cache)]
     report: dict = {"model": str(args.model), "max_tokens": args.max_tokens, "machine": os.uname().machine,
                     "cpus": os.cpu_count(), "clients": args.clients,
                     "mlx_lm_concurrency": {"decode": max(32, slots), "prompt": slots},
-                    "mlxdist_concurrency": slots,
+                    "mlxdist_concurrency": slots, "prompt_cache_size": args.prompt_cache,
                     "results": []}
     mlx_lm_cmd = [py, "-m", "mlx_lm", "server", "--model", str(args.model),
-                  "--decode-concurrency", str(max(32, slots)), "--prompt-concurrency", str(slots)]
+                  "--decode-concurrency", str(max(32, slots)), "--prompt-concurrency", str(slots),
+                  "--prompt-cache-size", str(args.prompt_cache)]
     if not args.no_mlx_lm:
         port = free_port()
         report["results"].append(run_server("mlx_lm.server", [*mlx_lm_cmd, "--port", str(port)], port, args,
@@ -360,7 +367,7 @@ def main() -> None:
         port = free_port()
         report["results"].append(run_server(f"mlxdist serve --local {ranks}", [
             py, "-m", "mlxdist", "serve", str(args.model), "--port", str(port), "--local", str(ranks), "--quiet",
-            *ours_extra], port, args, busy=True))
+            *ours_extra, *cached], port, args, busy=True))
     if not args.no_prompt_cache_row:
         port = free_port()
         report["results"].append(run_server("mlxdist serve --local 1 --prompt-cache 0", [

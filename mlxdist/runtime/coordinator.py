@@ -366,7 +366,8 @@ class Coordinator:
         """New sequences whose remaining prompt fits the room for prompt work (at least
         two): they join a fresh group before their prompts run, and one right-padded
         forward runs them all (as mlx-lm's prompt batches do); the group's first step
-        then samples their first tokens, and it is merged into another group later."""
+        then samples their first tokens, and it is merged into another group later. Rows
+        whose prompt is all in a retained prefix but its last token join without a forward."""
         if not self.runner.batchable or self.stopping:
             return
         busy = [f for f in self.inflight if f.seq is not None or f.tokens]
@@ -377,31 +378,46 @@ class Coordinator:
         for s in sorted(self.seqs.values(), key=lambda s: s.req_id):
             n = len(s.prompt) - s.pos - 1
             if (s.setup_sent and s.group is None and not s.finished and s.generated == 0 and not s.awaiting
-                    and 0 < n <= room and not any(f.seq is s for f in busy)):
+                    and 0 <= n <= room and not any(f.seq is s for f in busy)):
                 rows.append(s)
                 room -= n
         if len(rows) < 2:
             return
         g = self._new_group()
+        # rows with prompt tokens to run join first and run together; rows whose prompt
+        # was all in a retained prefix but its last token join after, as prefilled
+        rows.sort(key=lambda s: len(s.prompt) - s.pos - 1 == 0)
         lengths = [len(s.prompt) - s.pos - 1 for s in rows]
-        width = max(lengths)
-        tokens = [s.prompt[s.pos:-1] + [0] * (width - n) for s, n in zip(rows, lengths)]
         for s, n in zip(rows, lengths):
             s.group, s.feed, s.pos = g.gid, s.prompt[-1], len(s.prompt) - 1
             g.rows.append(s)
+            if n == 0:
+                continue
             self.runner.join(g.gid, s.slot, n)
             if self.link is not None:
                 mx.async_eval(self.link.send(header(OP_JOIN, g.gid, n, value=s.slot)))
         self.stats["prompts_together"] = self.stats.get("prompts_together", 0) + len(rows)
-        x = mx.array(tokens, dtype=mx.int32)
+        if any(lengths):
+            self._forward_prompts(g, [s.prompt[len(s.prompt) - 1 - n:-1] for s, n in zip(rows, lengths) if n])
+        for s, n in zip(rows, lengths):
+            if n == 0:
+                self.runner.join(g.gid, s.slot)
+                if self.link is not None:
+                    mx.async_eval(self.link.send(header(OP_JOIN, g.gid, value=s.slot)))
+
+    def _forward_prompts(self, g: Group, prompts: list[list[int]]) -> None:
+        """One forward of the group's rows' prompt tokens, right-padded."""
+        width = max(len(p) for p in prompts)
+        x = mx.array([p + [0] * (width - len(p)) for p in prompts], dtype=mx.int32)
+        n = sum(len(p) for p in prompts)
         if self.link is None:
             out = self.runner.step(g.gid, x, False)
             mx.async_eval(out)
-            self.inflight.append(_InFlight(OP_FORWARD, group=g, tokens=sum(lengths), local=out))
+            self.inflight.append(_InFlight(OP_FORWARD, group=g, tokens=n, local=out))
             return
         h = self.runner.step(g.gid, x, False)
         mx.async_eval(self.link.send(header(OP_FORWARD, g.gid, width, FLAG_GROUP, dtype_code(h.dtype)), h))
-        self.inflight.append(_InFlight(OP_FORWARD, group=g, tokens=sum(lengths)))
+        self.inflight.append(_InFlight(OP_FORWARD, group=g, tokens=n))
 
     def _merge_groups(self) -> None:
         """More groups than max_groups (new prompts run together in their own): once every
