@@ -12,7 +12,9 @@ weights:
                         also the single-stream reference tokens of every batch prompt
     mlxlm_batch_1gpu    mlx-lm's continuous batching (BatchGenerator, the engine under
                         mlx_lm.generate.batch_generate and mlx_lm.server) at each B of
-                        --concurrency, all B prompts inserted at once
+                        --concurrency, all B prompts inserted at once; beside each B its
+                        `model_floor_ms_per_step`: mlx-lm's model alone in a bare loop
+                        over merged batch caches, no scheduler (what a step costs at least)
     mlxdist_1rank       mlxdist's engine, one rank, on one GPU, single stream and B streams
     mlxdist_2rank_1gpu_messages  two ranks sharing GPU 0 (--gpus 1, or --shared-gpu-row)
     mlxdist_2rank       two ranks on two GPUs, ring messages per step (--handoff messages)
@@ -287,9 +289,37 @@ def row_mlxlm_batch(model_dir: Path, tokens: int, concurrency: list[int], warmup
         if warmup:
             batch_generator_streams(model, prompts[:b], warmup, skip=0)
         out["streams"][str(b)] = batch_generator_streams(model, prompts[:b], tokens)
+        out["streams"][str(b)]["model_floor_ms_per_step"] = model_floor_ms(model, prompts[:b], tokens)
         log(f"mlxlm batch B={b}: {out['streams'][str(b)]['aggregate_tok_s']} tok/s")
     out["peak_gb"] = mx.get_peak_memory() / 1e9
     return out
+
+
+def model_floor_ms(model, prompts: list[list[int]], tokens: int, skip: int = STEADY_SKIP) -> float:
+    """mlx-lm's model alone, no scheduler: the prompts prefilled one by one, their caches
+    merged into batch caches (one row: the plain caches), then greedy steps in a bare loop
+    with the next step queued before the current tokens are read. What any batching
+    engine's decode step costs at least on these weights and this B."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    caches = []
+    for p in prompts:
+        c = make_prompt_cache(model)
+        model(mx.array(p[:-1])[None], cache=c)
+        mx.eval([x.state for x in c])
+        caches.append(c)
+    batch = caches[0] if len(caches) == 1 else [type(cs[0]).merge(list(cs)) for cs in zip(*caches)]
+    step = lambda y: mx.argmax(model(y[:, None], cache=batch)[:, -1, :], axis=-1)  # noqa: E731
+    nxt = step(mx.array([p[-1] for p in prompts]))
+    mx.async_eval(nxt)
+    stamps = []
+    for _ in range(tokens):
+        cur, nxt = nxt, step(nxt)
+        mx.async_eval(nxt)
+        cur.tolist()
+        stamps.append(time.perf_counter())
+    return _steady_ms(stamps, skip)
 
 
 def run_streams(engine, prompts: list[list[int]], tokens: int, skip: int = STEADY_SKIP) -> dict:

@@ -27,14 +27,16 @@ def _widest(eng) -> float:
     return eng.stats().get("widest", 0)
 
 
-@pytest.mark.parametrize("ranks,split,opts", [
-    (1, None, {}),
-    (2, [3, 3], {}),
-    (3, [1, 3, 2], {}),
-    (2, [2, 4], {"handoff": "collective"}),
+@pytest.mark.parametrize("arch,ranks,split,opts", [
+    ("llama", 1, None, {}),
+    ("llama_q4", 1, None, {}),  # 4-bit weights (float32 compute on the CPU)
+    ("qwen3_moe", 1, None, {}),
+    ("llama", 2, [3, 3], {}),
+    ("deepseek_v3", 3, [1, 3, 2], {}),
+    ("llama", 2, [2, 4], {"handoff": "collective"}),
 ])
-def test_batched_rows_match_each_prompt_alone(tiny_models, ranks, split, opts):
-    path = tiny_models["deepseek_v3"] if ranks == 3 else tiny_models["llama"]
+def test_batched_rows_match_each_prompt_alone(tiny_models, arch, ranks, split, opts):
+    path = tiny_models[arch]
     refs = [reference_tokens(path, p, n) for p, n in zip(PROMPTS, LENGTHS)]
     with open_engine(path, ranks=ranks, split=split, max_concurrent=8, **opts) as eng:
         handles = [eng.submit(GenerationRequest(tuple(p), n)) for p, n in zip(PROMPTS, LENGTHS)]
