@@ -21,8 +21,9 @@ text delta, as `ChatClient` times it), per-request decode tok/s (mean) and aggre
 (all completion tokens / wall time), and against mlx_lm.server (one rank) measured in this
 run: `aggregate_vs_mlx_lm` (ours / theirs), `ttft_p50_vs_mlx_lm` and `ttft_vs_mlx_lm` (mean).
 Every request shares the chat template's prefix (the system prompt), which both servers'
-prompt caches reuse, each holding `--prompt-cache` (10, mlx_lm.server's default) KV caches; one more row runs mlxdist on one rank with `--prompt-cache 0` to show
-what its prefix cache is worth.
+prompt caches reuse, each holding `--prompt-cache` (10, mlx_lm.server's default) KV
+caches; one more row runs mlxdist on one rank with `--prompt-cache 0` to show what its
+prefix cache is worth.
 
 `busy_ttft` (each server but the prompt-cache-0 and pipeline rows): the TTFT of a new
 request (a prompt of its own, ~25 words, `--probe-tokens` long answer) sent while

@@ -290,8 +290,9 @@ class Coordinator:
 
     def _room_for(self, op: str, s: Sequence) -> bool:
         """Whether slot message `op` of `s` may go now. One stage: while the prompt tokens
-        queued stay within one chunk (a lone chunk always may), for two sequences. A ring: while fewer than
-        max_inflight slot messages are out, and one multi-token message at a time."""
+        queued stay within one chunk (a lone chunk always may), for two sequences at most.
+        A ring: while fewer than max_inflight slot messages are out, and one multi-token
+        message at a time."""
         n = 0 if op == "setup" else len(s.prompt) - s.pos if op == "first" else min(
             self.prefill_step, len(s.prompt) - s.pos - 1)
         slot_msgs = [f for f in self.inflight if f.seq is not None or f.tokens]
@@ -378,7 +379,7 @@ class Coordinator:
         for s in sorted(self.seqs.values(), key=lambda s: s.req_id):
             n = len(s.prompt) - s.pos - 1
             if (s.setup_sent and s.group is None and not s.finished and s.generated == 0 and not s.awaiting
-                    and 0 <= n <= room and not any(f.seq is s for f in busy)):
+                    and 0 <= n <= room and not any(f.seq is s and f.tokens for f in busy)):
                 rows.append(s)
                 room -= n
         if len(rows) < 2:
