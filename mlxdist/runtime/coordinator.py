@@ -439,6 +439,7 @@ class Coordinator:
                 if f.group is a:
                     f.group = b
             del self.groups[a.gid]
+            self.stats["merges"] = self.stats.get("merges", 0) + 1
 
     def _send_group_step(self, g: Group) -> None:
         rows = list(g.rows)

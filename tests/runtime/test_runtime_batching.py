@@ -46,25 +46,33 @@ def test_batched_rows_match_each_prompt_alone(tiny_models, arch, ranks, split, o
             assert eng.stats().get("runs", 0) >= 1  # and lock-step runs carried whole groups
 
 
-def test_rows_join_and_leave_between_steps(tiny_models):
-    """A long row decodes while others join mid-way and leave at their own lengths; then a
-    fresh one joins the same group. Every row equals its prompt alone in mlx-lm."""
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_rows_join_and_leave_between_steps(tiny_models, ranks):
+    """Long rows decode (one per stage's group) while others join mid-way (prefilled
+    together in a group of their own, then merged into a running one) and leave at their
+    own lengths; then a fresh one joins. Every row equals its prompt alone in mlx-lm."""
     path = tiny_models["llama"]
-    long_ref = reference_tokens(path, PROMPTS[0], 40)
+    longs = [PROMPTS[0], PROMPTS[6]][:ranks]
+    long_refs = [reference_tokens(path, p, 40) for p in longs]
     refs = [reference_tokens(path, p, n) for p, n in zip(PROMPTS[1:5], LENGTHS[1:5])]
-    with open_engine(path, max_concurrent=8) as eng:
-        long = iter(eng.submit(GenerationRequest(tuple(PROMPTS[0]), 40)))
-        got = [next(long).token for _ in range(5)]
+    with open_engine(path, ranks=ranks, split=[3, 3] if ranks == 2 else None, max_concurrent=8) as eng:
+        running, got = [], []
+        for p in longs:  # one after the other: each its own group
+            running.append(iter(eng.submit(GenerationRequest(tuple(p), 40))))
+            got.append([next(running[-1]).token for _ in range(5)])
         joined = [eng.submit(GenerationRequest(tuple(p), n)) for p, n in zip(PROMPTS[1:5], LENGTHS[1:5])]
         out = {}
         t = threading.Thread(target=lambda: out.setdefault("rows", drain_concurrently(joined)))
         t.start()
-        got += [ev.token for ev in long if ev.token is not None]
+        for g, r in zip(got, running):
+            g += [ev.token for ev in r if ev.token is not None]
         t.join(60)
-        assert got == long_ref
+        assert got == long_refs
         assert out["rows"] == refs
         assert eng.generate(PROMPTS[5], max_tokens=LENGTHS[5]) == reference_tokens(path, PROMPTS[5], LENGTHS[5])
-        assert _widest(eng) >= 3
+        # rows did share forwards; the newcomers, submitted together, almost always run as
+        # a prompt batch that is then merged (`merges`), though a slow host may take one alone
+        assert eng.stats().get("widest", 0) >= 3
 
 
 @pytest.mark.parametrize("ranks", [1, 2])
