@@ -4,12 +4,13 @@ and the loop of ranks 1..N-1 (follower_loop). Rank 0's scheduler is coordinator.
 Each message goes round the ring once: rank 0 embeds and runs its layers, each stage runs
 its layers and passes the hidden state on, the last stage runs the head, samples, and sends
 only a header with the token ids back to rank 0 (wire.py has the messages). Every message
-rank 0 sends comes back exactly once (tokens or an ACK), in order, except JOIN and LEAVE,
-which the last stage applies silently.
+rank 0 sends comes back exactly once (tokens or an ACK), in order, except JOIN, LEAVE and
+MERGE, which the last stage applies silently.
 
-A sequence's prompt runs alone, in its own caches (a *slot*), in chunks; its first token
-is sampled there too. Then it joins a *group* and decodes as one row of that group's
-batched forward (batch.py): one message per group step carries all its rows.
+A sequence's prompt runs alone, in its own caches (a *slot*), in chunks, and its first
+token is sampled there too; then it joins a *group* and decodes as one row of that group's
+batched forward (batch.py): one message per group step carries all its rows. New prompts
+that arrive together may instead join a fresh group first and run as one padded forward.
 """
 
 from __future__ import annotations
