@@ -43,7 +43,7 @@ from mlxdist.runtime.prefix_cache import RetainedPrefixes
 from mlxdist.runtime.sampling import MAX_TOP_LOGPROBS, decode_top, encode_params
 from mlxdist.runtime.wire import (
     FLAG_GROUP, FLAG_RETAIN, FLAG_REUSE, FLAG_SAMPLE, OP_ACK, OP_FORWARD, OP_FREE, OP_JOIN, OP_LEAVE, OP_MERGE,
-    OP_PARK, OP_SETUP, OP_STOP, OP_TOKEN, OP_TRIM, RingLink, dtype_code, header, read_token,
+    OP_MOVE, OP_PARK, OP_SETUP, OP_STOP, OP_TOKEN, OP_TRIM, RingLink, dtype_code, header, read_token,
 )
 
 
@@ -264,6 +264,7 @@ class Coordinator:
         self._retire_finished()
         self._admit()
         self._merge_groups()
+        self._rebalance()
         for s in sorted(self.seqs.values(), key=lambda s: s.slot):
             if self._can_join(s):
                 self._send_join(s)
@@ -440,6 +441,29 @@ class Coordinator:
                     f.group = b
             del self.groups[a.gid]
             self.stats["merges"] = self.stats.get("merges", 0) + 1
+
+    def _rebalance(self) -> None:
+        """Keep the groups of a pipeline even as rows come (a prompt batch is one group)
+        and go: while a group with no step in flight has two rows more than the smallest
+        (or than none, with fewer groups than stages), its last row MOVEs there."""
+        if self.max_groups < 2 or self.stopping:
+            return
+        while True:
+            groups = sorted(self.groups.values(), key=lambda g: len(g.rows))
+            big = groups[-1] if groups else None
+            if big is None or big.inflight or any(s.awaiting for s in big.rows):
+                return
+            small_n = 0 if len(groups) < self.max_groups else len(groups[0].rows)
+            if len(big.rows) - small_n < 2:
+                return
+            small = self._new_group() if len(groups) < self.max_groups else groups[0]
+            s = big.rows.pop()
+            self.runner.move(big.gid, s.slot, small.gid)
+            if self.link is not None:
+                mx.async_eval(self.link.send(header(OP_MOVE, big.gid, value=s.slot, aux=small.gid)))
+            s.group = small.gid
+            small.rows.append(s)
+            self.stats["moves"] = self.stats.get("moves", 0) + 1
 
     def _send_group_step(self, g: Group) -> None:
         rows = list(g.rows)

@@ -40,8 +40,8 @@ from mlxdist.runtime.pipeline import StageRunner
 from mlxdist.runtime.profile import StepProfile
 from mlxdist.runtime.stage import Stage
 from mlxdist.runtime.wire import (
-    FLAG_GROUP, FLAG_RETAIN, FLAG_REUSE, FLAG_SAMPLE, OP_FORWARD, OP_FREE, OP_JOIN, OP_LEAVE, OP_MERGE, OP_PARK,
-    OP_SETUP, OP_STOP, header,
+    FLAG_GROUP, FLAG_RETAIN, FLAG_REUSE, FLAG_SAMPLE, OP_FORWARD, OP_FREE, OP_JOIN, OP_LEAVE, OP_MERGE, OP_MOVE,
+    OP_PARK, OP_SETUP, OP_STOP, header,
 )
 
 
@@ -146,6 +146,10 @@ class EPRunner(StageRunner):
         mx.eval(self.bcast.send(header(OP_MERGE, group, value=other)))
         super().merge(group, other)
 
+    def move(self, group: int, slot: int, to: int) -> None:
+        mx.eval(self.bcast.send(header(OP_MOVE, group, value=slot, aux=to)))
+        super().move(group, slot, to)
+
     def leave(self, group: int, slot: int, retain: bool) -> None:
         mx.eval(self.bcast.send(header(OP_LEAVE, group, flags=FLAG_RETAIN if retain else 0, value=slot)))
         super().leave(group, slot, retain)
@@ -197,6 +201,8 @@ def ep_follower_loop(stage: Stage, bcast: Broadcast,
             runner.join(slot, int(h[5]), n)
         elif op == OP_MERGE:
             runner.merge(slot, int(h[5]))
+        elif op == OP_MOVE:
+            runner.move(slot, int(h[5]), int(h[6]))
         elif op == OP_LEAVE:
             runner.leave(slot, int(h[5]), bool(flags & FLAG_RETAIN))
         elif op == OP_FREE:

@@ -4,8 +4,8 @@ and the loop of ranks 1..N-1 (follower_loop). Rank 0's scheduler is coordinator.
 Each message goes round the ring once: rank 0 embeds and runs its layers, each stage runs
 its layers and passes the hidden state on, the last stage runs the head, samples, and sends
 only a header with the token ids back to rank 0 (wire.py has the messages). Every message
-rank 0 sends comes back exactly once (tokens or an ACK), in order, except JOIN, LEAVE and
-MERGE, which the last stage applies silently.
+rank 0 sends comes back exactly once (tokens or an ACK), in order, except JOIN, LEAVE,
+MERGE and MOVE, which the last stage applies silently.
 
 A sequence's prompt runs alone, in its own caches (a *slot*), in chunks, and its first
 token is sampled there too; then it joins a *group* and decodes as one row of that group's
@@ -29,7 +29,7 @@ from mlxdist.runtime.sampling import SlotSampler
 from mlxdist.runtime.stage import Stage
 from mlxdist.runtime.wire import (
     DTYPES, FLAG_GROUP, FLAG_RETAIN, FLAG_REUSE, FLAG_SAMPLE, OP_ACK, OP_FORWARD, OP_FREE, OP_JOIN, OP_LEAVE,
-    OP_MERGE, OP_PARK, OP_RUN, OP_SETUP, OP_STOP, OP_TOKEN, OP_TRIM, RingLink, header, token_header,
+    OP_MERGE, OP_MOVE, OP_PARK, OP_RUN, OP_SETUP, OP_STOP, OP_TOKEN, OP_TRIM, RingLink, header, token_header,
 )
 
 
@@ -75,6 +75,14 @@ class StageRunner:
     def merge(self, group: int, other: int) -> None:
         """Group `other`'s rows join the end of `group`."""
         self.groups.setdefault(group, Batch()).absorb(self.groups.pop(other))
+
+    def move(self, group: int, slot: int, to: int) -> None:
+        """`slot`'s row leaves `group` for the end of group `to`, caches and sampler kept."""
+        batch = self.groups[group]
+        caches = batch.leave(slot, True)
+        if not batch:
+            del self.groups[group]
+        self.groups.setdefault(to, Batch()).join(slot, caches)
 
     def leave(self, group: int, slot: int, retain: bool) -> None:
         """`slot`'s row leaves `group`; with `retain` its caches stay in the slot."""
@@ -152,11 +160,13 @@ def follower_loop(runner: StageRunner, link: RingLink, hidden_size: int,
                 words = mx.concatenate(parts)
                 mx.async_eval(link.send(header(OP_TOKEN, slot, words.size, FLAG_GROUP, tag=tag), words))
             prof.row(op, n, t0, t1, list(out) if isinstance(out, tuple) else out)
-        elif op in (OP_JOIN, OP_LEAVE, OP_MERGE):
+        elif op in (OP_JOIN, OP_LEAVE, OP_MERGE, OP_MOVE):
             if op == OP_JOIN:
                 runner.join(slot, int(h[5]), n)
             elif op == OP_MERGE:
                 runner.merge(slot, int(h[5]))
+            elif op == OP_MOVE:
+                runner.move(slot, int(h[5]), int(h[6]))
             else:
                 runner.leave(slot, int(h[5]), bool(flags & FLAG_RETAIN))
             if not last:

@@ -11,8 +11,9 @@ RUN and TRIM start and close a lock-step decode run (lockstep.py).
 Continuous batching (batch.py): JOIN [op, group, n, 0, 0, slot] moves a slot's caches
 into a group as its last row, with n prompt tokens still to run (0: prefilled); LEAVE
 [op, group, 0, flags, 0, slot] takes the row out (FLAG_RETAIN: its caches stay in the
-slot); MERGE [op, group, 0, 0, 0, other] appends group `other`'s rows to `group`. None is
-answered: the last stage just applies them. A FORWARD with FLAG_GROUP carries the hidden
+slot); MERGE [op, group, 0, 0, 0, other] appends group `other`'s rows to `group`; MOVE
+[op, group, 0, 0, 0, slot, to] moves one row to the end of group `to` (rebalancing). None
+is answered: the last stage just applies them. A FORWARD with FLAG_GROUP carries the hidden
 states [B, n, D] of a group's B rows: n = 1, a decode step, which the last stage answers
 with one TOKEN with FLAG_GROUP whose int32 payload of `n` words is the B tokens, their B
 logprobs (bit-cast) and the top logprobs of the rows that asked for them, in row order; or
@@ -34,9 +35,9 @@ import numpy as np
 
 HEADER_WORDS = 8
 OP_SETUP, OP_FORWARD, OP_FREE, OP_STOP, OP_TOKEN, OP_ACK, OP_PARK, OP_RUN, OP_TRIM = 1, 2, 3, 4, 5, 6, 7, 8, 9
-OP_JOIN, OP_LEAVE, OP_MERGE = 10, 11, 12
+OP_JOIN, OP_LEAVE, OP_MERGE, OP_MOVE = 10, 11, 12, 13
 OP_NAMES = {1: "setup", 2: "forward", 3: "free", 4: "stop", 5: "token", 6: "ack", 7: "park", 8: "run",
-            9: "trim", 10: "join", 11: "leave", 12: "merge"}
+            9: "trim", 10: "join", 11: "leave", 12: "merge", 13: "move"}
 FLAG_SAMPLE = 1  # run the head and sample after this chunk
 FLAG_REUSE = 2  # SETUP: start from a copy of slot `aux`'s caches (word 6) cut to `value` (word 5)
 FLAG_GROUP = 4  # FORWARD / TOKEN: word 1 is a group (a batch of rows), not a slot

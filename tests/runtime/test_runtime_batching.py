@@ -36,6 +36,8 @@ def _widest(eng) -> float:
     ("llama", 2, [2, 4], {"handoff": "collective"}),
 ])
 def test_batched_rows_match_each_prompt_alone(tiny_models, arch, ranks, split, opts):
+    """Eight requests at once (on several ranks: prompt batches merged and rows MOVEd to
+    even the groups out), each equal to its prompt alone in mlx-lm."""
     path = tiny_models[arch]
     refs = [reference_tokens(path, p, n) for p, n in zip(PROMPTS, LENGTHS)]
     with open_engine(path, ranks=ranks, split=split, max_concurrent=8, **opts) as eng:
