@@ -17,7 +17,8 @@ the previous tick's sum (rank 0: the tokens in row N-1), so a lane moves one sta
 and, with N lanes, every rank computes at every tick: pipelined, batched decoding. Lanes
 with several groups take them in turn, one per pass. Which group a rank works on at a tick
 is a pure function of the RUN message (`RunPlan.work_at`); every rank knows each group's
-rows from the JOIN and LEAVE messages before it, so W (room for the widest group) too.
+rows from the messages before it (JOIN, LEAVE, MERGE, MOVE), so W (room for the widest
+group) too.
 
 Stopping: rank 0's row also carries a control word, the tick at which the run ends (-1:
 not decided). Followers read it LAG ticks late, after queueing the next ticks (reading it
