@@ -43,7 +43,8 @@ from mlxdist.runtime.prefix_cache import RetainedPrefixes
 from mlxdist.runtime.sampling import MAX_TOP_LOGPROBS, decode_top, encode_params
 from mlxdist.runtime.wire import (
     FLAG_GROUP, FLAG_RETAIN, FLAG_REUSE, FLAG_SAMPLE, OP_ACK, OP_FORWARD, OP_FREE, OP_JOIN, OP_LEAVE, OP_MERGE,
-    OP_MOVE, OP_PARK, OP_SETUP, OP_STOP, OP_TOKEN, OP_TRIM, RingLink, dtype_code, header, read_token,
+    HEADER_WORDS, OP_MOVE, OP_PARK, OP_SETUP, OP_STOP, OP_TOKEN, OP_TRIM, RingLink, dtype_code, header,
+    read_token,
 )
 
 
@@ -87,6 +88,7 @@ class _InFlight:
     sample: bool = False
     tokens: int = 0  # prompt tokens it carries
     local: Any = None  # single stage: the lazy result
+    reply: mx.array | None = None  # a ring: its reply's recv, posted early (chained)
 
 
 Emit = Callable[[dict], None]
@@ -241,15 +243,31 @@ class Coordinator:
         return not s.finished and s.group is None and s.generated > 0 and not s.awaiting
 
     def _step_ready(self, g: Group) -> bool:
-        """A group's next step can go: none of its steps in flight, or (one stage) one, whose
-        lazy tokens feed the next, unless a row is at its last token (its next step would
-        be wasted)."""
+        """A group's next step can go: none of its steps in flight, or one whose tokens feed
+        the next while still lazy (chained: one stage; or a ring whose ranks poll, with this
+        group alone in it), unless a row is at its last token (its next step would be
+        wasted) or prompts wait."""
         if not g.rows or self.stopping:
             return False
         if g.inflight == 0:
             return True
-        return (self.link is None and g.inflight == 1 and not self._prompts_pending()
-                and all(s.generated + s.awaiting < s.max_tokens for s in g.rows))
+        if g.inflight > 1 or self._prompts_pending() or any(s.generated + s.awaiting >= s.max_tokens for s in g.rows):
+            return False
+        return self.link is None or self._ring_chains(g)
+
+    def _ring_chains(self, g: Group) -> bool:
+        """A ring may chain a group's steps where its ranks poll (with select() a recv must
+        not be posted before data is there), the group is alone (otherwise another group
+        keeps the stages busy), no row wants top logprobs (their reply size varies), lock-
+        step runs do not take over, and the one message in flight is its step, with the
+        same rows."""
+        if self.link.wait_on or self.link.collective is not None or len(self.groups) != 1:
+            return False
+        if len(self.inflight) != 1:  # the reply to post for must be the next one to come
+            return False
+        last = self.inflight[0]
+        return (last.group is g and last.rows is not None and len(last.rows) == len(g.rows)
+                and all(a is b for a, b in zip(last.rows, g.rows)) and not any(s.logprobs for s in g.rows))
 
     def _prompts_pending(self) -> bool:
         """A sequence is still on its way to its first token: the next group step waits
@@ -467,7 +485,13 @@ class Coordinator:
 
     def _send_group_step(self, g: Group) -> None:
         rows = list(g.rows)
-        x = _feed(rows)
+        if self.link is not None and g.inflight:  # chained: fed by the posted reply's tokens
+            f = self.inflight[0]
+            f.reply = self.link.recv_payload((self._reply_words(rows),), mx.int32)
+            x = f.reply[HEADER_WORDS:HEADER_WORDS + len(rows)][:, None]
+            self.stats["chained"] = self.stats.get("chained", 0) + 1
+        else:
+            x = _feed(rows)
         for s in rows:
             s.awaiting += 1
             s.pos = len(s.prompt)  # a row that joined before its prompt ran feeds its last token now
@@ -600,12 +624,19 @@ class Coordinator:
             toks, lp = np.array(tokens).tolist(), np.array(lps).tolist()
             top_words = np.array(top) if top is not None else np.zeros((0,), np.int32)
         else:
-            h = self._recv_reply()
-            if int(h[0]) != OP_TOKEN or not int(h[3]) & FLAG_GROUP:
-                raise RuntimeError("rank 0 expected a group's tokens from the last stage")
-            words = self.link.recv_payload((int(h[2]),), mx.int32)
-            mx.eval(words)
-            w = np.array(words)
+            n = self._reply_words(rows)
+            if f.reply is not None:  # chained: its recv was posted when the next step was sent
+                mx.eval(f.reply)
+                msg = np.array(f.reply)
+            else:
+                t_wait = time.perf_counter()
+                msg = self.link.recv_words(n)
+                self.stats["wait_s"] = self.stats.get("wait_s", 0.0) + time.perf_counter() - t_wait
+            self.stats["bytes_sent"] = self.link.bytes_sent
+            h, w = msg[:HEADER_WORDS], msg[HEADER_WORDS:]
+            if int(h[0]) != OP_TOKEN or not int(h[3]) & FLAG_GROUP or int(h[2]) != n - HEADER_WORDS:
+                raise RuntimeError(f"rank 0 expected a group's {n - HEADER_WORDS} token words from the last "
+                                   f"stage, got header {h.tolist()}")
             toks, lp = w[:b].tolist(), w[b:2 * b].view(np.float32).tolist()
             top_words = w[2 * b:]
         f.group.inflight -= 1
@@ -614,7 +645,7 @@ class Coordinator:
         for i, s in enumerate(rows):
             top = None
             if s.logprobs > 0:
-                k = 2 * min(s.logprobs, MAX_TOP_LOGPROBS, self.vocab or MAX_TOP_LOGPROBS)
+                k = 2 * min(s.logprobs, MAX_TOP_LOGPROBS, self.vocab or MAX_TOP_LOGPROBS)  # as in _reply_words
                 top, at = decode_top(top_words[at:at + k]), at + k
             s.awaiting -= 1
             if s.finished:
@@ -622,6 +653,12 @@ class Coordinator:
             if s.awaiting == 0:
                 s.feed = int(toks[i])
             self._accept(s, int(toks[i]), float(lp[i]), top)
+
+    def _reply_words(self, rows: list[Sequence]) -> int:
+        """The size of a group step's reply: header, B tokens, B logprobs, the top logprobs
+        of the rows that asked (as the last stage's samplers cap them)."""
+        tops = sum(2 * min(s.logprobs, MAX_TOP_LOGPROBS, self.vocab or MAX_TOP_LOGPROBS) for s in rows if s.logprobs)
+        return HEADER_WORDS + 2 * len(rows) + tops
 
     def _accept(self, s: Sequence, token: int, logprob: float, top: list | None) -> None:
         """A token of `s` came back: hand it out; finish the sequence at its end."""

@@ -155,10 +155,10 @@ def follower_loop(runner: StageRunner, link: RingLink, hidden_size: int,
             elif not flags & FLAG_SAMPLE:  # prompts: only the caches matter
                 mx.async_eval(link.send(header(OP_ACK, slot, tag=tag)), out)
             else:
-                tokens, logprobs, top = out
+                tokens, logprobs, top = out  # one message: header and payload (wire.py)
                 parts = [tokens, logprobs.astype(mx.float32).view(mx.int32)] + ([top] if top is not None else [])
-                words = mx.concatenate(parts)
-                mx.async_eval(link.send(header(OP_TOKEN, slot, words.size, FLAG_GROUP, tag=tag), words))
+                n_words = sum(p.size for p in parts)
+                mx.async_eval(link.send(mx.concatenate([header(OP_TOKEN, slot, n_words, FLAG_GROUP, tag=tag), *parts])))
             prof.row(op, n, t0, t1, list(out) if isinstance(out, tuple) else out)
         elif op in (OP_JOIN, OP_LEAVE, OP_MERGE, OP_MOVE):
             if op == OP_JOIN:

@@ -15,8 +15,10 @@ slot); MERGE [op, group, 0, 0, 0, other] appends group `other`'s rows to `group`
 [op, group, 0, 0, 0, slot, to] moves one row to the end of group `to` (rebalancing). None
 is answered: the last stage just applies them. A FORWARD with FLAG_GROUP carries the hidden
 states [B, n, D] of a group's B rows: n = 1, a decode step, which the last stage answers
-with one TOKEN with FLAG_GROUP whose int32 payload of `n` words is the B tokens, their B
-logprobs (bit-cast) and the top logprobs of the rows that asked for them, in row order; or
+with one TOKEN with FLAG_GROUP whose `n` words of payload are the B tokens, their B
+logprobs (bit-cast) and the top logprobs of the rows that asked for them, in row order,
+sent as ONE int32 message with its header (rank 0 knows the size from its rows, so it can
+post the receive before the reply is there: chained steps); or
 n > 1 without FLAG_SAMPLE, the rows' pending prompt tokens right-padded to n (answered
 with an ACK).
 
@@ -126,9 +128,13 @@ class RingLink:
         mx.eval(h)  # the header says what comes next: this wait is the data's own
         return np.array(h)
 
-    def recv_header_lazy(self) -> mx.array:
-        """The next header's recv, posted but not waited for."""
-        return mx.distributed.recv((HEADER_WORDS,), mx.int32, self.prev, group=self.group)
+    def recv_words(self, n: int) -> np.ndarray:
+        """A whole message of `n` int32 words (header and payload in one), waited for."""
+        if self.wait_on:
+            select.select(self.wait_on, [], [])
+        w = mx.distributed.recv((n,), mx.int32, self.prev, group=self.group)
+        mx.eval(w)
+        return np.array(w)
 
     def recv_payload(self, shape: tuple[int, ...], dtype: mx.Dtype) -> mx.array:
         return mx.distributed.recv(shape, dtype, self.prev, group=self.group)

@@ -66,9 +66,9 @@ def test_top_logprobs_match_mlx_lm(tiny_models):
             assert ev.top_logprobs[0][0] == ev.token and abs(ev.logprob - want[0][1]) < 1e-5
 
 
-def test_lone_stream_when_ranks_poll(tiny_models, monkeypatch):
-    """With polling ranks (cores to spare; forced here; recvs posted before data is there)
-    a lone stream is token-exact and stops exactly at max_tokens and stop ids."""
+def test_chained_steps_when_ranks_poll(tiny_models, monkeypatch):
+    """With polling ranks (cores to spare; forced here) a lone group's next step is queued
+    before its tokens are back: still token-exact, stops exactly at max_tokens and stop ids."""
     monkeypatch.setenv("MLXDIST_RING_SELECT", "0")
     path = tiny_models["deepseek_v3"]
     ref = reference_tokens(path, PROMPT, N_TOK)
@@ -82,3 +82,4 @@ def test_lone_stream_when_ranks_poll(tiny_models, monkeypatch):
         assert [e.token for e in events] == ref[:ref.index(stop_at) + 1]
         assert events[-1].finish_reason == "stop"
         assert eng.generate(PROMPT, max_tokens=N_TOK) == ref  # the slot was freed cleanly
+        assert eng.stats().get("chained", 0) > 0
