@@ -386,8 +386,7 @@ class Coordinator:
         """New sequences whose remaining prompt fits the room for prompt work (at least
         two): they join a fresh group before their prompts run, and one right-padded
         forward runs them all (as mlx-lm's prompt batches do); the group's first step
-        then samples their first tokens, and it is merged into another group later. Rows
-        whose prompt is all in a retained prefix but its last token join without a forward."""
+        then samples their first tokens, and it is merged into another group later."""
         if not self.runner.batchable or self.stopping:
             return
         busy = [f for f in self.inflight if f.seq is not None or f.tokens]
@@ -401,29 +400,26 @@ class Coordinator:
                     and 0 <= n <= room and not any(f.seq is s and f.tokens for f in busy)):
                 rows.append(s)
                 room -= n
-        if len(rows) < 2:
-            return
+        # rows whose prompt is all in a retained prefix but its last token need no forward:
+        # a group of their own, so their first tokens do not wait for the others' prompts
+        left = lambda s: len(s.prompt) - s.pos - 1  # noqa: E731
+        for part in ([s for s in rows if not left(s)], [s for s in rows if left(s)]):
+            if len(part) >= 2:
+                self._prompt_group(part, [left(s) for s in part])
+
+    def _prompt_group(self, rows: list[Sequence], lengths: list[int]) -> None:
+        """`rows` join a fresh group with `lengths` prompt tokens each still to run, which
+        one padded forward then runs (if any)."""
         g = self._new_group()
-        # rows with prompt tokens to run join first and run together; rows whose prompt
-        # was all in a retained prefix but its last token join after, as prefilled
-        rows.sort(key=lambda s: len(s.prompt) - s.pos - 1 == 0)
-        lengths = [len(s.prompt) - s.pos - 1 for s in rows]
         for s, n in zip(rows, lengths):
             s.group, s.feed, s.pos = g.gid, s.prompt[-1], len(s.prompt) - 1
             g.rows.append(s)
-            if n == 0:
-                continue
             self.runner.join(g.gid, s.slot, n)
             if self.link is not None:
                 mx.async_eval(self.link.send(header(OP_JOIN, g.gid, n, value=s.slot)))
         self.stats["prompts_together"] = self.stats.get("prompts_together", 0) + len(rows)
         if any(lengths):
-            self._forward_prompts(g, [s.prompt[len(s.prompt) - 1 - n:-1] for s, n in zip(rows, lengths) if n])
-        for s, n in zip(rows, lengths):
-            if n == 0:
-                self.runner.join(g.gid, s.slot)
-                if self.link is not None:
-                    mx.async_eval(self.link.send(header(OP_JOIN, g.gid, value=s.slot)))
+            self._forward_prompts(g, [s.prompt[len(s.prompt) - 1 - n:-1] for s, n in zip(rows, lengths)])
 
     def _forward_prompts(self, g: Group, prompts: list[list[int]]) -> None:
         """One forward of the group's rows' prompt tokens, right-padded."""
