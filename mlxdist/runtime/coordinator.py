@@ -307,6 +307,10 @@ class Coordinator:
                 return True
         return False
 
+    def _prompt_work(self) -> list[_InFlight]:
+        """Messages in flight that are not group steps: slot messages and prompt batches."""
+        return [f for f in self.inflight if f.seq is not None or f.tokens]
+
     def _room_for(self, op: str, s: Sequence) -> bool:
         """Whether slot message `op` of `s` may go now. One stage: while the prompt tokens
         queued stay within one chunk (a lone chunk always may), for two sequences at most.
@@ -314,7 +318,7 @@ class Coordinator:
         message at a time."""
         n = 0 if op == "setup" else len(s.prompt) - s.pos if op == "first" else min(
             self.prefill_step, len(s.prompt) - s.pos - 1)
-        slot_msgs = [f for f in self.inflight if f.seq is not None or f.tokens]
+        slot_msgs = self._prompt_work()
         if self.link is not None:
             return len(slot_msgs) < self.max_inflight and not (n > 1 and any(f.tokens > 1 for f in slot_msgs))
         if op == "setup":
@@ -389,7 +393,7 @@ class Coordinator:
         then samples their first tokens, and it is merged into another group later."""
         if not self.runner.batchable or self.stopping:
             return
-        busy = [f for f in self.inflight if f.seq is not None or f.tokens]
+        busy = self._prompt_work()
         if self.link is not None and any(f.tokens > 1 for f in busy):
             return  # one multi-token message in the ring at a time
         room = self.prefill_step - sum(f.tokens for f in busy)
@@ -499,7 +503,7 @@ class Coordinator:
         else:
             out = None
             h = self.runner.step(g.gid, x, False)
-            head = header(OP_FORWARD, g.gid, 1, FLAG_SAMPLE | FLAG_GROUP, dtype_code(h.dtype), aux=len(rows))
+            head = header(OP_FORWARD, g.gid, 1, FLAG_SAMPLE | FLAG_GROUP, dtype_code(h.dtype))
             mx.async_eval(self.link.send(head, h))
         g.inflight += 1
         self.stats["rows"] = self.stats.get("rows", 0) + len(rows)
@@ -641,7 +645,7 @@ class Coordinator:
         for i, s in enumerate(rows):
             top = None
             if s.logprobs > 0:
-                k = 2 * min(s.logprobs, MAX_TOP_LOGPROBS, self.vocab or MAX_TOP_LOGPROBS)  # as in _reply_words
+                k = self._top_words(s)
                 top, at = decode_top(top_words[at:at + k]), at + k
             s.awaiting -= 1
             if s.finished:
@@ -652,9 +656,13 @@ class Coordinator:
 
     def _reply_words(self, rows: list[Sequence]) -> int:
         """The size of a group step's reply: header, B tokens, B logprobs, the top logprobs
-        of the rows that asked (as the last stage's samplers cap them)."""
-        tops = sum(2 * min(s.logprobs, MAX_TOP_LOGPROBS, self.vocab or MAX_TOP_LOGPROBS) for s in rows if s.logprobs)
-        return HEADER_WORDS + 2 * len(rows) + tops
+        of the rows that asked."""
+        return HEADER_WORDS + 2 * len(rows) + sum(self._top_words(s) for s in rows)
+
+    def _top_words(self, s: Sequence) -> int:
+        """The words of `s`'s top logprobs in a reply (ids and values, as the last stage's
+        sampler caps them), 0 if it asked for none."""
+        return 2 * min(s.logprobs, MAX_TOP_LOGPROBS, self.vocab or MAX_TOP_LOGPROBS) if s.logprobs > 0 else 0
 
     def _accept(self, s: Sequence, token: int, logprob: float, top: list | None) -> None:
         """A token of `s` came back: hand it out; finish the sequence at its end."""

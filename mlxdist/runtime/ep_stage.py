@@ -40,8 +40,8 @@ from mlxdist.runtime.pipeline import StageRunner
 from mlxdist.runtime.profile import StepProfile
 from mlxdist.runtime.stage import Stage
 from mlxdist.runtime.wire import (
-    FLAG_GROUP, FLAG_RETAIN, FLAG_REUSE, FLAG_SAMPLE, OP_FORWARD, OP_FREE, OP_JOIN, OP_LEAVE, OP_MERGE, OP_MOVE,
-    OP_PARK, OP_SETUP, OP_STOP, header,
+    FLAG_GROUP, FLAG_RETAIN, FLAG_REUSE, FLAG_SAMPLE, GROUP_OPS, OP_FORWARD, OP_FREE, OP_JOIN, OP_LEAVE, OP_MERGE,
+    OP_MOVE, OP_PARK, OP_SETUP, OP_STOP, header,
 )
 
 
@@ -197,14 +197,8 @@ def ep_follower_loop(stage: Stage, bcast: Broadcast,
                 out = stage.forward(tokens.reshape(1, n), runner.caches[slot])
             mx.async_eval(out)
             prof.row(op, n, t0, t1, out)
-        elif op == OP_JOIN:
-            runner.join(slot, int(h[5]), n)
-        elif op == OP_MERGE:
-            runner.merge(slot, int(h[5]))
-        elif op == OP_MOVE:
-            runner.move(slot, int(h[5]), int(h[6]))
-        elif op == OP_LEAVE:
-            runner.leave(slot, int(h[5]), bool(flags & FLAG_RETAIN))
+        elif op in GROUP_OPS:
+            runner.apply(h)
         elif op == OP_FREE:
             runner.free(slot)
         elif op == OP_PARK:

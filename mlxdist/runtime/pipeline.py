@@ -28,8 +28,8 @@ from mlxdist.runtime.profile import StepProfile
 from mlxdist.runtime.sampling import SlotSampler
 from mlxdist.runtime.stage import Stage
 from mlxdist.runtime.wire import (
-    DTYPES, FLAG_GROUP, FLAG_RETAIN, FLAG_REUSE, FLAG_SAMPLE, OP_ACK, OP_FORWARD, OP_FREE, OP_JOIN, OP_LEAVE,
-    OP_MERGE, OP_MOVE, OP_PARK, OP_RUN, OP_SETUP, OP_STOP, OP_TOKEN, OP_TRIM, RingLink, header, token_header,
+    DTYPES, FLAG_GROUP, FLAG_RETAIN, FLAG_REUSE, FLAG_SAMPLE, GROUP_OPS, OP_ACK, OP_FORWARD, OP_FREE, OP_JOIN,
+    OP_LEAVE, OP_MERGE, OP_PARK, OP_RUN, OP_SETUP, OP_STOP, OP_TOKEN, OP_TRIM, RingLink, header, token_header,
 )
 
 
@@ -75,6 +75,19 @@ class StageRunner:
     def merge(self, group: int, other: int) -> None:
         """Group `other`'s rows join the end of `group`."""
         self.groups.setdefault(group, Batch()).absorb(self.groups.pop(other))
+
+    def apply(self, h: np.ndarray) -> None:
+        """A JOIN, LEAVE, MERGE or MOVE header (GROUP_OPS; wire.py has their words), applied
+        to this rank's groups."""
+        op, group, n, flags, slot, to = (int(h[i]) for i in (0, 1, 2, 3, 5, 6))
+        if op == OP_JOIN:
+            self.join(group, slot, n)
+        elif op == OP_LEAVE:
+            self.leave(group, slot, bool(flags & FLAG_RETAIN))
+        elif op == OP_MERGE:
+            self.merge(group, slot)
+        else:
+            self.move(group, slot, to)
 
     def move(self, group: int, slot: int, to: int) -> None:
         """`slot`'s row leaves `group` for the end of group `to`, caches and sampler kept."""
@@ -160,15 +173,8 @@ def follower_loop(runner: StageRunner, link: RingLink, hidden_size: int,
                 n_words = sum(p.size for p in parts)
                 mx.async_eval(link.send(mx.concatenate([header(OP_TOKEN, slot, n_words, FLAG_GROUP, tag=tag), *parts])))
             prof.row(op, n, t0, t1, list(out) if isinstance(out, tuple) else out)
-        elif op in (OP_JOIN, OP_LEAVE, OP_MERGE, OP_MOVE):
-            if op == OP_JOIN:
-                runner.join(slot, int(h[5]), n)
-            elif op == OP_MERGE:
-                runner.merge(slot, int(h[5]))
-            elif op == OP_MOVE:
-                runner.move(slot, int(h[5]), int(h[6]))
-            else:
-                runner.leave(slot, int(h[5]), bool(flags & FLAG_RETAIN))
+        elif op in GROUP_OPS:
+            runner.apply(h)
             if not last:
                 mx.async_eval(link.send(mx.array(h)))
         elif op == OP_FORWARD:

@@ -38,6 +38,7 @@ import numpy as np
 HEADER_WORDS = 8
 OP_SETUP, OP_FORWARD, OP_FREE, OP_STOP, OP_TOKEN, OP_ACK, OP_PARK, OP_RUN, OP_TRIM = 1, 2, 3, 4, 5, 6, 7, 8, 9
 OP_JOIN, OP_LEAVE, OP_MERGE, OP_MOVE = 10, 11, 12, 13
+GROUP_OPS = (OP_JOIN, OP_LEAVE, OP_MERGE, OP_MOVE)  # change a group's rows; never answered
 OP_NAMES = {1: "setup", 2: "forward", 3: "free", 4: "stop", 5: "token", 6: "ack", 7: "park", 8: "run",
             9: "trim", 10: "join", 11: "leave", 12: "merge", 13: "move"}
 FLAG_SAMPLE = 1  # run the head and sample after this chunk
