@@ -17,8 +17,10 @@ from mlxdist.errors import UserError
 @click.option("--temperature", default=0.6, show_default=True, type=float)
 @click.option("--top-p", default=0.95, show_default=True, type=float)
 @click.option("--max-tokens", default=None, type=click.IntRange(min=1), help="Cap on each answer's length.")
+@click.option("--think", "thinking_budget", default=None, type=click.IntRange(min=0), metavar="N",
+              help="Thinking budget: at most N tokens of reasoning per answer (/think N or /think off to change).")
 def chat_command(model: str | None, url: str | None, api_key: str | None, local: int | None, system: str | None,
-                 temperature: float, top_p: float, max_tokens: int | None) -> None:
+                 temperature: float, top_p: float, max_tokens: int | None, thinking_budget: int | None) -> None:
     """Chat in the terminal with a server (--url) or with MODEL loaded here."""
     from mlxdist.chat.client import ChatClient, ChatError
     from mlxdist.chat.repl import Repl, default_history_file
@@ -46,6 +48,8 @@ def chat_command(model: str | None, url: str | None, api_key: str | None, local:
         params = {"model": name, "temperature": temperature, "top_p": top_p}
         if max_tokens:
             params["max_tokens"] = max_tokens
+        if thinking_budget is not None:  # a request field: a local MODEL gets it through the same server
+            params["thinking_budget"] = thinking_budget
         Repl(client, params, history_file=default_history_file(), system=system).run()
     finally:
         if server is not None:

@@ -22,7 +22,7 @@ class Delta:
     reasoning: str = ""
     content: str = ""
     finish_reason: str | None = None
-    usage: dict[str, int] | None = None
+    usage: dict[str, Any] | None = None
 
 
 @dataclass
@@ -34,6 +34,7 @@ class Answer:
     finish_reason: str | None = None
     completion_tokens: int = 0
     prompt_tokens: int = 0
+    reasoning_tokens: int | None = None  # from usage; None when the server gave no count
     started: float = field(default_factory=time.monotonic)
     first_token: float | None = None
     reasoning_done: float | None = None
@@ -135,7 +136,7 @@ class ChatClient:
                 yield Delta(usage=obj["usage"])
             for choice in obj.get("choices", []):
                 d = choice.get("delta") or {}
-                yield Delta(d.get("reasoning_content") or "", d.get("content") or "", choice.get("finish_reason"))
+                yield Delta(delta_reasoning(d), d.get("content") or "", choice.get("finish_reason"))
 
     def ask(self, messages: list[dict[str, str]], **params: Any) -> Answer:
         """Stream a whole answer and time it."""
@@ -178,3 +179,18 @@ def note(answer: Answer, d: Delta) -> None:
     if d.usage:
         answer.completion_tokens = d.usage.get("completion_tokens", answer.completion_tokens)
         answer.prompt_tokens = d.usage.get("prompt_tokens", 0)
+        answer.reasoning_tokens = reasoning_tokens(d.usage)
+
+
+def delta_reasoning(delta: dict[str, Any]) -> str:
+    """A delta's thinking: servers send it as `reasoning_content` (DeepSeek), `reasoning`
+    (vLLM, OpenRouter) or both with the same text; it is taken once."""
+    text = delta.get("reasoning_content") or delta.get("reasoning") or ""
+    return text if isinstance(text, str) else ""
+
+
+def reasoning_tokens(usage: dict[str, Any]) -> int | None:
+    """`usage.completion_tokens_details.reasoning_tokens`, or None when it is not there."""
+    details = usage.get("completion_tokens_details")
+    count = details.get("reasoning_tokens") if isinstance(details, dict) else None
+    return count if isinstance(count, int) and not isinstance(count, bool) else None

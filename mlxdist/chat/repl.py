@@ -24,6 +24,8 @@ HELP = """commands:
   /load FILE      load a conversation saved with /save
   /stats          timings of the last answer and of this session
   /think          show the last answer's reasoning in full
+  /think N        allow N tokens of thinking per answer from now on
+  /think off      no thinking budget (the model thinks as long as it likes)
   /help           this text
 Ctrl-C stops an answer; Ctrl-D (or /quit) leaves."""
 
@@ -64,7 +66,10 @@ class Repl:
 
     def run(self, read: Callable[[str], str] = input) -> None:
         self._load_history()
-        self.info(f"chatting with {self.params.get('model', '?')} at {self.client.url}; /help for commands")
+        budget = self.params.get("thinking_budget")
+        note_budget = "" if budget is None else f", thinking budget {plural(budget, 'token')}"
+        self.info(f"chatting with {self.params.get('model', '?')} at {self.client.url}{note_budget}; "
+                  "/help for commands")
         try:
             while True:
                 try:
@@ -90,6 +95,7 @@ class Repl:
         s = self.session
         s.messages.append({"role": "user", "content": question})
         answer = Answer()
+        budget = self.params.get("thinking_budget")
         view = _ReasoningView(self)
         interrupted = False
         try:
@@ -113,6 +119,8 @@ class Repl:
         if interrupted:
             self.write(" [stopped]", DIM)
         self.write("\n")
+        if answer.reasoning:  # said after the answer: the token count comes in the last chunk
+            self.info(thinking_summary(answer, budget))
         s.last, s.answers = answer, s.answers + 1
         s.tokens += answer.completion_tokens
         if answer.first_token is not None:
@@ -163,6 +171,8 @@ class Repl:
             rate = f", {s.tokens / s.seconds:.1f} tok/s" if s.seconds else ""
             self.info(f"session: {plural(s.answers, 'answer')}, {plural(s.tokens, 'token')}{rate}, "
                       f"{plural(len(s.messages), 'message')}")
+        elif name == "/think" and arg:
+            self._set_budget(arg)
         elif name == "/think":
             if s.last is not None and s.last.reasoning:
                 self.write(s.last.reasoning.strip() + "\n", DIM)
@@ -171,6 +181,19 @@ class Repl:
         else:
             self.info(f"unknown command {name}; /help lists them")
         return True
+
+    def _set_budget(self, arg: str) -> None:
+        """`/think N` or `/think off`: the thinking budget sent with the following questions."""
+        if arg == "off":
+            self.params.pop("thinking_budget", None)
+            self.info("thinking budget removed")
+            return
+        budget = parse_budget(arg)
+        if budget is None:
+            self._usage("/think [N|off]  (N: tokens of thinking, a whole number >= 0)")
+            return
+        self.params["thinking_budget"] = budget
+        self.info(f"thinking budget: {plural(budget, 'token')} per answer")
 
     def _usage(self, text: str) -> bool:
         self.info(f"usage: {text}")
@@ -216,13 +239,12 @@ class _ReasoningView:
         self.repl.write(piece)
 
     def fold(self, answer: Answer) -> None:
+        """Put the reasoning away; its summary line (`thinking_summary`) comes after the answer."""
         if self.folded or not self.text:
             return
         self.folded = True
         if self.repl.tty:
             self.repl.write(RESET)
-        seconds = (answer.reasoning_done or time.monotonic()) - (answer.first_token or answer.started)
-        summary = f"[thought for {seconds:.1f} s, {len(self.text.split())} words; /think shows it]"
         cols, rows = shutil.get_terminal_size()
         lines = sum(max(1, math.ceil(len(part) / cols)) for part in ("thinking: " + self.text).split("\n"))
         if self.repl.tty and lines < rows:
@@ -230,7 +252,30 @@ class _ReasoningView:
             self.repl.write(f"\r{up}\033[J")
         else:
             self.repl.write("\n")
-        self.repl.write(summary + "\n", DIM)
+
+
+def parse_budget(text: str) -> int | None:
+    """A thinking budget typed after `/think`: a whole number >= 0, else None."""
+    try:
+        budget = int(text)
+    except ValueError:
+        return None
+    return budget if budget >= 0 else None
+
+
+def thinking_summary(answer: Answer, budget: int | None = None) -> str:
+    """`[thought for 3.2 s, 412/512 tokens; /think shows it]`: tokens as the server counted
+    them (out of the budget, when one was set), words when the server gave no count."""
+    end = answer.reasoning_done or answer.ended or time.monotonic()
+    seconds = end - (answer.first_token or answer.started)
+    if answer.reasoning_tokens is not None:
+        size = (f"{answer.reasoning_tokens}/{budget} tokens" if budget is not None
+                else plural(answer.reasoning_tokens, "token"))
+    else:
+        size = plural(len(answer.reasoning.split()), "word")
+        if budget is not None:
+            size += f" (budget {plural(budget, 'token')})"
+    return f"[thought for {seconds:.1f} s, {size}; /think shows it]"
 
 
 def _timings(a: Answer) -> str:

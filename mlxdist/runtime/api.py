@@ -59,6 +59,19 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class Thinking:
+    """A chat request's thinking section, as token ids: `open` starts it (the model writes
+    it first, unless `inside`: the prompt opened it already) and `close` ends it. With a
+    `budget`, once that many tokens of thinking are written the engine writes `close`
+    itself and the answer follows (runtime/thinking.py); None: no limit."""
+
+    open: tuple[int, ...]
+    close: tuple[int, ...]
+    inside: bool = False
+    budget: int | None = None
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     prompt_tokens: tuple[int, ...]
     max_tokens: int = 256
@@ -66,6 +79,7 @@ class GenerationRequest:
     stop_strings: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()  # in addition to the tokenizer's EOS tokens
     logprobs: int = 0  # top-k logprobs wanted per token; 0 = none
+    thinking: Thinking | None = None  # follow (and budget) the thinking section
 
 
 @dataclass(frozen=True)
@@ -82,6 +96,7 @@ class TokenEvent:
     # the request's `logprobs` most likely tokens at this step, as (token, logprob), most
     # likely first; empty when not asked for
     top_logprobs: tuple[tuple[int, float], ...] = ()
+    thinking: bool = False  # the token belongs to the thinking section (request.thinking given)
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 import mlx.core as mx
 
-from mlxdist.runtime.sampling import SlotSampler
+from mlxdist.runtime.sampling import SlotSampler, draw, filtered
 
 
 def batchable(caches: list[Any]) -> bool:
@@ -87,6 +87,13 @@ class Batch:
             c.finalize()
         return out
 
+    def row(self, slot: int) -> list[Any]:
+        """`slot`'s row as single-sequence caches (views: copy before writing to them)."""
+        if not self.batched:
+            return self.caches
+        i = self.slots.index(slot)
+        return [c.extract(i) for c in self.caches]
+
     def leave(self, slot: int, keep: bool) -> list[Any] | None:
         """Remove `slot`'s row; with `keep`, return its caches as single-sequence caches
         (for prefix reuse), else None."""
@@ -131,19 +138,44 @@ def _plain_greedy(s: SlotSampler) -> bool:
 def sample_rows(samplers: list[SlotSampler], logits: mx.array) -> tuple[mx.array, mx.array, mx.array | None]:
     """logits [B, V] -> (tokens [B] int32, their logprobs [B] float32, the asked-for top
     logprobs of every row that wants them, concatenated in row order as int32, or None).
-    Lazy. Plainly greedy batches are sampled in one go; otherwise each row by its own
-    sampler (its own key: a seeded row draws the same alone and in any batch)."""
+    Lazy. Plainly greedy batches are sampled in one go, and so are rows sampled alike, each
+    with noise from its own key (a seeded row draws the same alone and in any batch)."""
     if all(_plain_greedy(s) for s in samplers):
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         tokens = mx.argmax(logprobs, axis=-1).astype(mx.int32)
         chosen = mx.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0].astype(mx.float32)
         return tokens, chosen, None
-    toks, lps, tops = [], [], []
+    # rows sampled alike (the same filters and temperature, each its own noise) in one go;
+    # the rest (repetition penalty, top logprobs) each by its own sampler
+    alike: dict[tuple, list[int]] = {}
     for i, s in enumerate(samplers):
-        t, lp, top = s.sample(logits[i:i + 1])
-        toks.append(t)
-        lps.append(lp)
-        if top is not None:
-            tops.append(top)
+        if s.simple:
+            alike.setdefault(s.filters(), []).append(i)
+    toks: list[mx.array | None] = [None] * len(samplers)
+    lps: list[mx.array | None] = [None] * len(samplers)
+    tops = []
+    for rows in alike.values():
+        if len(rows) < 2:
+            continue
+        s = samplers[rows[0]]
+        part = logits if len(rows) == len(samplers) else logits[mx.array(rows)]
+        logprobs = part - mx.logsumexp(part, axis=-1, keepdims=True)
+        if s.temperature == 0:
+            tokens = mx.argmax(logprobs, axis=-1)
+        else:
+            try:
+                x = filtered(logprobs, s)
+            except Exception:  # noqa: BLE001 - each row alone then, where a failure is its own
+                continue
+            tokens = draw(x, [samplers[i].noise(logits.shape[-1]) for i in rows], s.temperature)
+        tokens = tokens.astype(mx.int32)
+        chosen = mx.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0].astype(mx.float32)
+        for j, i in enumerate(rows):
+            toks[i], lps[i] = tokens[j:j + 1], chosen[j:j + 1]
+    for i, s in enumerate(samplers):
+        if toks[i] is None:
+            toks[i], lps[i], top = s.sample(logits[i:i + 1])
+            if top is not None:
+                tops.append(top)
     return (mx.concatenate(toks), mx.concatenate(lps),
             mx.concatenate(tops) if tops else None)

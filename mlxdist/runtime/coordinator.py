@@ -36,11 +36,12 @@ from typing import Any, Callable
 import mlx.core as mx
 import numpy as np
 
-from mlxdist.runtime.api import SamplingParams
+from mlxdist.runtime.api import SamplingParams, Thinking
 from mlxdist.runtime.lockstep import lead_run, run_candidates
 from mlxdist.runtime.pipeline import StageRunner
-from mlxdist.runtime.prefix_cache import RetainedPrefixes
+from mlxdist.runtime.prefix_cache import RetainedPrefixes, common_prefix
 from mlxdist.runtime.sampling import MAX_TOP_LOGPROBS, decode_top, encode_params
+from mlxdist.runtime.thinking import ThinkState
 from mlxdist.runtime.wire import (
     FLAG_GROUP, FLAG_RETAIN, FLAG_REUSE, FLAG_SAMPLE, OP_ACK, OP_FORWARD, OP_FREE, OP_JOIN, OP_LEAVE, OP_MERGE,
     HEADER_WORDS, OP_MOVE, OP_PARK, OP_SETUP, OP_STOP, OP_TOKEN, OP_TRIM, RingLink, dtype_code, header,
@@ -61,6 +62,9 @@ class Sequence:
     pos: int = 0  # prompt tokens sent (or found in a retained cache)
     reused: int = 0  # prompt tokens copied from a retained cache
     source: int = 0  # the retained slot they come from
+    leader: "Sequence | None" = None  # a live sequence whose prompt starts the same: copy from it
+    share: int = 0  # ... once it has run this many prompt tokens
+    think: ThinkState | None = None  # its thinking section, when followed
     setup_sent: bool = False
     group: int | None = None  # the group it decodes in, once joined
     generated: int = 0
@@ -92,6 +96,7 @@ class _InFlight:
 
 
 Emit = Callable[[dict], None]
+SHARE_MIN = 64  # prompt tokens in common with a live sequence worth waiting for (all of it always is)
 
 
 @dataclass
@@ -111,6 +116,10 @@ class Coordinator:
     # Finished sequences whose caches stay on every rank, for a later prompt that starts
     # the same way (a chat's next turn, a repeated system prompt): prefix caching.
     prompt_cache: int = 0
+    # most decoding groups at once; 0: one per stage. Stages that share one device (local
+    # ranks on one GPU) gain nothing from micro-batches in flight together: they run one
+    # group, as wide as it gets (worker.py)
+    groups: int = 0
     commands: "queue.Queue[dict]" = field(default_factory=queue.Queue)
     stats: dict[str, float] = field(default_factory=lambda: {"tokens": 0, "steps": 0, "bytes_sent": 0})
 
@@ -120,7 +129,7 @@ class Coordinator:
         # sequence's setup, one chunk and its first step back to back, plus one per stage
         self.max_inflight = self.num_stages + 2
         # one group per stage when rows can share a forward; else each row is its own group
-        self.max_groups = self.num_stages if self.runner.batchable else self.max_slots
+        self.max_groups = (self.groups or self.num_stages) if self.runner.batchable else self.max_slots
         self.seqs: dict[int, Sequence] = {}
         self.groups: dict[int, Group] = {}
         self.free_slots = list(range(self.max_slots + self.prompt_cache - 1, -1, -1))
@@ -208,11 +217,35 @@ class Coordinator:
             source, keep = self.retained.find(prompt)
             if keep:
                 self.stats["reused_tokens"] = self.stats.get("reused_tokens", 0) + keep
+            think = c.get("think")
             seq = Sequence(req_id=c["id"], slot=self.free_slots.pop(), prompt=prompt, pos=keep, reused=keep,
                            source=source, max_tokens=int(c["max_tokens"]), params=SamplingParams(**p),
                            seed=int(c["seed"]), stop_ids=frozenset(c.get("stop_ids", ())),
-                           logprobs=int(c.get("logprobs", 0)))
+                           logprobs=int(c.get("logprobs", 0)),
+                           think=ThinkState.start(Thinking(tuple(think["open"]), tuple(think["close"]),
+                                                           bool(think["inside"]), think["budget"]))
+                           if think else None)
+            seq.leader, seq.share = self._live_prefix(prompt, keep)
             self.seqs[seq.slot] = seq
+
+    def _live_prefix(self, prompt: list[int], keep: int) -> tuple[Sequence | None, int]:
+        """A running sequence whose prompt starts as `prompt` does, for more than the `keep`
+        tokens a retained prefix gives: the new one copies that part of its caches (from its
+        slot, or its row in a group) instead of running it again, so n choices of one
+        prompt run it once. Only the whole prompt, or a long part of it, is worth waiting
+        for while the other's prompt runs."""
+        best, share = None, keep
+        for s in self.seqs.values():
+            if s.finished or not self._trimmable(s):
+                continue
+            n = common_prefix(prompt, s.prompt, min(len(prompt), len(s.prompt)) - 1)
+            if n > share and (n == len(prompt) - 1 or n >= SHARE_MIN):
+                best, share = s, n
+        return (best, share) if best is not None else (None, 0)
+
+    def _trimmable(self, s: Sequence) -> bool:
+        caches = self.runner.caches.get(s.slot) if s.group is None else self.runner.groups[s.group].caches
+        return caches is None or all(c.is_trimmable() for c in caches)
 
     def _has_work(self) -> bool:
         self._retire_finished()
@@ -232,6 +265,12 @@ class Coordinator:
         if s.finished or s.group is not None:
             return None
         if not s.setup_sent:
+            if s.leader is not None:
+                lead = s.leader
+                if lead.freed:  # it went before its prompt got that far: run our own
+                    s.leader, s.share = None, 0
+                elif not (lead.setup_sent and lead.pos >= s.share):
+                    return None  # its prompt has not run that far yet
             return "setup"
         if len(s.prompt) - s.pos > 1:
             return "chunk"
@@ -253,6 +292,8 @@ class Coordinator:
             return True
         if g.inflight > 1 or self._prompts_pending() or any(s.generated + s.awaiting >= s.max_tokens for s in g.rows):
             return False
+        if any(s.think is not None and s.think.free_steps() < s.awaiting for s in g.rows):
+            return False  # a token in flight may be replaced by a forced one: it cannot feed the next step
         return self.link is None or self._ring_chains(g)
 
     def _ring_chains(self, g: Group) -> bool:
@@ -332,6 +373,13 @@ class Coordinator:
 
     # -- what rank 0 sends ------------------------------------------------------------
     def _send_setup(self, s: Sequence) -> None:
+        if s.leader is not None:  # its prompt's first `share` tokens: a copy of the leader's caches
+            s.reused = s.pos = s.share
+            s.source = s.leader.slot
+            self.stats["prefix_shared"] = self.stats.get("prefix_shared", 0) + 1
+            self.stats["shared_tokens"] = self.stats.get("shared_tokens", 0) + s.share
+        elif len(s.prompt) - s.pos > 1:
+            self.stats["prefills"] = self.stats.get("prefills", 0) + 1  # it runs (part of) its prompt
         words = encode_params(s.params, s.seed, s.logprobs, s.prompt)
         self.runner.setup(s.slot, words, s.reused if s.reused else None, s.source)
         s.setup_sent = True
@@ -650,9 +698,9 @@ class Coordinator:
             s.awaiting -= 1
             if s.finished:
                 continue
+            token = self._accept(s, int(toks[i]), float(lp[i]), top)
             if s.awaiting == 0:
-                s.feed = int(toks[i])
-            self._accept(s, int(toks[i]), float(lp[i]), top)
+                s.feed = token
 
     def _reply_words(self, rows: list[Sequence]) -> int:
         """The size of a group step's reply: header, B tokens, B logprobs, the top logprobs
@@ -664,8 +712,17 @@ class Coordinator:
         sampler caps them), 0 if it asked for none."""
         return 2 * min(s.logprobs, MAX_TOP_LOGPROBS, self.vocab or MAX_TOP_LOGPROBS) if s.logprobs > 0 else 0
 
-    def _accept(self, s: Sequence, token: int, logprob: float, top: list | None) -> None:
-        """A token of `s` came back: hand it out; finish the sequence at its end."""
+    def _accept(self, s: Sequence, token: int, logprob: float, top: list | None) -> int:
+        """A token of `s` came back: hand it out (or, its thinking budget spent, the forced
+        closing token in its place); finish the sequence at its end. Returns the token
+        that `s` goes on from."""
+        thinking = False
+        if s.think is not None:
+            sampled = token
+            token, thinking = s.think.take(token)
+            if token != sampled:
+                logprob, top = 0.0, None
+                self.stats["forced_tokens"] = self.stats.get("forced_tokens", 0) + 1
         s.generated += 1
         s.tokens.append(token)
         s.last_token = token
@@ -673,9 +730,12 @@ class Coordinator:
         ev = {"t": "token", "id": s.req_id, "tok": token, "lp": logprob}
         if top is not None:
             ev["top"] = [[i, v] for i, v in top]
+        if thinking:
+            ev["th"] = 1
         self.emit(ev)
         if s.generated >= s.max_tokens or token in s.stop_ids:
             s.finished = True
+        return token
 
 
 def _feed(rows: list[Sequence]) -> mx.array:

@@ -26,6 +26,7 @@ from typing import Any, Iterator, Sequence
 
 from mlxdist.errors import UserError, plural
 from mlxdist.runtime.api import GenerationRequest, Health, Layout, NodeInfo, SamplingParams, StageInfo, TokenEvent
+from mlxdist.runtime.thinking import resume
 
 
 SEED_RANGE = 1 << 62
@@ -129,6 +130,7 @@ class Engine:
 
     def _send_add(self, r: _Request, prompt: list[int], max_tokens: int) -> None:
         s, request = r.req.sampling, r.req
+        think = resume(request.thinking, r.generated)
         self._backend.send({
             "t": "add", "id": r.req_id, "prompt": prompt,
             "max_tokens": max_tokens, "seed": r.seed, "logprobs": request.logprobs,
@@ -136,6 +138,8 @@ class Engine:
             "params": {"temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k,
                        "min_p": s.min_p, "repetition_penalty": s.repetition_penalty,
                        "repetition_context": s.repetition_context, "seed": None},
+            **({"think": {"open": list(t.open), "close": list(t.close), "inside": t.inside, "budget": t.budget}}
+               if (t := think) is not None else {}),
         })
 
     def generate(self, prompt: str | list[int], max_tokens: int = 64, **sampling: Any) -> list[int]:
@@ -226,11 +230,12 @@ class Engine:
             self._backend.send({"t": "cancel", "id": r.req_id})
             return
         top = tuple((int(i), float(v)) for i, v in ev.get("top", ()))
+        th = bool(ev.get("th"))
         r.generated.append(token)
         self._stats["tokens"] += 1
         req = r.req
         if token in self._eos or token in req.stop_token_ids:
-            self._finish(r, TokenEvent(token, self._flush(r), logprob, "stop", top_logprobs=top))
+            self._finish(r, TokenEvent(token, self._flush(r), logprob, "stop", top_logprobs=top, thinking=th))
             self._backend.send({"t": "cancel", "id": r.req_id})
             return
         r.detok.add_token(token)
@@ -238,14 +243,15 @@ class Engine:
         hit = _find_stop(r.text, req.stop_strings, r.sent)
         if hit is not None:
             r.text = r.text[:hit]
-            self._finish(r, TokenEvent(token, self._take(r, len(r.text)), logprob, "stop", top_logprobs=top))
+            self._finish(r, TokenEvent(token, self._take(r, len(r.text)), logprob, "stop", top_logprobs=top,
+                                      thinking=th))
             self._backend.send({"t": "cancel", "id": r.req_id})
             return
         if len(r.generated) >= req.max_tokens:
-            self._finish(r, TokenEvent(token, self._flush(r), logprob, "length", top_logprobs=top))
+            self._finish(r, TokenEvent(token, self._flush(r), logprob, "length", top_logprobs=top, thinking=th))
             return
         safe = len(r.text) - _held_back(r.text, req.stop_strings, r.sent)
-        r.events.put(TokenEvent(token, self._take(r, safe), logprob, top_logprobs=top))
+        r.events.put(TokenEvent(token, self._take(r, safe), logprob, top_logprobs=top, thinking=th))
 
     def _flush(self, r: _Request) -> str:
         r.detok.finalize()

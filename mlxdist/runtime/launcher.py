@@ -96,6 +96,17 @@ def one_gpu_per_rank(ranks: int, visible: str | None) -> Callable[[int], dict[st
     return lambda rank: {"CUDA_VISIBLE_DEVICES": ids[rank]}
 
 
+SHARED_DEVICE_ENV = "MLXDIST_SHARED_DEVICE"  # set for local ranks that share one device
+
+
+def shares_device(rank_envs: list[dict[str, str]]) -> bool:
+    """Whether local ranks with these environments share a device: not each given a GPU
+    of its own (CUDA_VISIBLE_DEVICES unset, or the same for two of them). Rank 0 is told
+    (it then runs one decoding group on a GPU: worker.py)."""
+    seen = [env.get("CUDA_VISIBLE_DEVICES") for env in rank_envs]
+    return len(seen) > 1 and (None in seen or len(set(seen)) < len(seen))
+
+
 class LocalLauncher:
     """Workers as subprocesses of this machine. Their hostfile and logs (rank<N>.log) go to
     `log_dir` when given (kept), else to a temporary directory of our own that
@@ -131,12 +142,14 @@ class LocalLauncher:
         Path(self.hostfile_path()).write_text(json.dumps(hostfile))
         root = str(Path(__file__).resolve().parents[2])
         env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        shared = shares_device([self.rank_env(spec.rank) for spec in specs])
         for spec in specs:
             self._tails.pop(spec.rank, None)
             log = open(self.dir / f"rank{spec.rank}.log", "wb")
             self.procs[spec.rank] = subprocess.Popen(
                 [self.python, *spec.argv()], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                env={**env, **self.rank_env(spec.rank)}, start_new_session=True)
+                env={**env, **self.rank_env(spec.rank), **({SHARED_DEVICE_ENV: "1"} if shared else {})},
+                start_new_session=True)
             log.close()
 
     def poll(self) -> dict[int, int | None]:

@@ -180,7 +180,8 @@ def follow_run(runner: "StageRunner", link: "RingLink", words: np.ndarray, dtype
 # -- rank 0 ----------------------------------------------------------------------------
 def run_candidates(coord: "Coordinator") -> list["Group"]:
     """Groups a run can take: all of them when every sequence is decoding in one (none
-    setting up, prefilling, joining or waiting to leave, none asking for top logprobs),
+    setting up, prefilling, joining or waiting to leave, none asking for top logprobs nor
+    with a thinking budget still open),
     their caches trimmable. Otherwise [] and the message protocol goes on. The run starts
     once the ring is quiet: the coordinator stops sending steps until then."""
     if coord.link is None or coord.link.collective is None or coord.stopping:
@@ -188,8 +189,9 @@ def run_candidates(coord: "Coordinator") -> list["Group"]:
     coord._admit()  # whoever still waits has no slot: a run does not hold them up
     if not coord.groups:
         return []
-    if any(s.finished or s.group is None or s.logprobs for s in coord.seqs.values()):
-        return []
+    if any(s.finished or s.group is None or s.logprobs or (s.think is not None and s.think.open_ended)
+           for s in coord.seqs.values()):
+        return []  # (a thinking budget may force tokens, which a run's ticks cannot)
     groups = [coord.groups[g] for g in sorted(coord.groups)]
     if not all(c.is_trimmable() for g in groups for c in coord.runner.groups[g.gid].caches):
         return []

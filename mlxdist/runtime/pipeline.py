@@ -47,13 +47,17 @@ class StageRunner:
         self.batchable = batchable(stage.make_cache())
 
     def setup(self, slot: int, words: np.ndarray, keep: int | None = None, source: int = 0) -> None:
-        """A new sequence in `slot`: fresh caches, or (`keep`) a copy of the retained
-        `source` slot's caches cut to their first `keep` positions (a prompt prefix rank 0
-        found there; the source stays for other requests)."""
+        """A new sequence in `slot`: fresh caches, or (`keep`) a copy of the `source`
+        slot's caches cut to their first `keep` positions (a prompt prefix rank 0 found
+        there: a retained sequence's, or a live one's, in its own caches or a group's row;
+        the source goes on unchanged)."""
         if keep is None:
             self.caches[slot] = self.stage.make_cache()
-        else:
+        elif source in self.caches:
             self.caches[slot] = copy_caches(self.caches[source], keep)
+        else:
+            batch = next(b for b in self.groups.values() if source in b.slots)
+            self.caches[slot] = copy_caches(batch.row(source), keep)
         if self.stage.spec.is_last:
             self.samplers[slot] = SlotSampler.decode(words)
 

@@ -71,7 +71,7 @@ class SlotSampler:
             return mx.zeros((1,), dtype=mx.int32), mx.array([float("nan")], dtype=mx.float32), top
 
     def _sample(self, logits: mx.array) -> tuple[mx.array, mx.array, mx.array | None]:
-        from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_repetition_penalty
+        from mlx_lm.sample_utils import make_repetition_penalty
 
         if self.repetition_penalty != 1.0 and self.repetition_context > 0:
             penalty = make_repetition_penalty(self.repetition_penalty, self.repetition_context)
@@ -81,15 +81,7 @@ class SlotSampler:
         if self.temperature == 0:
             token = mx.argmax(logprobs, axis=-1)
         else:
-            x = logprobs
-            if 0 < self.top_p < 1.0:
-                x = apply_top_p(x, self.top_p)
-            if self.min_p != 0.0:
-                x = apply_min_p(x, self.min_p, 1)
-            if 0 < self.top_k < x.shape[-1]:  # top_k >= the vocabulary filters nothing
-                x = apply_top_k(x, self.top_k)
-            self.key, sub = mx.random.split(self.key)
-            token = mx.random.categorical(x * (1.0 / self.temperature), key=sub)
+            token = draw(filtered(logprobs, self), [self.noise(logprobs.shape[-1])], self.temperature)
         token = token.astype(mx.int32)
         if self.repetition_penalty != 1.0:
             self.history = mx.concatenate([self.history, token])[-self.repetition_context:]
@@ -100,6 +92,42 @@ class SlotSampler:
             ids = mx.argsort(-logprobs[0])[:k].astype(mx.int32)
             top = mx.concatenate([ids, logprobs[0][ids].astype(mx.float32).view(mx.int32)])
         return token, chosen, top
+
+
+    def noise(self, vocab: int) -> mx.array:
+        """This request's Gumbel noise for its next token [1, V], from its own key (split
+        once per token): the same whether it is sampled alone or in a batch."""
+        self.key, sub = mx.random.split(self.key)
+        return mx.random.gumbel(shape=(1, vocab), key=sub)
+
+    @property
+    def simple(self) -> bool:
+        """Sampled with filters only (no repetition penalty, no top logprobs): rows alike
+        in this are sampled together (batch.sample_rows)."""
+        return (self.top_k_logprobs == 0 and (self.repetition_penalty == 1.0 or self.repetition_context <= 0))
+
+    def filters(self) -> tuple[float, float, float, int]:
+        return (self.temperature, self.top_p, self.min_p, self.top_k)
+
+
+def filtered(logprobs: mx.array, s: SlotSampler) -> mx.array:
+    """mlx-lm's filters, in its order, over rows [B, V] that share `s`'s settings."""
+    from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
+
+    x = logprobs
+    if 0 < s.top_p < 1.0:
+        x = apply_top_p(x, s.top_p)
+    if s.min_p != 0.0:
+        x = apply_min_p(x, s.min_p, 1)
+    if 0 < s.top_k < x.shape[-1]:  # top_k >= the vocabulary filters nothing
+        x = apply_top_k(x, s.top_k)
+    return x
+
+
+def draw(x: mx.array, noise: list[mx.array], temperature: float) -> mx.array:
+    """A categorical draw per row of `x` [B, V] at `temperature`, each with its own noise
+    (the Gumbel-max trick: the largest of logit / T + Gumbel noise)."""
+    return mx.argmax(x * (1.0 / temperature) + (noise[0] if len(noise) == 1 else mx.concatenate(noise)), axis=-1)
 
 
 def decode_top(words: np.ndarray) -> list[tuple[int, float]]:

@@ -63,6 +63,20 @@ def _heartbeat(chan: Channel, rank: int) -> None:
         time.sleep(HEARTBEAT_INTERVAL_S)
 
 
+def _decoding_groups() -> int:
+    """One decoding group where every rank runs on this machine's one GPU (a Mac's local
+    ranks, or CUDA ranks not given a GPU each): groups in flight together would only take
+    turns on it, each narrower. 0 (one group per stage) otherwise: ranks on their own
+    machines, or on CPU cores. MLXDIST_GROUPS=N sets it (tests, tuning)."""
+    import mlx.core as mx
+
+    from mlxdist.runtime.launcher import SHARED_DEVICE_ENV
+
+    if os.environ.get("MLXDIST_GROUPS", "").isdigit():
+        return int(os.environ["MLXDIST_GROUPS"])
+    return 1 if os.environ.get(SHARED_DEVICE_ENV) == "1" and mx.default_device().type == mx.gpu else 0
+
+
 def _reader(chan: Channel, on_command) -> None:
     while True:
         try:
@@ -122,7 +136,7 @@ def run(a: argparse.Namespace, chan: Channel) -> None:
     runner = StageRunner(stage)
     if a.rank == 0:
         coord = Coordinator(runner, link, chan.send, max_slots=a.max_slots, prefill_step=a.prefill_step,
-                            prompt_cache=a.prompt_cache)
+                            prompt_cache=a.prompt_cache, groups=_decoding_groups())
         threading.Thread(target=_reader, args=(chan, coord.commands.put), daemon=True).start()
         chan.send({"t": "ready", "rank": a.rank})
         coord.run()

@@ -182,7 +182,8 @@ class ApiServer:
 
     def __init__(self, engine: Engine, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None,
                  max_queue: int = 64, max_body: int = MAX_BODY, quiet: bool = False,
-                 limits: HttpLimits | None = None, sock: socket.socket | None = None) -> None:
+                 limits: HttpLimits | None = None, sock: socket.socket | None = None,
+                 verifier: Engine | None = None, efforts: dict[str, int] | None = None) -> None:
         limits = limits or HttpLimits()
         if max_body != limits.max_body:
             limits = replace(limits, max_body=max_body)
@@ -191,7 +192,7 @@ class ApiServer:
         fds = raise_fd_limit(limits.max_connections + FD_RESERVE)
         if fds and limits.max_connections > fds - FD_RESERVE:
             limits = replace(limits, max_connections=max(1, fds - FD_RESERVE))
-        self.api = Api(engine, api_key, max_queue, limits, quiet)
+        self.api = Api(engine, api_key, max_queue, limits, quiet, verifier, efforts)
         self.engine, self.limits = engine, limits
         self.sock = sock if sock is not None else bind(host, port)
         protocol = type("Protocol", (_GuardedH11,), {"limits": limits})

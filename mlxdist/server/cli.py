@@ -66,6 +66,30 @@ def open_engine_for(model: str, local: int | None, nodes: str | None, progress=p
     return start_engine(open_engine, str(path), ranks=ranks, **opts)
 
 
+def parse_efforts(text: str | None) -> dict[str, int]:
+    """`--reasoning-budgets low=1024,high=16384`: reasoning_effort levels -> thinking tokens,
+    over the defaults."""
+    from mlxdist.server.protocol import EFFORT_BUDGETS
+
+    out = dict(EFFORT_BUDGETS)
+    for part in filter(None, (text or "").split(",")):
+        name, _, value = part.partition("=")
+        name = name.strip()
+        if name not in out or not value.strip().isdigit():
+            raise UserError(f"--reasoning-budgets: '{part}' is not LEVEL=TOKENS with LEVEL one of {', '.join(out)}")
+        out[name] = int(value)
+    return out
+
+
+def same_model(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    try:
+        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    except OSError:
+        return False
+
+
 def _stop_on_sigterm(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt  # the same orderly stop as Ctrl-C
 
@@ -106,13 +130,21 @@ def start_engine(opener: Callable[..., Any], *args: Any, **kw: Any) -> Any:
               help="With --local N (an MoE model): every rank all layers, 1/N of the routed experts.")
 @click.option("--handoff", default="messages", show_default=True, type=click.Choice(HANDOFFS),
               help=HANDOFF_HELP)
+@click.option("--verifier", default=None, metavar="VMODEL",
+              help="A second model that scores answers for search requests (best-of-N, beam search, "
+                   "DVTS; docs/test-time-compute.md), run the same way as MODEL (--local N or --nodes). "
+                   "The same directory as MODEL: the model judges its own answers, loaded once.")
+@click.option("--reasoning-budgets", default=None, metavar="LEVEL=TOKENS,...",
+              help="Thinking tokens for each reasoning_effort level (none, minimal, low, medium, high); "
+                   "default none=0,minimal=256,low=1024,medium=4096,high=16384.")
 @click.option("--prompt-cache", default=DEFAULT_PROMPT_CACHE, show_default=True, type=click.IntRange(0, 1024),
               help="Finished requests whose KV caches stay (on every rank) for a prompt that starts "
                    "the same way, e.g. a chat's next turn; 0 turns prefix caching off.")
 def serve_command(model: str, host: str, port: int, local: int | None, nodes: str | None,
                   plan: str | None, api_key: str | None, max_queue: int, quiet: bool, max_connections: int = 4096,
                   expert_parallel: bool = False, handoff: str = "messages",
-                  prompt_cache: int = DEFAULT_PROMPT_CACHE, concurrency: int | None = None) -> None:
+                  prompt_cache: int = DEFAULT_PROMPT_CACHE, concurrency: int | None = None,
+                  verifier: str | None = None, reasoning_budgets: str | None = None) -> None:
     """Serve MODEL (a converted model directory, an mlx-lm directory, or `demo`) over an
     OpenAI-compatible HTTP API."""
     from mlxdist.server.app import ApiServer, HttpLimits, bind, fd_limit_only_raised
@@ -124,6 +156,7 @@ def serve_command(model: str, host: str, port: int, local: int | None, nodes: st
     if expert_parallel and nodes:
         raise UserError("--expert-parallel runs with --local N; the cluster launches pipeline stages only")
     check_handoff(handoff, nodes=bool(nodes), expert_parallel=expert_parallel)
+    efforts = parse_efforts(reasoning_budgets)
     progress = lambda msg: click.echo(msg, err=True)  # noqa: E731
     opts = {**({"plan": plan} if plan else {}), **({"expert_parallel": True} if expert_parallel else {}),
             **({"handoff": handoff} if handoff != "messages" else {}), "prompt_cache": prompt_cache,
@@ -139,9 +172,15 @@ def serve_command(model: str, host: str, port: int, local: int | None, nodes: st
     except BaseException:
         sock.close()
         raise
+    judge = None
     try:
+        if verifier and not same_model(verifier, model):
+            progress(f"verifier: {verifier}")
+            judge = open_engine_for(verifier, local, nodes, progress=progress,
+                                    **{k: v for k, v in opts.items() if k != "plan"})
         server = ApiServer(engine, host, port, api_key=api_key, max_queue=max_queue, quiet=quiet,
-                           limits=HttpLimits(max_connections=max_connections), sock=sock)
+                           limits=HttpLimits(max_connections=max_connections), sock=sock,
+                           verifier=judge, efforts=efforts)
         if server.limits.max_connections < max_connections:
             progress(f"note: at most {server.limits.max_connections} connections (this process may open no more "
                      "files; raise `ulimit -n`)")
@@ -159,4 +198,6 @@ def serve_command(model: str, host: str, port: int, local: int | None, nodes: st
         finally:
             server.shutdown()
     finally:
+        if judge is not None:
+            judge.close()
         engine.close()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from mlxdist.runtime.api import SamplingParams
@@ -16,6 +16,8 @@ from mlxdist.runtime.api import SamplingParams
 MAX_STOP_STRINGS = 4
 MAX_N = 16
 MAX_LOGPROBS = 20
+# `reasoning_effort` -> tokens of thinking (serve --reasoning-budgets changes them)
+EFFORT_BUDGETS = {"none": 0, "minimal": 256, "low": 1024, "medium": 4096, "high": 16384}
 
 
 class ApiError(Exception):
@@ -44,6 +46,7 @@ class CompletionParams:
     n: int
     logprobs: bool
     top_logprobs: int
+    thinking_budget: int | None = None  # tokens of thinking allowed (chat); None: no limit
 
 
 def _bad(message: str, param: str | None = None, code: str | None = None) -> ApiError:
@@ -153,14 +156,65 @@ def parse_messages(body: dict) -> list[dict[str, str]]:
     return out
 
 
-def parse_chat(body: Any, served_model: str, max_n: int = MAX_N) -> tuple[CompletionParams, list[dict[str, str]]]:
+def parse_chat(body: Any, served_model: str, max_n: int = MAX_N,
+               efforts: dict[str, int] | None = None) -> tuple[CompletionParams, list[dict[str, str]]]:
     params = parse_common(body, served_model, max_n)
     messages = parse_messages(body)
     logprobs = _get(body, "logprobs", (bool,), False, "a boolean")
     top = _get(body, "top_logprobs", (int,), 0, "an integer")
     if not 0 <= top <= MAX_LOGPROBS:
         raise _bad(f"'top_logprobs' must be between 0 and {MAX_LOGPROBS}", param="top_logprobs")
-    return _with_logprobs(params, logprobs, top), messages
+    params = _with_logprobs(params, logprobs, top)
+    return replace(params, thinking_budget=parse_thinking_budget(body, efforts or EFFORT_BUDGETS)), messages
+
+
+def _budget_number(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _bad(f"'{name}' must be a whole number of tokens, 0 or more", param=name.split(".")[0])
+    return value
+
+
+def parse_thinking_budget(body: dict, efforts: dict[str, int]) -> int | None:
+    """The thinking budget, however the client spells it: OpenAI's `reasoning_effort`,
+    vLLM's `thinking_token_budget`, llama.cpp's `thinking_budget_tokens`, SGLang's
+    `thinking_budget`, Anthropic's `thinking: {"type": "enabled", "budget_tokens": N}`
+    (`{"type": "disabled"}`: 0) and OpenRouter's `reasoning: {"max_tokens": N}` (or
+    `{"effort": ...}`, `{"enabled": false}`). Several that disagree: 400."""
+    found: dict[str, int] = {}
+
+    def effort(value: Any, name: str) -> None:
+        if not isinstance(value, str) or value not in efforts:
+            raise _bad(f"'{name}' must be one of {', '.join(efforts)}", param=name.split(".")[0])
+        found[name] = efforts[value]
+
+    if body.get("reasoning_effort") is not None:
+        effort(body["reasoning_effort"], "reasoning_effort")
+    for name in ("thinking_token_budget", "thinking_budget_tokens", "thinking_budget"):
+        if body.get(name) is not None:
+            found[name] = _budget_number(body[name], name)
+    thinking = body.get("thinking")
+    if thinking is not None:
+        if not isinstance(thinking, dict) or thinking.get("type", "enabled") not in ("enabled", "disabled"):
+            raise _bad("'thinking' must be {\"type\": \"enabled\", \"budget_tokens\": N} or {\"type\": \"disabled\"}",
+                       param="thinking")
+        if thinking.get("type") == "disabled":
+            found["thinking"] = 0
+        elif thinking.get("budget_tokens") is not None:
+            found["thinking.budget_tokens"] = _budget_number(thinking["budget_tokens"], "thinking.budget_tokens")
+    reasoning = body.get("reasoning")
+    if reasoning is not None:
+        if not isinstance(reasoning, dict):
+            raise _bad("'reasoning' must be an object such as {\"max_tokens\": N}", param="reasoning")
+        if reasoning.get("enabled") is False:
+            found["reasoning.enabled"] = 0
+        if reasoning.get("max_tokens") is not None:
+            found["reasoning.max_tokens"] = _budget_number(reasoning["max_tokens"], "reasoning.max_tokens")
+        elif reasoning.get("effort") is not None:
+            effort(reasoning["effort"], "reasoning.effort")
+    if len(set(found.values())) > 1:
+        said = ", ".join(f"{k}={v}" for k, v in found.items())
+        raise _bad(f"conflicting thinking budgets ({said}): send one", param=next(iter(found)).split(".")[0])
+    return next(iter(found.values()), None)
 
 
 def parse_completion(body: Any, served_model: str, max_n: int = MAX_N) -> tuple[CompletionParams, list[str | list[int]]]:
@@ -191,7 +245,7 @@ def parse_completion(body: Any, served_model: str, max_n: int = MAX_N) -> tuple[
 
 
 def _with_logprobs(p: CompletionParams, logprobs: bool, top: int) -> CompletionParams:
-    return CompletionParams(p.model, p.stream, p.include_usage, p.max_tokens, p.sampling, p.stop, p.n, logprobs, top)
+    return replace(p, logprobs=logprobs, top_logprobs=top)
 
 
 def new_id(prefix: str) -> str:
@@ -202,6 +256,9 @@ def now() -> int:
     return int(time.time())
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def usage(prompt_tokens: int, completion_tokens: int, reasoning_tokens: int | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                           "total_tokens": prompt_tokens + completion_tokens}
+    if reasoning_tokens is not None:
+        out["completion_tokens_details"] = {"reasoning_tokens": reasoning_tokens}
+    return out

@@ -19,6 +19,24 @@ def prompt_opens_think(prompt_text: str) -> bool:
     return opened >= 0 and prompt_text.find(THINK_CLOSE, opened) < 0
 
 
+def think_markers(tokenizer: object) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The token ids that open and close the model's thinking: its tokenizer's own markers
+    where mlx-lm knows them (`<think>` tokens, and other models' kin), else `<think>` and
+    `</think>` as text; ((), ()) when the tokenizer cannot say."""
+    start = getattr(tokenizer, "think_start", None) if getattr(tokenizer, "has_thinking", False) else None
+    end = getattr(tokenizer, "think_end", None) if start else None
+    start, end = start or THINK_OPEN, end or THINK_CLOSE
+    try:
+        encode = tokenizer.encode  # type: ignore[attr-defined]
+        try:
+            ids = encode(start, add_special_tokens=False), encode(end, add_special_tokens=False)
+        except TypeError:
+            ids = encode(start), encode(end)
+        return tuple(int(t) for t in ids[0]), tuple(int(t) for t in ids[1])
+    except Exception:  # noqa: BLE001 - no markers: thinking is then not followed
+        return (), ()
+
+
 def _partial_suffix(text: str, tag: str) -> int:
     """Length of the longest tail of `text` that is a proper prefix of `tag`."""
     for n in range(min(len(tag) - 1, len(text)), 0, -1):

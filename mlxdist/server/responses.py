@@ -20,6 +20,7 @@ class ChoiceState:
     reasoning: str = ""
     content: str = ""
     completion_tokens: int = 0
+    reasoning_tokens: int = 0  # of them, the thinking's (the engine marks its tokens)
     finish_reason: str | None = None
     error: str | None = None
     logprobs: list[dict[str, Any]] = field(default_factory=list)
@@ -31,6 +32,7 @@ class ChoiceState:
         entry keeps that many of the most likely tokens (the runtime's top_logprobs)."""
         if event.token is not None:
             self.completion_tokens += 1
+            self.reasoning_tokens += event.thinking
             if want_logprobs:
                 self.logprobs.append({"token": token_text(event.token), "logprob": event.logprob,
                                       "offset": len(self.content) + len(self.reasoning),
@@ -70,8 +72,8 @@ def _completion_logprobs(entries: list[dict[str, Any]]) -> dict[str, Any]:
 
 def chat_message(c: ChoiceState, want_logprobs: bool) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": c.content}
-    if c.reasoning:
-        message["reasoning_content"] = c.reasoning
+    if c.reasoning:  # DeepSeek's name (llama.cpp, SGLang) and vLLM's (mlx-lm, OpenRouter)
+        message["reasoning_content"] = message["reasoning"] = c.reasoning
     return {"index": c.index, "message": message, "finish_reason": c.finish_reason,
             "logprobs": _chat_logprobs(c.logprobs) if want_logprobs else None}
 

@@ -25,12 +25,12 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from mlxdist.runtime.api import Engine, GenerationRequest, engine_health
-from mlxdist.server import cluster_view, protocol
+from mlxdist.runtime.api import Engine, GenerationRequest, Thinking, engine_health
+from mlxdist.server import cluster_view, protocol, ttc
 from mlxdist.server.generation import ClientGone, Generation
 from mlxdist.server.metrics import Metrics, render
 from mlxdist.server.protocol import ApiError, CompletionParams
-from mlxdist.server.reasoning import ReasoningSplitter, prompt_opens_think
+from mlxdist.server.reasoning import ReasoningSplitter, prompt_opens_think, think_markers
 from mlxdist.server.responses import (ChoiceState, chat_chunk_choice, chat_message, completion_choice,
                                       completion_chunk_choice)
 from mlxdist.server.slots import QueueFull, Slots
@@ -62,8 +62,11 @@ class Api:
     """The state every endpoint shares."""
 
     def __init__(self, engine: Engine, api_key: str | None, max_queue: int, limits: HttpLimits,
-                 quiet: bool) -> None:
+                 quiet: bool, verifier: Engine | None = None, efforts: dict[str, int] | None = None) -> None:
         self.engine, self.api_key, self.limits, self.quiet = engine, api_key, limits, quiet
+        self.verifier = verifier  # the model that scores answers for search (None: the engine itself)
+        self.efforts = dict(efforts or protocol.EFFORT_BUDGETS)  # reasoning_effort -> thinking tokens
+        self._markers: tuple[tuple[int, ...], tuple[int, ...]] | None = None
         self.slots = Slots(engine.max_concurrent, max_queue)
         self.metrics = Metrics()
         self.started = time.time()
@@ -72,6 +75,12 @@ class Api:
         self.cluster_streams = 0
         self.vocab = _vocab_size(engine)
         self.max_token_chars = _max_token_chars(engine)
+
+    def markers(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The model's thinking markers as token ids (found on first use)."""
+        if self._markers is None:
+            self._markers = think_markers(self.engine.tokenizer)
+        return self._markers
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
@@ -270,15 +279,34 @@ def _check_text_fits(api: Api, chars: int, param: str) -> None:
 async def _chat(api: Api, request: Request) -> Response:
     body = await _read_json(api, request)
     engine = api.engine
-    params, messages = protocol.parse_chat(body, engine.model_name, engine.max_concurrent)
+    params, messages = protocol.parse_chat(body, engine.model_name, engine.max_concurrent, api.efforts)
     _check_sampling(api, params)
     _check_text_fits(api, sum(len(m["content"]) for m in messages), "messages")
-    try:
-        tokens = list(await api.run(engine.encode_chat, messages))
-    except Exception as e:
-        raise ApiError(400, f"the model's chat template refused these messages: {e}", param="messages")
+    spec = ttc.parse_ttc(body, engine.max_concurrent)
+    if spec is not None:  # consensus or verifier search (ttc.py)
+        return await ttc.run_ttc(api, request, params, messages, spec)
+    tokens = await _chat_tokens(api, messages)
     inside = prompt_opens_think(_decode(engine, tokens[-32:]))
     return await _generate(api, request, params, [tokens] * params.n, chat=True, starts_inside=inside)
+
+
+async def _chat_tokens(api: Api, messages: list[dict[str, str]]) -> list[int]:
+    try:
+        return list(await api.run(api.engine.encode_chat, messages))
+    except Exception as e:
+        raise ApiError(400, f"the model's chat template refused these messages: {e}", param="messages")
+
+
+def _thinking_for(api: Api, params: CompletionParams, starts_inside: bool) -> Thinking | None:
+    """What the engine follows of a chat answer's thinking: the model's markers, where the
+    prompt left it, and the budget. None when the tokenizer has no closing marker."""
+    opening, closing = api.markers()
+    if not closing:
+        if params.thinking_budget is not None:
+            raise ApiError(400, "this model's tokenizer has no end-of-thinking marker: a thinking budget "
+                           "cannot be enforced", param="thinking_budget")
+        return None
+    return Thinking(opening, closing, starts_inside, params.thinking_budget)
 
 
 async def _completions(api: Api, request: Request) -> Response:
@@ -302,8 +330,10 @@ async def _completions(api: Api, request: Request) -> Response:
     return await _generate(api, request, params, prompts, chat=False, starts_inside=False)
 
 
-def _requests(api: Api, params: CompletionParams, prompts: list[list[int]], chat: bool) -> list[GenerationRequest]:
+def _requests(api: Api, params: CompletionParams, prompts: list[list[int]], chat: bool,
+              starts_inside: bool = False) -> list[GenerationRequest]:
     engine = api.engine
+    thinking = _thinking_for(api, params, starts_inside) if chat else None
     out = []
     for i, tokens in enumerate(prompts):
         if not tokens:
@@ -319,7 +349,8 @@ def _requests(api: Api, params: CompletionParams, prompts: list[list[int]], chat
             sampling = type(sampling)(**{**sampling.__dict__, "seed": sampling.seed + i % params.n})
         out.append(GenerationRequest(
             prompt_tokens=tuple(tokens), max_tokens=min(params.max_tokens or room, room), sampling=sampling,
-            stop_strings=params.stop, logprobs=max(1, params.top_logprobs) if params.logprobs else 0))
+            stop_strings=params.stop, logprobs=max(1, params.top_logprobs) if params.logprobs else 0,
+            thinking=thinking))
     return out
 
 
@@ -336,7 +367,7 @@ async def _watch_disconnect(receive: Receive, on_gone: Callable[[], None]) -> No
 async def _generate(api: Api, request: Request, params: CompletionParams, prompts: list[list[int]],
                     chat: bool, starts_inside: bool) -> Response:
     t0 = time.monotonic()
-    requests = _requests(api, params, prompts, chat)
+    requests = _requests(api, params, prompts, chat, starts_inside)
     gone = asyncio.Event()
     watcher = asyncio.ensure_future(_watch_disconnect(request.receive, gone.set))
     try:
@@ -413,7 +444,7 @@ class _Run:
         errors = [s.error for s in states if s.finish_reason == "error"]
         if errors:
             raise ApiError(500, f"generation failed: {errors[0]}", type="server_error")
-        usage = _usage(states, params.n)
+        usage = _usage(states, params.n, self.chat)
         if self.chat:
             obj = {"id": protocol.new_id("chatcmpl"), "object": "chat.completion",
                    "choices": [chat_message(s, params.logprobs) for s in states]}
@@ -446,7 +477,7 @@ class _Run:
             if chat:
                 delta = {}
                 if r:
-                    delta["reasoning_content"] = r
+                    delta["reasoning_content"] = delta["reasoning"] = r
                 if c:
                     delta["content"] = c
                 if delta or lps:
@@ -457,7 +488,7 @@ class _Run:
                 yield data([completion_chunk_choice(state.index, c, state.finish_reason if event.finish_reason else None,
                                                     lps)])
         if params.include_usage:
-            yield data([], usage=_usage(states, params.n))
+            yield data([], usage=_usage(states, params.n, chat))
         yield b"data: [DONE]\n\n"
 
 
@@ -497,9 +528,11 @@ class _EventStream(Response):
                 run.api.log(self.request, status, self.t0)
 
 
-def _usage(states: list[ChoiceState], n: int) -> dict[str, int]:
-    """Each prompt counts once, however many choices it has (they come in runs of n)."""
-    return protocol.usage(sum(s.prompt_tokens for s in states[::n]), sum(s.completion_tokens for s in states))
+def _usage(states: list[ChoiceState], n: int, chat: bool = False) -> dict[str, Any]:
+    """Each prompt counts once, however many choices it has (they come in runs of n); a
+    chat's thinking tokens are counted apart too."""
+    return protocol.usage(sum(s.prompt_tokens for s in states[::n]), sum(s.completion_tokens for s in states),
+                          sum(s.reasoning_tokens for s in states) if chat else None)
 
 
 def _decode(engine: Engine, tokens: list[int]) -> str:

@@ -75,8 +75,9 @@ def test_reasoning_is_folded_and_shown_on_request(fake_server, tmp_path):
     child = spawn_chat(fake_server.url, tmp_path)
     child.sendline("think: sky")
     child.expect_exact("I ponder")  # streamed while thinking
-    child.expect(r"\[thought for [\d.]+ s, \d+ words; /think shows it\]")
     child.expect_exact("Answer to think: sky")
+    # after the answer: the count (tokens from usage, or words) comes with the last chunk
+    child.expect(r"\[thought for [\d.]+ s, \d+ (words|tokens); /think shows it\]")
     child.expect_exact(">>> ")
     child.sendline("/think")
     child.expect_exact("I ponder think: sky.")

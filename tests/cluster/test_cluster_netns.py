@@ -250,6 +250,23 @@ def test_mlxdist_serve_nodes_auto_over_openai(cluster):
         text, count = json.loads(r.stdout)
         assert count == n
         assert text == load_tokenizer(cluster.model).decode(cluster.expected[:n])
+        # test-time compute over the nodes: n greedy choices of one prompt run it once and
+        # agree; a consensus request returns its vote over every candidate
+        code = ("import json, re, urllib.request; from openai import OpenAI; "
+                "c = OpenAI(base_url='http://127.0.0.1:8099/v1', api_key='x'); "
+                "m = [{'role': 'user', 'content': 'count: 1 2 3'}]; "
+                "r = c.chat.completions.create(model='out', messages=m, n=3, max_tokens=8, temperature=0); "
+                "v = c.chat.completions.create(model='out', messages=m, max_tokens=8, temperature=0.8, seed=1, "
+                "extra_body={'consensus': {'n': 3, 'extract': 'regex:.'}}); "
+                "t = urllib.request.urlopen('http://127.0.0.1:8099/metrics').read().decode(); "
+                "print(json.dumps([[x.message.content for x in r.choices], v.model_extra['consensus'], "
+                "re.findall(r'^mlxdist_engine_(prefills|prefix_shared) (\\S+)$', t, re.M)]))")
+        r = cluster.net.run(0, [sys.executable, "-c", code], env=env, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        texts, consensus, counters = json.loads(r.stdout)
+        assert len(texts) == 3 and texts[0] == texts[1] == texts[2]
+        assert len(consensus["candidates"]) == 3 and sum(v["count"] for v in consensus["votes"]) >= 1
+        assert float(dict(counters).get("prefix_shared", 0)) >= 2  # the n=3 request's two copies at least
     finally:
         stop_process(serve)
 

@@ -159,3 +159,20 @@ def test_expert_parallel_batches(tiny_models, ranks):
         handles = [eng.submit(GenerationRequest(tuple(p), n)) for p, n in zip(PROMPTS[:4], LENGTHS[:4])]
         assert drain_concurrently(handles) == refs
         assert _widest(eng) >= 2
+
+
+def test_ranks_sharing_one_gpu_run_one_group(tiny_models, monkeypatch):
+    """Local ranks on one device are told so (MLXDIST_SHARED_DEVICE, unless each has its own
+    GPU); on a GPU rank 0 then runs one group. Forced here on the CPU (MLXDIST_GROUPS=1):
+    two ranks, one group as wide as all eight rows, each row still its prompt alone."""
+    from mlxdist.runtime.launcher import one_gpu_per_rank, shares_device
+
+    assert shares_device([{}, {}]) and shares_device([{"CUDA_VISIBLE_DEVICES": "0"}] * 2)
+    assert not shares_device([one_gpu_per_rank(2, "3,5")(r) for r in range(2)]) and not shares_device([{}])
+    monkeypatch.setenv("MLXDIST_GROUPS", "1")
+    path = tiny_models["llama"]
+    refs = [reference_tokens(path, p, n) for p, n in zip(PROMPTS, LENGTHS)]
+    with open_engine(path, ranks=2, split=[3, 3], max_concurrent=8) as eng:
+        handles = [eng.submit(GenerationRequest(tuple(p), n)) for p, n in zip(PROMPTS, LENGTHS)]
+        assert drain_concurrently(handles) == refs
+        assert _widest(eng) >= 5 and not eng.stats().get("moves", 0)
