@@ -47,3 +47,13 @@ def test_serve_bad_port_and_port_in_use(tmp_path):
         port = s.getsockname()[1]
         # found before the model loads: the model directory here would not even load
         one_line_error(run_mlxdist("serve", str(tmp_path), "--port", str(port)), f"cannot listen on 127.0.0.1:{port}")
+
+
+def test_serve_bad_reasoning_budgets_and_missing_verifier(tmp_path):
+    one_line_error(run_mlxdist("serve", str(tmp_path), "--reasoning-budgets", "huge=5", timeout=60),
+                   "--reasoning-budgets")
+    one_line_error(run_mlxdist("serve", str(tmp_path), "--reasoning-budgets", "low=many", timeout=60),
+                   "--reasoning-budgets")
+    from mlxdist.server.cli import parse_efforts
+
+    assert parse_efforts("low=7, high=99") == {"none": 0, "minimal": 256, "low": 7, "medium": 4096, "high": 99}
