@@ -27,13 +27,14 @@ from starlette.types import Receive, Scope, Send
 
 from mlxdist.runtime.api import Engine, GenerationRequest, Thinking, engine_health
 from mlxdist.server import cluster_view, protocol, ttc
-from mlxdist.server.generation import ClientGone, Generation
+from mlxdist.server.generation import (ClientGone, Generation, admit, chat_tokens, decode, engine_errors,
+                                      watch_disconnect)
 from mlxdist.server.metrics import Metrics, render
 from mlxdist.server.protocol import ApiError, CompletionParams
 from mlxdist.server.reasoning import ReasoningSplitter, prompt_opens_think, think_markers
 from mlxdist.server.responses import (ChoiceState, chat_chunk_choice, chat_message, completion_choice,
                                       completion_chunk_choice)
-from mlxdist.server.slots import QueueFull, Slots
+from mlxdist.server.slots import Slots
 
 MAX_BODY = 4 << 20
 # the web console's files (package data, docs/console.md): public, they hold no data
@@ -76,11 +77,19 @@ class Api:
         self.vocab = _vocab_size(engine)
         self.max_token_chars = _max_token_chars(engine)
 
-    def markers(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """The model's thinking markers as token ids (found on first use)."""
+    def thinking(self, budget: int | None, starts_inside: bool) -> Thinking | None:
+        """What the engine follows of a chat answer's thinking: the model's markers (found
+        on first use), where the prompt left it, and the budget. None when the tokenizer
+        has no closing marker; a budget then cannot be enforced: 400."""
         if self._markers is None:
             self._markers = think_markers(self.engine.tokenizer)
-        return self._markers
+        opening, closing = self._markers
+        if not closing:
+            if budget is not None:
+                raise ApiError(400, "this model's tokenizer has no end-of-thinking marker: a thinking budget "
+                               "cannot be enforced", param="thinking_budget")
+            return None
+        return Thinking(opening, closing, starts_inside, budget)
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
@@ -285,28 +294,9 @@ async def _chat(api: Api, request: Request) -> Response:
     spec = ttc.parse_ttc(body, engine.max_concurrent)
     if spec is not None:  # consensus or verifier search (ttc.py)
         return await ttc.run_ttc(api, request, params, messages, spec)
-    tokens = await _chat_tokens(api, messages)
-    inside = prompt_opens_think(_decode(engine, tokens[-32:]))
+    tokens = await chat_tokens(api.run, engine, messages)
+    inside = prompt_opens_think(decode(engine, tokens[-32:]))
     return await _generate(api, request, params, [tokens] * params.n, chat=True, starts_inside=inside)
-
-
-async def _chat_tokens(api: Api, messages: list[dict[str, str]]) -> list[int]:
-    try:
-        return list(await api.run(api.engine.encode_chat, messages))
-    except Exception as e:
-        raise ApiError(400, f"the model's chat template refused these messages: {e}", param="messages")
-
-
-def _thinking_for(api: Api, params: CompletionParams, starts_inside: bool) -> Thinking | None:
-    """What the engine follows of a chat answer's thinking: the model's markers, where the
-    prompt left it, and the budget. None when the tokenizer has no closing marker."""
-    opening, closing = api.markers()
-    if not closing:
-        if params.thinking_budget is not None:
-            raise ApiError(400, "this model's tokenizer has no end-of-thinking marker: a thinking budget "
-                           "cannot be enforced", param="thinking_budget")
-        return None
-    return Thinking(opening, closing, starts_inside, params.thinking_budget)
 
 
 async def _completions(api: Api, request: Request) -> Response:
@@ -333,7 +323,7 @@ async def _completions(api: Api, request: Request) -> Response:
 def _requests(api: Api, params: CompletionParams, prompts: list[list[int]], chat: bool,
               starts_inside: bool = False) -> list[GenerationRequest]:
     engine = api.engine
-    thinking = _thinking_for(api, params, starts_inside) if chat else None
+    thinking = api.thinking(params.thinking_budget, starts_inside) if chat else None
     out = []
     for i, tokens in enumerate(prompts):
         if not tokens:
@@ -354,45 +344,26 @@ def _requests(api: Api, params: CompletionParams, prompts: list[list[int]], chat
     return out
 
 
-async def _watch_disconnect(receive: Receive, on_gone: Callable[[], None]) -> None:
-    """After the body, the next ASGI message is the client's disconnect (or the end of
-    our response, which uvicorn reports the same way: harmless once we are done)."""
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            on_gone()
-            return
-
-
 async def _generate(api: Api, request: Request, params: CompletionParams, prompts: list[list[int]],
                     chat: bool, starts_inside: bool) -> Response:
     t0 = time.monotonic()
     requests = _requests(api, params, prompts, chat, starts_inside)
     gone = asyncio.Event()
-    watcher = asyncio.ensure_future(_watch_disconnect(request.receive, gone.set))
+    watcher = asyncio.ensure_future(watch_disconnect(request.receive, gone.set))
     try:
-        try:
-            admitted = await api.slots.acquire(len(requests), gone)
-        except QueueFull:
-            raise ApiError(429, "the server is busy: too many requests waiting; try again shortly",
-                           type="rate_limit_error", code="rate_limit_exceeded")
+        admitted = await admit(api.slots, len(requests), gone)
     finally:
         watcher.cancel()
     if not admitted:
         raise ClientGone
     try:
         api.metrics.tokens(prompt=sum(len(p) for p in prompts[::params.n]))
-        gen = await api.run(Generation, api.engine, requests, asyncio.get_running_loop())
-    except ValueError as e:  # the engine refused the request itself
-        api.slots.release(len(requests))
-        raise ApiError(400, str(e))
-    except RuntimeError as e:  # closed, or the ranks failed for good
-        api.slots.release(len(requests))
-        raise ApiError(503, f"the model is not available: {e}", type="server_error", code="engine_unavailable")
+        with engine_errors():
+            gen = await api.run(Generation, api.engine, requests, asyncio.get_running_loop())
     except BaseException:
         api.slots.release(len(requests))
         raise
-    watcher = asyncio.ensure_future(_watch_disconnect(request.receive, gen.client_gone))
+    watcher = asyncio.ensure_future(watch_disconnect(request.receive, gen.client_gone))
     states = [ChoiceState(i, len(p), ReasoningSplitter(starts_inside) if chat else None)
               for i, p in enumerate(prompts)]
     run = _Run(api, gen, states, params, chat, t0, len(requests), watcher)
@@ -425,7 +396,7 @@ class _Run:
         """Yield (state, reasoning, content, event, new logprobs) per event, with metrics kept."""
         first = True
         engine, metrics = self.api.engine, self.api.metrics
-        token_text = lambda t: _decode(engine, [t])  # noqa: E731
+        token_text = lambda t: decode(engine, [t])  # noqa: E731
         async for index, event in self.gen.events():
             if event.token is not None:
                 if first:
@@ -533,13 +504,6 @@ def _usage(states: list[ChoiceState], n: int, chat: bool = False) -> dict[str, A
     chat's thinking tokens are counted apart too."""
     return protocol.usage(sum(s.prompt_tokens for s in states[::n]), sum(s.completion_tokens for s in states),
                           sum(s.reasoning_tokens for s in states) if chat else None)
-
-
-def _decode(engine: Engine, tokens: list[int]) -> str:
-    try:
-        return engine.tokenizer.decode(tokens)
-    except Exception:
-        return ""
 
 
 def _vocab_size(engine: Engine) -> int:

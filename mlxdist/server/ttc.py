@@ -31,11 +31,11 @@ from starlette.responses import Response
 from mlxdist.runtime.api import Engine, GenerationRequest, Thinking
 from mlxdist.server import protocol, search, verifier
 from mlxdist.server.answers import check_extract, decided, extract_answer, vote
-from mlxdist.server.generation import ClientGone, Generation
+from mlxdist.server.generation import (ClientGone, Generation, admit, chat_tokens, decode, engine_errors, run_waves,
+                                      start_generation, watch_disconnect)
 from mlxdist.server.protocol import ApiError, CompletionParams
 from mlxdist.server.reasoning import ReasoningSplitter, prompt_opens_think, split_reasoning
 from mlxdist.server.responses import ChoiceState, chat_message
-from mlxdist.server.slots import QueueFull
 
 if TYPE_CHECKING:
     from mlxdist.server.routes import Api
@@ -127,13 +127,6 @@ def parse_ttc(body: Any, max_n: int = protocol.MAX_N) -> TtcSpec | None:
                       _count(obj, name, "max_steps", 40, MAX_STEPS), extract, kind)
 
 
-async def _watch_disconnect(request: Request, on_gone: Any) -> None:
-    while True:
-        if (await request.receive())["type"] == "http.disconnect":
-            on_gone()
-            return
-
-
 async def run_ttc(api: Api, request: Request, params: CompletionParams, messages: list[dict],
                   spec: TtcSpec) -> Response:
     """Admit, run and answer one test-time-compute request. Its slots are released exactly
@@ -141,10 +134,7 @@ async def run_ttc(api: Api, request: Request, params: CompletionParams, messages
     engine = api.engine
     if spec.n > engine.max_concurrent or isinstance(spec, SearchSpec) and spec.beam_width > engine.max_concurrent:
         raise _bad(f"at most {engine.max_concurrent} candidates at once on this server (n, beam_width)", "n")
-    try:
-        tokens = list(await api.run(engine.encode_chat, messages))
-    except Exception as e:
-        raise ApiError(400, f"the model's chat template refused these messages: {e}", param="messages")
+    tokens = await chat_tokens(api.run, engine, messages)
     if not tokens or len(tokens) >= engine.context_length:
         raise ApiError(400, f"the prompt is {len(tokens)} tokens; this model's context is {engine.context_length} "
                        "tokens", param="messages", code="context_length_exceeded")
@@ -157,14 +147,9 @@ async def run_ttc(api: Api, request: Request, params: CompletionParams, messages
         for w in work:
             w.cancel()
 
-    watcher = asyncio.ensure_future(_watch_disconnect(request, on_gone))
+    watcher = asyncio.ensure_future(watch_disconnect(request.receive, on_gone))
     try:
-        try:
-            admitted = await api.slots.acquire(job.limit, gone)
-        except QueueFull:
-            raise ApiError(429, "the server is busy: too many requests waiting; try again shortly",
-                           type="rate_limit_error", code="rate_limit_exceeded")
-        if not admitted:
+        if not await admit(api.slots, job.limit, gone):
             raise ClientGone
         try:
             work.append(asyncio.ensure_future(job.run()))
@@ -189,7 +174,7 @@ class _Job:
         self.api, self.params, self.spec, self.tokens = api, params, spec, tokens
         self.engine: Engine = api.engine
         self.question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
-        self.tail = verifier.decode(self.engine, tokens[-32:])
+        self.tail = decode(self.engine, tokens[-32:])
         self.inside = prompt_opens_think(self.tail)
         self.eos = set(getattr(self.engine.tokenizer, "eos_token_ids", None) or ())
         need = spec.n if isinstance(spec, ConsensusSpec) or spec.strategy == "best_of_n" else spec.n * spec.beam_width
@@ -199,10 +184,7 @@ class _Job:
         self.t0, self.first = time.monotonic(), True
         self.completion = self.reasoning = 0
         self.verifier_usage = [0, 0]
-        self.think_open, self.think_close = api.markers()
-        if not self.think_close and params.thinking_budget is not None:
-            raise ApiError(400, "this model's tokenizer has no end-of-thinking marker: a thinking budget "
-                           "cannot be enforced", param="thinking_budget")
+        api.thinking(params.thinking_budget, self.inside)  # a budget it cannot enforce: 400 now
 
     async def run(self) -> Response:
         self.api.metrics.tokens(prompt=len(self.tokens))
@@ -220,21 +202,15 @@ class _Job:
         """What the engine follows of the thinking, as for plain chat. A search step goes on
         from a partial solution: inside the thinking while the prefix leaves it open, and
         then with what is left of the budget (the prefix's tokens counted as thought)."""
-        if not self.think_close:
-            return None
         inside = prompt_opens_think(self.tail + prefix) if prefix else self.inside
         budget = self.params.thinking_budget
         if budget is not None and prefix and inside:
             budget = max(0, budget - prefix_tokens)
-        return Thinking(self.think_open, self.think_close, inside, budget)
+        return self.api.thinking(budget, inside)
 
     async def start(self, requests: list[GenerationRequest]) -> Generation:
-        try:
-            return await verifier.start_generation(self.engine, requests, asyncio.get_running_loop(), self.api.run)
-        except ValueError as e:  # the engine refused the request itself
-            raise ApiError(400, str(e))
-        except RuntimeError as e:  # closed, or the ranks failed for good
-            raise ApiError(503, f"the model is not available: {e}", type="server_error", code="engine_unavailable")
+        with engine_errors():
+            return await start_generation(self.engine, requests, asyncio.get_running_loop(), self.api.run)
 
     def counted(self, event: Any) -> None:
         if event.token is not None:
@@ -263,7 +239,7 @@ class _Job:
         try:
             async for i, event in gen.events():
                 self.counted(event)
-                states[i].add(event, lambda t: verifier.decode(self.engine, [t]), params.logprobs, params.top_logprobs)
+                states[i].add(event, lambda t: decode(self.engine, [t]), params.logprobs, params.top_logprobs)
                 if not event.finish_reason:
                     continue
                 ended[i] = event.finish_reason
@@ -351,7 +327,7 @@ class _Job:
                 hit = stop is not None and event.finish_reason == "stop" and last[j] not in (None, *self.eos)
                 out[todo[j][0]] = search.Completion(texts[j], tokens[j], event.finish_reason, hit)
 
-        await verifier.run_waves(self.start, [r for _, r in todo], self.limit, on_event)
+        await run_waves(self.start, [r for _, r in todo], self.limit, on_event)
         return out
 
     def continue_prompts(self, prefixes: list[str]) -> list[list[int]]:

@@ -23,10 +23,10 @@ from __future__ import annotations
 import asyncio
 import math
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from mlxdist.runtime.api import Engine, GenerationRequest, SamplingParams, TokenEvent
-from mlxdist.server.generation import Generation
+from mlxdist.server.generation import Run, decode, run_waves, start_generation
 from mlxdist.server.reasoning import THINK_CLOSE, prompt_opens_think
 
 KINDS = ("judge", "prm")
@@ -36,9 +36,6 @@ NEUTRAL = 0.5  # the score of a pair the verifier could not judge
 JUDGE_SYSTEM = "You are a careful grader of solutions to problems. You answer with one word."
 JUDGE_PROMPT = ("Question:\n{question}\n\nSolution so far:\n{solution}\n\n"
                 "Is the solution so far correct? Answer Yes or No.")
-
-Run = Callable[..., Awaitable[Any]]
-
 
 class VerifierError(RuntimeError):
     """The verifier engine failed a request."""
@@ -112,12 +109,7 @@ def first_token_choices(event: TokenEvent, token_text: Callable[[int], str]) -> 
     return [(token_text(t), lp) for t, lp in seen.items()]
 
 
-def decode(engine: Engine, tokens: Sequence[int]) -> str:
-    """The text of `tokens` ("" when the tokenizer cannot say)."""
-    try:
-        return engine.tokenizer.decode(list(tokens))  # type: ignore[attr-defined]
-    except Exception:
-        return ""
+
 
 
 def verifier_prompt(engine: Engine, question: str, solution: str, kind: str = "judge",
@@ -146,34 +138,10 @@ def verifier_requests(engine: Engine, question: str, solutions: Sequence[str], k
     return out
 
 
-async def start_generation(engine: Engine, requests: Sequence[GenerationRequest], loop: asyncio.AbstractEventLoop,
-                           run: Run | None = None) -> Generation:
-    """Submit `requests` off the event loop. Cancelled while submitting, the requests are
-    cancelled as soon as the submission returns (never left running unowned)."""
-    run = run or (lambda fn, *args: loop.run_in_executor(None, fn, *args))
-    pending = asyncio.ensure_future(run(Generation, engine, requests, loop))
-    try:
-        return await asyncio.shield(pending)
-    except asyncio.CancelledError:
-        pending.add_done_callback(lambda f: f.result().cancel() if not f.cancelled() and f.exception() is None
-                                  else None)
-        raise
 
 
-async def run_waves(start: Callable[[list[GenerationRequest]], Awaitable[Generation]],
-                    requests: Sequence[GenerationRequest], limit: int,
-                    on_event: Callable[[int, TokenEvent], None]) -> None:
-    """Run `requests` at most `limit` at a time (a wave starts when the one before is done),
-    calling on_event(index in requests, event) for each event; whatever ends it (on_event
-    raising included), every request started is cancelled."""
-    step = max(1, limit)
-    for first in range(0, len(requests), step):
-        gen = await start(list(requests[first:first + step]))
-        try:
-            async for k, event in gen.events():
-                on_event(first + k, event)
-        finally:
-            gen.cancel()
+
+
 
 
 async def score_detailed(engine: Engine, loop: asyncio.AbstractEventLoop, question: str, solutions: Sequence[str],
