@@ -270,7 +270,7 @@ class _Job:
         choices = []
         for k, i in enumerate(order):
             states[i].index = k
-            choices.append(_with_reasoning(chat_message(states[i], params.logprobs)))
+            choices.append(chat_message(states[i], params.logprobs))
         extension = {
             "answer": table[0].answer if table else None,
             "votes": [{"answer": v.answer, "count": v.count} for v in table],
@@ -351,10 +351,3 @@ class _Job:
                 "model": self.params.model, "choices": choices,
                 "usage": protocol.usage(len(self.tokens), self.completion, self.reasoning),
                 "system_fingerprint": "mlxdist", name: extension}
-
-
-def _with_reasoning(choice: dict[str, Any]) -> dict[str, Any]:
-    message = choice["message"]
-    if "reasoning_content" in message:
-        message["reasoning"] = message["reasoning_content"]
-    return choice
