@@ -15,7 +15,7 @@ from mlxdist.errors import UserError
 SUBCOMMANDS: dict[str, str] = {
     "quantize": "quantize.cli:quantize_command",
     "run": "mlxdist.runtime.cli:run_command",
-    "plan": "mlxdist.placement.cli:plan_command",
+    "plan": "mlxdist.cluster.plan_cli:plan_command",
     "node": "mlxdist.cluster.cli:node_command",
     "cluster": "mlxdist.cluster.cli:cluster_command",
     "serve": "mlxdist.server.cli:serve_command",

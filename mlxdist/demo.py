@@ -32,10 +32,11 @@ def demo_command(question: str, ranks: int, max_tokens: int) -> None:
         from mlxdist.runtime.engine import open_engine
     except ImportError:
         raise UserError("this build has no runtime engine (mlxdist.runtime.engine)")
+    from mlxdist.runtime.config import EngineConfig
     from mlxdist.server.cli import start_engine
     progress(f"starting a {ranks}-rank local cluster (one process per rank, ring backend over 127.0.0.1) ...")
     t0 = time.monotonic()
-    engine = start_engine(open_engine, str(model), ranks=ranks, model_name=DEMO_NAME)
+    engine = start_engine(open_engine, str(model), EngineConfig(model_name=DEMO_NAME), ranks=ranks)
     try:
         server = ApiServer(engine, "127.0.0.1", 0, quiet=True).start()
         try:

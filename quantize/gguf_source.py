@@ -17,7 +17,7 @@ import mlx.core as mx
 from mlxdist.errors import UserError
 from mlxdist.files import sha256_file
 from quantize.safetensors_io import MX_TO_ST
-from quantize.source import SourceTensor
+from quantize.source_api import SourceTensor
 
 # GGUF tensor name -> Hugging Face name (llama)
 _TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}

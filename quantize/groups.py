@@ -10,13 +10,13 @@ written first and the output checked against mlx-lm's model before any work star
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from mlxdist.errors import UserError
 from quantize.fp8 import scale_shape
 from quantize.model_info import ModelInfo
 from quantize.recipe import QuantSpec, layer_of, quant_spec
-from quantize.source import Source
+from quantize.source_api import Source
 
 FLOAT_DTYPES = ("BF16", "F16", "F32")
 COMPUTE_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
@@ -73,6 +73,13 @@ class Planner:
         # floating-point parameters and scales are stored in this dtype, as mlx_lm.convert does
         self.dtype = COMPUTE_DTYPES.get(dtype or str(info.config.get("torch_dtype", "bfloat16")), "BF16")
         self.fp8 = (info.config.get("quantization_config") or {}).get("quant_method") == "fp8"
+
+    def only_experts(self, g: Group, ids: tuple[int, ...]) -> Group:
+        """A routed-experts group cut to the experts `ids`, stacked in that order: what one
+        node's part of an expert-parallel stage holds of it."""
+        srcs = tuple(g.sources[e] for e in ids)
+        outs = tuple(Out(o.name, o.dtype, (len(ids), *o.shape[1:])) for o in g.outs)
+        return replace(g, sources=srcs, outs=outs, read_bytes=sum(self.read_bytes(s) for s in srcs))
 
     def float_shape(self, name: str) -> tuple[int, ...]:
         """Shape of a source weight once decoded to floating point, with its dtype checked."""

@@ -1,6 +1,6 @@
 """Reading and writing the safetensors format one tensor at a time.
 
-We parse the header ourselves (8-byte little-endian length, then JSON) so that we can
+The header is parsed by mlxdist's one reader (`mlxdist.shard_format`), so that we can
 validate a checkpoint before reading any data, read exactly one tensor's bytes into
 memory, and write a file whose header is known before its data (the output shapes are
 computable from the input shapes), filling tensors in at their offsets in any order.
@@ -20,6 +20,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlxdist.errors import UserError
+from mlxdist.shard_format import read_safetensors_header
 
 # safetensors dtype name -> (mlx dtype the bytes are viewed as, bytes per element)
 DTYPES: dict[str, tuple[mx.Dtype, int]] = {
@@ -41,7 +42,6 @@ MX_TO_ST: dict[mx.Dtype, str] = {
 # a same-width integer view numpy understands, for getting bytes out of mlx arrays
 _RAW_VIEW = {1: mx.uint8, 2: mx.uint16, 4: mx.uint32, 8: mx.uint64}
 _NP_RAW = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
-MAX_HEADER = 100 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -59,34 +59,10 @@ class TensorInfo:
 
 
 def read_header(path: Path) -> dict[str, TensorInfo]:
-    """Tensor table of a safetensors file, checked against the file's size."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise UserError(f"{path}: truncated safetensors file (no header)")
-            (n,) = struct.unpack("<Q", raw)
-            if n > MAX_HEADER or 8 + n > size:
-                raise UserError(f"{path}: truncated or corrupt safetensors header")
-            header = json.loads(f.read(n))
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"{path}: corrupt safetensors header") from None
-    header.pop("__metadata__", None)
-    base = 8 + n
-    out = {}
-    for name, h in header.items():
-        dtype, shape, (a, b) = h["dtype"], tuple(h["shape"]), h["data_offsets"]
-        if dtype not in DTYPES:
-            raise UserError(f"{path}: tensor {name} has unsupported dtype {dtype}")
-        if b - a != int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype][1]:
-            raise UserError(f"{path}: tensor {name} size disagrees with its shape")
-        if base + b > size:
-            raise UserError(f"{path}: truncated (tensor {name} runs past the end of the file)")
-        out[name] = TensorInfo(name, path, dtype, shape, base + a, base + b)
-    return out
+    """Tensor table of a safetensors file, checked against the file's size (mlxdist's one
+    header reader), each tensor located in `path`."""
+    return {name: TensorInfo(name, path, t.dtype, t.shape, t.start, t.end)
+            for name, t in read_safetensors_header(path).items()}
 
 
 def read_raw(info: TensorInfo) -> tuple[np.ndarray, str]:

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import mlx.core as mx
 
 from mlxdist.errors import UserError
 from quantize.safetensors_io import TensorInfo, as_array, read_header, read_raw
+from quantize.source_api import Source, SourceTensor
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -24,25 +24,6 @@ TOKENIZER_FILES = (
     "generation_config.json",
 )
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
-
-
-@dataclass(frozen=True)
-class SourceTensor:
-    name: str
-    shape: tuple[int, ...]
-    dtype: str  # safetensors dtype name
-    nbytes: int
-
-
-class Source(Protocol):
-    config: dict[str, Any]
-    tensors: dict[str, SourceTensor]
-    hashes: dict[str, str]  # sha256 of each tensor read since last cleared (HF sources)
-    native: dict[str, tuple[int, int]]  # module -> (bits, group_size) of already-quantized weights
-
-    def read(self, name: str) -> mx.array: ...
-    def write_tokenizer(self, dst: Path) -> None: ...
-    def fingerprint(self) -> dict[str, Any]: ...
 
 
 def _load_json(path: Path) -> Any:

@@ -1,25 +1,63 @@
-"""Cutting the layers into pipeline stages."""
+"""Cutting the layers into stages, and an expert-parallel stage's experts into per-node parts."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from mlxdist.errors import UserError
+from mlxdist.placement.plan import Plan
+from mlxdist.shard_format import NODE_NAME
 from quantize.groups import Group
 
 
-def read_plan(path: Path, num_layers: int) -> list[tuple[int, int]]:
-    """Layer ranges from a placement plan: {"stages": [{"layers": [start, end]}, ...]}."""
+@dataclass(frozen=True)
+class Cut:
+    """One output stage: its layer range and, for an expert-parallel stage, each node's
+    routed expert ids in the plan's order (one part per node, docs/shard-format.md)."""
+
+    layers: tuple[int, int]
+    parts: tuple[tuple[str, tuple[int, ...]], ...] = ()
+
+
+def read_plan(path: Path, num_layers: int, num_experts: int) -> list[Cut]:
+    """The stages of a placement plan: a plan from `mlxdist plan --json` (its expert-parallel
+    stages become per-node parts), or a hand-written {"stages": [{"layers": [start, end]},
+    ...]} (pipeline stages only; other keys ignored)."""
     try:
-        stages = json.loads(Path(path).read_text())["stages"]
-        ranges = [(int(s["layers"][0]), int(s["layers"][1])) for s in stages]
+        doc = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise UserError(f"plan {path} not found") from None
-    except (OSError, ValueError, KeyError, TypeError, IndexError):
-        raise UserError(f"plan {path} is not a JSON object with stages[].layers = [start, end]") from None
-    check_ranges(ranges, num_layers, str(path))
-    return ranges
+    except (OSError, ValueError):
+        raise UserError(f"plan {path} is not a JSON file") from None
+    if isinstance(doc, dict) and "format" in doc:
+        cuts = [Cut(s.layers, s.experts if s.expert_parallel else ()) for s in Plan.load(path).stages]
+    else:
+        try:
+            cuts = [Cut((int(s["layers"][0]), int(s["layers"][1]))) for s in doc["stages"]]
+        except (ValueError, KeyError, TypeError, IndexError):
+            raise UserError(f"plan {path} is not a JSON object with stages[].layers = [start, end]") from None
+    check_ranges([c.layers for c in cuts], num_layers, str(path))
+    for c in cuts:
+        check_parts(c, num_experts, str(path))
+    return cuts
+
+
+def check_parts(cut: Cut, num_experts: int, what: str) -> None:
+    """An expert-parallel stage's parts: node names that can be directory names, and the
+    routed experts 0..E-1 each given to exactly one node."""
+    if not cut.parts:
+        return
+    if num_experts == 0:
+        raise UserError(f"{what}: stage {list(cut.layers)} is expert-parallel but the model has no routed experts")
+    for node, _ in cut.parts:
+        if not NODE_NAME.match(node):
+            raise UserError(f"{what}: node name {node!r} cannot be a directory name")
+    ids = sorted(e for _, mine in cut.parts for e in mine)
+    if ids != list(range(num_experts)) or not all(mine for _, mine in cut.parts):
+        raise UserError(f"{what}: stage {list(cut.layers)} must give each node some experts and every "
+                        f"expert 0..{num_experts - 1} to exactly one node")
 
 
 def check_ranges(ranges: list[tuple[int, int]], num_layers: int, what: str) -> None:

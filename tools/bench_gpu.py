@@ -360,15 +360,15 @@ def run_streams(engine, prompts: list[list[int]], tokens: int, skip: int = STEAD
 
 def row_ours(model_dir: Path, ranks: int, tokens: int, concurrency: list[int], handoff: str = "messages",
              gpus: int = 2, warmup: int = 2) -> dict:
+    from mlxdist.runtime.config import EngineConfig
     from mlxdist.runtime.engine import open_engine
     from mlxdist.runtime.launcher import LocalLauncher
 
     prompts = stream_prompts(max(concurrency), vocab_size(model_dir))
-    opts: dict = {"handoff": handoff}
-    if ranks > 1:
-        opts["launcher"] = LocalLauncher(rank_env=lambda r: {"CUDA_VISIBLE_DEVICES": str(r % gpus)})
+    launcher = LocalLauncher(rank_env=lambda r: {"CUDA_VISIBLE_DEVICES": str(r % gpus)}) if ranks > 1 else None
+    config = EngineConfig(max_concurrent=max(concurrency), handoff=handoff)
     t = time.perf_counter()
-    with open_engine(model_dir, ranks=ranks, max_concurrent=max(concurrency), **opts) as engine:
+    with open_engine(model_dir, config, ranks=ranks, launcher=launcher) as engine:
         load_s = time.perf_counter() - t
         first = engine.generate(prompts[0], max_tokens=min(FIRST_TOKENS, tokens))  # also the warm-up
         out = {"load_s": load_s, "handoff": handoff, "tokens": first, "streams": {}}

@@ -11,7 +11,7 @@
   1 rank's per-token time plus N hand-offs;
 - every speed is the best of 3 runs (the machine is shared);
 - aggregate tok/s with 1, 2 and 4 concurrent streams on 2 and 4 ranks;
-- bytes sent per generated token (from the message layout in mlxdist/runtime/wire.py);
+- bytes sent per generated token (from the message layout in mlxdist/runtime/ring_link.py);
 - the same 2- and 4-rank rows with lock-step decode runs (`handoff="collective"`: every
   step an all_sum over the ring group, runtime/lockstep.py), as ratios to the messages rows;
 - batch rows (`batch`): B concurrent streams (--streams, default 1,4,8,16) on mlx-lm's
@@ -226,8 +226,9 @@ def main() -> None:
     streams = [int(x) for x in a.streams.split(",")]
     batch_ranks = [] if a.no_batch else [int(x) for x in a.batch_ranks.split(",")]
 
+    from mlxdist.runtime.config import EngineConfig
     from mlxdist.runtime.engine import open_engine
-    from mlxdist.runtime.wire import HEADER_WORDS
+    from mlxdist.runtime.ring_link import HEADER_WORDS
 
     if a.model:
         path = Path(a.model)
@@ -247,7 +248,7 @@ def main() -> None:
     batch_theirs = mlx_lm_batch(path, prompts, streams, a.batch_tokens, a.batch_repeat) if batch_ranks else None
     batch_ours: dict[int, dict] = {}
     for ranks in batch_ranks:  # an engine of their own, with a slot for every stream
-        with open_engine(path, ranks=ranks, max_concurrent=max(streams)) as eng:
+        with open_engine(path, EngineConfig(max_concurrent=max(streams)), ranks=ranks) as eng:
             batch_ours[ranks] = mlxdist_batch(eng, prompts, streams, a.batch_tokens, a.batch_repeat)
     if batch_ranks:
         res["batch"] = _batch_report(batch_theirs, batch_ours, streams, min(16, a.batch_tokens))
@@ -258,13 +259,13 @@ def main() -> None:
     res["handoff_us"] = round(handoff, 1)
     single, aggregate, lockstep = {}, {}, {}
     for ranks in (1, 2, 3, 4):
-        with open_engine(path, ranks=ranks, max_concurrent=4) as eng:
+        with open_engine(path, EngineConfig(max_concurrent=4), ranks=ranks) as eng:
             engine_streams(eng, 1, 4)  # warm-up
             single[ranks] = engine_streams(eng, 1, a.tokens)
             if ranks in (2, 4):
                 aggregate[ranks] = {s: round(engine_streams(eng, s, a.tokens), 2) for s in (1, 2, 4)}
         if ranks in (2, 4):
-            with open_engine(path, ranks=ranks, max_concurrent=4, handoff="collective") as eng:
+            with open_engine(path, EngineConfig(max_concurrent=4, handoff="collective"), ranks=ranks) as eng:
                 engine_streams(eng, 1, 4)
                 lockstep[ranks] = {s: engine_streams(eng, s, a.tokens) for s in (1, 2, 4)}
     one = single[1]

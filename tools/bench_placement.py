@@ -28,8 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mlxdist.placement.cost import CostParams, Profile, ep_times, pipeline_times  # noqa: E402
-from mlxdist.placement.hardware import GB, LinkSpec, NodeSpec, cluster_from_nodes  # noqa: E402
+from mlxdist.placement.specs import GB, LinkSpec, NodeSpec, cluster_from_nodes  # noqa: E402
 from mlxdist.placement.model import describe  # noqa: E402
+from mlxdist.runtime.config import EngineConfig  # noqa: E402
 from tests.placement.ranks import run_ranks  # noqa: E402
 from tests.placement.tiny import TINY_DEEPSEEK, make_tiny_deepseek  # noqa: E402
 
@@ -65,7 +66,7 @@ def engine_step(model_dir: Path, ranks: int, expert_parallel: bool, tokens: int)
     from mlxdist.runtime.api import GenerationRequest
     from mlxdist.runtime.engine import open_engine
 
-    with open_engine(model_dir, ranks=ranks, expert_parallel=expert_parallel) as eng:
+    with open_engine(model_dir, EngineConfig(expert_parallel=expert_parallel), ranks=ranks) as eng:
         eng.generate(PROMPT, max_tokens=4)
         times, out, t0 = [], [], time.perf_counter()
         for ev in eng.submit(GenerationRequest(tuple(PROMPT), tokens)):

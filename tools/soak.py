@@ -147,10 +147,12 @@ def worker_pids(server_pid: int) -> dict[int, int]:
         except OSError:
             continue
         if b"mlxdist.runtime.worker" in cmd and stat.split(")")[1].split()[3] != "0":
-            if os.getpgid(int(d.name)) and b"--rank" in cmd:
-                rank = int(cmd[cmd.index(b"--rank") + 1])
-                if _descends(int(d.name), server_pid):
-                    out[rank] = int(d.name)
+            try:  # the spec comes on stdin: the rank is told by its log, rank<N>.log
+                rank = int(os.readlink(d / "fd" / "1").rsplit("rank", 1)[1].split(".")[0])
+            except (OSError, ValueError, IndexError):
+                continue
+            if _descends(int(d.name), server_pid):
+                out[rank] = int(d.name)
     return out
 
 

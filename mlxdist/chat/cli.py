@@ -31,12 +31,13 @@ def chat_command(model: str | None, url: str | None, api_key: str | None, local:
     if model:
         from mlxdist.runtime.stage import note_if_upcast
         from mlxdist.server.app import ApiServer
+        from mlxdist.runtime.config import EngineConfig
         from mlxdist.server.cli import DEFAULT_PROMPT_CACHE, open_engine_for
 
         note_if_upcast(model)  # float16 runs as float32 on the CPU backend: said here, not in worker logs
         # each turn resends the conversation: the previous turn's caches are its prefix
-        engine = open_engine_for(model, local, None, progress=lambda m: click.echo(m, err=True),
-                                 prompt_cache=DEFAULT_PROMPT_CACHE)
+        engine = open_engine_for(model, local, None, EngineConfig(prompt_cache=DEFAULT_PROMPT_CACHE),
+                                 progress=lambda m: click.echo(m, err=True))
         server = ApiServer(engine, "127.0.0.1", 0, quiet=True).start()
         url = server.url
     client = ChatClient(url or "http://127.0.0.1:8080", api_key)

@@ -8,8 +8,8 @@
 T is the SHA-256 of both raw frames (hello and challenge), so each proof is bound to both
 fresh nonces, the versions and the cluster name: a recorded proof is useless on a new
 connection. The node proves itself only after the client has, so a peer without the secret
-learns nothing but "refused". Both sides then derive the session key HMAC(K, "session" | T)
-that tags every later frame (see wire.py).
+learns nothing but "refused". Both sides then derive the session key HMAC(K, "session" | T),
+under which every later frame is sealed with ChaCha20-Poly1305 (see mlxdist/framing.py).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import socket
 import threading
 
 from mlxdist import PROTOCOL_VERSION, __version__
-from mlxdist.cluster.wire import Channel, ProtocolError, Refused, unpack
+from mlxdist.framing import Channel, ProtocolError, Refused, unpack
 
 LABEL = b"mlxdist-auth-v1|"
 NONCE_BYTES = 32

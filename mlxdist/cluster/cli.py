@@ -51,7 +51,7 @@ def node_command(name: str | None, cluster: str, port: int, data_dir: str,
                  addresses: tuple[str, ...], thunderbolt: tuple[str, ...], no_mdns: bool,
                  verbose: bool) -> None:
     """Run this Mac as a cluster node: advertise it, hold shards, start workers."""
-    from mlxdist.cluster.hardware import list_interfaces
+    from mlxdist.cluster.interfaces import list_interfaces
     from mlxdist.cluster.node import Node, NodeConfig
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
@@ -90,6 +90,7 @@ def _row(v) -> dict:
             "links": [{"interface": i.name, "addresses": list(i.addresses),
                        "thunderbolt": i.thunderbolt} for i in v.interfaces],
             "shards": [f"{s['model']}/{s['stage']}" for s in v.shards],
+            "held_bytes": sum(int(s.get("bytes") or 0) for s in v.shards),
             "health": v.health, "role": v.role, "error": v.error,
             "peers": [{"name": p.get("name", ""), "node_id": p["node_id"],
                        "health": p["health"]} for p in v.peers]}
@@ -113,10 +114,11 @@ def _row(v) -> dict:
 def cluster_command(cluster: str, secret_file: str | None, as_json: bool, browse: float,
                     addresses: tuple[str, ...], nodes: tuple[str, ...], no_mdns: bool,
                     url: str | None = None, api_key: str | None = None) -> None:
-    """Show the nodes of a cluster: chip, memory, links, shards, health, role."""
+    """Show the nodes of a cluster: chip, memory, links, shards (and the bytes held),
+    health, role."""
     if url:
         return _served_cluster(url, api_key, as_json)
-    from mlxdist.cluster.coordinator import discover_nodes, query_nodes
+    from mlxdist.cluster.nodes import discover_nodes, query_nodes
     from mlxdist.cluster.secret import DEFAULT_SECRET_FILE, load_secret
 
     secret, _ = load_secret(Path(secret_file) if secret_file else DEFAULT_SECRET_FILE,
@@ -148,14 +150,22 @@ def cluster_command(cluster: str, secret_file: str | None, as_json: bool, browse
     if not rows:
         click.echo(f"no nodes found in cluster {cluster!r}")
         return
-    header = ["NAME", "CHIP", "MEMORY", "LINKS", "SHARDS", "HEALTH", "ROLE"]
+    header = ["NAME", "CHIP", "MEMORY", "LINKS", "SHARDS", "HELD", "HEALTH", "ROLE"]
     table = [header] + [[
         r["name"], r["chip"][:28], f"{r['available_gib']}/{r['memory_gib']} GiB",
         " ".join(f"{l['interface']}{'(tb)' if l['thunderbolt'] else ''}" for l in r["links"]),
-        str(len(r["shards"])), r["health"], r["role"]] for r in rows]
+        str(len(r["shards"])), _size(r["held_bytes"]), r["health"], r["role"]] for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
         click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+def _size(n: int) -> str:
+    """Bytes for people: '0 B', '812 KiB', '1.4 GiB' (a node's held shards)."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}" if n < 100 * scale else f"{n // scale} {unit}"
+    return f"{n} B"
 
 
 def _gb(n: int | None) -> str:

@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 
 from mlxdist.cluster.auth import client_handshake
 from mlxdist.cluster.shards import FileDigest, files_wire, stage_sources
-from mlxdist.cluster.wire import Channel
+from mlxdist.framing import Channel
 
 CHUNK = 1 << 20
 
@@ -105,18 +105,13 @@ class NodeClient:
         self.request({"t": "shard_commit", "model": model, "stage": stage})
         return Delivery(model, stage, sent, False)
 
-    def launch(self, job: str, rank: int, hostfile: Sequence[Sequence[str]], model: str,
-               stage: int, control: str, session: str, layers: tuple[int, int] | None = None,
-               max_slots: int = 8, prefill_step: int = 2048, host: str = "node",
-               backend: str = "ring", handoff: str = "messages", prompt_cache: int = 0) -> int:
-        """Ask the node to start `python -m mlxdist.runtime.worker` as `rank` on the stage
-        it holds (or the `layers` part of it); see workers.parse_launch for the checks."""
-        reply = self.request({"t": "launch", "job": job, "rank": rank,
-                              "hostfile": [list(h) for h in hostfile], "model": model,
-                              "stage": stage, "layers": list(layers) if layers else None,
-                              "control": control, "session": session, "max_slots": max_slots,
-                              "prefill_step": prefill_step, "host": host, "backend": backend,
-                              "handoff": handoff, "prompt_cache": prompt_cache})
+    def launch(self, job: str, model: str, stage: int, hostfile: Sequence[Sequence[str]],
+               spec: bytes) -> int:
+        """Ask the node to start `python -m mlxdist.runtime.worker` on the stage it holds,
+        `spec` (a WorkerSpec's msgpack blob) on its stdin; see workers.parse_launch for the
+        checks."""
+        reply = self.request({"t": "launch", "job": job, "model": model, "stage": stage,
+                              "hostfile": [list(h) for h in hostfile], "spec": spec})
         return int(reply["pid"])
 
     def free_ports(self, count: int) -> list[int]:

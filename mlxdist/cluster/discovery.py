@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 
 from zeroconf import IPVersion, ServiceBrowser, ServiceInfo, ServiceListener, Zeroconf
 
-from mlxdist.cluster.hardware import Interface
+from mlxdist.cluster.interfaces import Interface
 
 SERVICE_TYPE = "_mlxdist._tcp.local."
 MAX_INTERFACES = 8

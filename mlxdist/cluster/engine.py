@@ -1,22 +1,31 @@
 """`ClusterEngine`: the runtime's Engine spread over cluster nodes, surviving node loss.
 
-It places one stage per rank (rank k runs stage k; the nodes in ring order), delivers each
-node the stages it lacks, and opens the runtime's engine with a `ClusterLauncher`. When a
-node is lost (the runtime's heartbeats fail the group within `heartbeat_timeout_s`, 2.5 s),
-the runtime calls `_on_failure`: it probes the nodes (those that do not answer are the
-ones lost, whichever rank reported first), re-places their stages on the nodes left (where
-memory allows; else every request ends with an error naming what is missing), delivers
-them, and moves the engine there with `Engine.regroup`, which re-prefills every request in
-flight with its prompt plus the tokens generated so far and keeps the request's own text
-state (detokenizer, stop strings): the client sees a pause, not an error, and greedy
-output and its text continue exactly where they stopped. When every node of the first
-placement answers again and nothing is in flight, the model moves back.
+It runs exactly the `Plan` it is given (`open_cluster_engine` gets it from the planner,
+`placement.planner.plan_stages`, or from the user's `--plan`): rank k runs stage k on
+`plan.stages[k].nodes[0]`, the ranks in `plan.group` order. It delivers each node the
+stages it lacks and opens the runtime's engine with a `ClusterLauncher`. When a node is
+lost (the runtime's heartbeats fail the group within `heartbeat_timeout_s`, 2.5 s), the
+runtime calls `_on_failure`: it probes the nodes (those that do not answer are the ones
+lost, whichever rank reported first), asks the planner again for the nodes left, the
+stages kept where they ran (else every request ends with an error naming what is
+missing), delivers them, and moves the engine there with `GroupEngine.regroup`, which
+re-prefills every request in flight with its prompt plus the tokens generated so far and
+keeps the request's own text state (detokenizer, stop strings): the client sees a pause,
+not an error, and greedy output and its text continue exactly where they stopped. When
+every node of the first plan answers again and nothing is in flight, the model moves back
+to it.
+
+An expert-parallel plan (one stage over the whole group, docs/placement.md) runs rank r on
+`plan.group[r]` from the part of the conversion holding that node's experts only
+(`stages/0/nodes/<node>/`, the only shard the node is sent). Its experts exist nowhere
+else, so a lost node cannot be re-placed: every request in flight ends with an error
+naming the node and its experts (a worker that failed on nodes that all still answer is
+restarted where it ran, its requests carried over).
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
-import json
 import logging
 import threading
 import time
@@ -25,76 +34,51 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from mlxdist.cluster.client import NodeClient
-from mlxdist.cluster.coordinator import NodeView, deliver
+from mlxdist.cluster.inventory import Conversion
 from mlxdist.cluster.launcher import ClusterLauncher, Placement
+from mlxdist.cluster.nodes import NodeView, deliver, link_kind, where
+from mlxdist.errors import UserError
+from mlxdist.placement.plan import Plan, Stage
+from mlxdist.placement.planner import Request
 from mlxdist.runtime.api import GenerationRequest, Health, Layout, NodeInfo
+from mlxdist.runtime.config import EngineConfig
+from mlxdist.shard_format import part_dir, stage_dir
 
 log = logging.getLogger("mlxdist.cluster.engine")
 
 
-class PlacementError(Exception):
-    """The model does not fit on the nodes left."""
+def ranks_on(plan: Plan, views: Sequence[NodeView]) -> list[NodeView]:
+    """The node of each rank, by name among `views`: stage k's node for a pipeline plan,
+    the stage's nodes in order for one expert-parallel stage over the group."""
+    by_name = {v.name: v for v in views}
+    return [by_name[n] for st in plan.stages for n in st.nodes]
 
 
-def stage_bytes(out_dir: Path) -> list[int]:
-    manifest = json.loads((out_dir / "manifest.json").read_text())
-    sizes = []
-    for st in sorted(manifest["stages"], key=lambda s: s["stage"]):
-        d = out_dir / "stages" / str(st["stage"])
-        sizes.append(sum(p.stat().st_size for p in d.iterdir() if p.is_file()))
-    return sizes
+def expert_ids(ids: Sequence[int]) -> str:
+    """Expert ids compactly, runs as ranges: '0-4, 7'."""
+    runs: list[list[int]] = []
+    for e in ids:
+        if runs and e == runs[-1][-1] + 1:
+            runs[-1].append(e)
+        else:
+            runs.append([e])
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
 
 
-def place_stages(nodes: Sequence[NodeView], sizes: Sequence[int],
-                 current: dict[int, str] | None = None) -> list[NodeView]:
-    """Which node runs each stage. Stages stay where they ran while their node is alive;
-    the others go to the node with the most memory left. Pure; raises PlacementError."""
-    by_id = {v.node_id: v for v in nodes}
-    free = {v.node_id: v.memory_available for v in nodes}
-    out: list[NodeView | None] = [None] * len(sizes)
-    if current is None:  # first placement: stage k on the k-th node, as many as there are
-        current = {k: nodes[k].node_id for k in range(min(len(nodes), len(sizes)))}
-    for k, nid in current.items():
-        if nid in by_id and free[nid] >= sizes[k]:
-            out[k] = by_id[nid]
-            free[nid] -= sizes[k]
-    for k in range(len(sizes)):
-        if out[k] is None:
-            nid = max(free, key=lambda n: free[n]) if free else None
-            if nid is None or free[nid] < sizes[k]:
-                have = f"{by_id[nid].name} has {free[nid] / 2**30:.2f} GiB free" if nid else \
-                    "no node is left"
-                raise PlacementError(f"stage {k} needs {sizes[k] / 2**30:.2f} GiB; {have}")
-            out[k] = by_id[nid]
-            free[nid] -= sizes[k]
-    return out  # type: ignore[return-value]
-
-
-def layer_split(out_dir: Path) -> list[int]:
-    """Layers per stage, from the manifest (the runtime's `split`)."""
-    manifest = json.loads((out_dir / "manifest.json").read_text())
-    split = [0] * len(manifest["stages"])
-    for st in manifest["stages"]:
-        split[st["stage"]] = st["layers"][1] - st["layers"][0]
-    return split
+def experts_lost(stage: Stage, lost: Sequence[NodeView], alive: Sequence[NodeView], message: str) -> str:
+    """The one-line error that ends the requests of an expert-parallel `stage` when nodes
+    are lost: their experts are held by no other node, so no request can finish without them."""
+    held = "; ".join(f"{where(v)} lost, which held experts {expert_ids(stage.experts_of(v.name))}"
+                     for v in lost)
+    left = ", ".join(v.name for v in alive) or "none"
+    first = (message.strip().splitlines() or [""])[0]
+    return (f"{held} of the expert-parallel stage; no other node holds them, so requests cannot finish "
+            f"on the nodes left ({left}) (first report: {first})")
 
 
 def names(views: Sequence[NodeView]) -> list[str]:
     """Node names, each once, in order."""
     return list(dict.fromkeys(v.name for v in views))
-
-
-def where(v: NodeView) -> str:
-    return f"{v.name} ({v.host}:{v.port})"
-
-
-def link_kind(a: NodeView, b: NodeView) -> str:
-    """How `a` reaches `b`, as far as the nodes' interfaces tell."""
-    if a.node_id == b.node_id or a.host.startswith("127.") or a.host in ("localhost", "::1"):
-        return "loopback"
-    if any(i.thunderbolt for i in a.interfaces) and any(i.thunderbolt for i in b.interfaces):
-        return "thunderbolt"
-    return "ethernet" if a.interfaces else "unknown"
 
 
 def moved(before: Sequence[NodeView], after: Sequence[NodeView]) -> str:
@@ -105,58 +89,80 @@ def moved(before: Sequence[NodeView], after: Sequence[NodeView]) -> str:
 
 
 class ClusterEngine:
-    def __init__(self, out_dir: Path, model: str, nodes: Sequence[NodeView], cluster: str,
-                 secret: bytes, max_recoveries: int = 4, **engine_opts: Any) -> None:
+    def __init__(self, out_dir: Path, model: str, nodes: Sequence[NodeView], conversion: Conversion,
+                 plan: Plan, cluster: str, secret: bytes, max_recoveries: int = 4,
+                 config: EngineConfig = EngineConfig()) -> None:
         from mlxdist.runtime.engine import open_engine
 
         self.out_dir, self.model = Path(out_dir), model
-        self.nodes = list(nodes)  # ring order; the first is the coordinator's own node
+        self.nodes = list(nodes)  # every healthy node, ring order; the first is the coordinator's own
         self.cluster, self.secret = cluster, secret
         self.max_recoveries = max_recoveries
-        # workers beat every 0.5 s; 2.5 s of silence leaves room to notice a loss in < 5 s.
+        # workers beat every 0.5 s; 2.5 s of silence (at most) leaves room to notice a loss in < 5 s.
         # A failed group is not the end of its requests: the runtime calls _on_failure,
-        # which re-places and hands them over with Engine.regroup (text state and all)
-        self.engine_opts = {"heartbeat_timeout_s": 2.5, **engine_opts,
-                            "on_failure": self._on_failure}
-        self.sizes = stage_bytes(self.out_dir)
-        self.split = layer_split(self.out_dir)
+        # which re-places and hands them over with GroupEngine.regroup (text state and all)
+        self.config = replace(config, heartbeat_timeout_s=min(config.heartbeat_timeout_s, 2.5))
+        self.conversion = conversion
+        # an expert-parallel plan: every rank all layers (no split), each its part's experts
+        self.expert_parallel = any(st.expert_parallel for st in plan.stages)
+        self.split = None if self.expert_parallel else conversion.split
+        if self.expert_parallel:
+            st = plan.stages[0]
+            self.config = replace(self.config, expert_parallel=True,
+                                  experts=tuple(st.experts_of(n) for n in st.nodes))
         self.recoveries: list[dict] = []  # what happened, for tests and /metrics
         self._lock = threading.RLock()  # submits wait while the model moves
         self._fatal: str | None = None
         self._closed = False
-        self.placement = place_stages(self.nodes, self.sizes)
-        self._home = list(self.placement)  # where each stage runs when every node is up
+        self.plan, self.placement = plan, ranks_on(plan, self.nodes)  # what runs now, per rank
+        self._home = plan  # where each stage runs when every node is up
+        self._placed_at = time.time()
         with self._lock:  # a failure hook waits until we are set up
             self._group = self._launcher(self.placement)  # the current group's launcher
-            self._inner = open_engine(self.out_dir, ranks=len(self.placement),
+            self._inner = open_engine(self.out_dir, self.config, ranks=len(self.placement),
                                       split=self.split, launcher=self._group,
-                                      **self.engine_opts)
+                                      on_failure=self._on_failure)
         self._stop = threading.Event()
         threading.Thread(target=self._take_back_loop, name="mlxdist-take-back",
                          daemon=True).start()
-        self.model_name = engine_opts.get("model_name") or model
+        self.model_name = config.model_name or model
         self.tokenizer = self._inner.tokenizer
         self.context_length = self._inner.context_length
         self.max_concurrent = self._inner.max_concurrent
 
     # -- placement and moving -------------------------------------------------------------
+    def _shard_of(self, rank: int, v: NodeView) -> tuple[Path, int]:
+        """What rank `rank` on `v` runs from: (directory to deliver, stage number). A
+        pipeline rank k: stage k's directory; an expert-parallel rank: the node's part of
+        stage 0, holding its experts only."""
+        if self.expert_parallel:
+            return self.out_dir / part_dir(0, v.name), 0
+        return self.out_dir / stage_dir(rank), rank
+
     def _launcher(self, placement: list[NodeView]) -> ClusterLauncher:
-        """Deliver each node the stages `placement` gives it; the launcher for rank k on
-        placement[k]."""
+        """Deliver each node the stages (or the part) `placement` gives it; the launcher
+        for rank k on placement[k]."""
+        shards = [self._shard_of(k, v) for k, v in enumerate(placement)]
         assignments: dict[str, list] = {}
-        for k, v in enumerate(placement):
-            assignments.setdefault(v.node_id, []).append(
-                (self.out_dir / "stages" / str(k), self.model, k))
+        for v, (path, stage) in zip(placement, shards):
+            assignments.setdefault(v.node_id, []).append((path, self.model, stage))
         deliver({v.node_id: v for v in placement}, assignments, self.cluster, self.secret)
-        return ClusterLauncher([Placement(v, self.model, k) for k, v in enumerate(placement)],
+        return ClusterLauncher([Placement(v, self.model, stage) for v, (_, stage) in zip(placement, shards)],
                                self.cluster, self.secret)
 
-    def _move(self, placement: list[NodeView]) -> None:
-        """Run the model on `placement` from now on; requests in flight are carried over
+    def _move(self, plan: Plan) -> None:
+        """Run the model as `plan` says from now on; requests in flight are carried over
         (re-prefilled with their tokens so far; their text goes on where it stopped)."""
+        placement = ranks_on(plan, self.nodes)
         launcher = self._launcher(placement)
         self._inner.regroup(ranks=len(placement), split=self.split, launcher=launcher)
-        self._group, self.placement = launcher, placement
+        self._group, self.plan, self.placement = launcher, plan, placement
+
+    def _replan(self, alive: Sequence[NodeView]) -> Plan:
+        """The planner's placement on the nodes that answer, each stage kept where it runs
+        now if it fits there, KV caches for what the first plan counted."""
+        first = Request(context=self._home.context, concurrency=self._home.concurrency)
+        return self.conversion.plan_on(alive, first, {k: v.name for k, v in enumerate(self.placement)})
 
     def _alive(self, timeout: float = 2.0) -> list[NodeView]:
         """The nodes that answer a ping within `timeout` s, asked all at once."""
@@ -173,8 +179,8 @@ class ClusterEngine:
             return [v for v, ok in zip(self.nodes, pool.map(answers, self.nodes)) if ok]
 
     def _on_failure(self, engine: Any, message: str) -> None:
-        """The runtime's failure hook (its own thread): probe the nodes, re-place the
-        stages of the lost ones on the nodes left and carry every request over, or end
+        """The runtime's failure hook (its own thread): probe the nodes, plan again on
+        the nodes left (the stages of the lost ones move) and carry every request over, or end
         them all with an error naming what is missing. `message` is the runtime's first
         report, which may come from a survivor (its ring peer vanished); the nodes that
         no longer answer are the ones lost."""
@@ -193,18 +199,25 @@ class ClusterEngine:
             before, fatal = list(self.placement), None
             if sum(r["reason"] != "nodes back" for r in self.recoveries) >= self.max_recoveries:
                 fatal = f"{what}: {message} (gave up after {self.max_recoveries} re-placements)"
-            else:
-                current = {k: v.node_id for k, v in enumerate(self.placement)}
+            elif self.expert_parallel and lost:
+                fatal = experts_lost(self.plan.stages[0], lost, alive, message)
+            elif self.expert_parallel:  # every node answers: start the group again where it ran
                 try:
-                    self._move(place_stages(alive, self.sizes, current))
-                except PlacementError as e:
+                    self._move(self.plan)
+                except Exception as e:
+                    fatal = f"{what}: {message}; restart failed: {type(e).__name__}: {e}"
+            else:
+                try:
+                    self._move(self._replan(alive))
+                except UserError as e:
                     fatal = f"{what}: {message}; the model no longer fits on the nodes left: {e}"
                 except Exception as e:
                     fatal = f"{what}: {message}; re-placement failed: {type(e).__name__}: {e}"
             self.recoveries.append({"reason": message, "lost": [v.name for v in lost],
                                     "noticed_at": noticed_at,
                                     "seconds": time.monotonic() - t0,
-                                    "nodes": [v.name for v in alive], "fatal": fatal})
+                                    "nodes": [v.name for v in alive], "fatal": fatal,
+                                    "group": list(self.plan.group), "plan": self.plan.reason})
             if fatal:
                 self._fatal = fatal
                 log.error("%s", fatal)
@@ -213,18 +226,19 @@ class ClusterEngine:
             log.warning("%s; %s; now on %s (in %.1f s; first report: %s)", what,
                         moved(before, self.placement), [v.name for v in self.placement],
                         time.monotonic() - t0, message)
+            log.info("plan: %s", self.plan.reason)
 
     def _take_back_loop(self, interval_s: float = 2.0) -> None:
         """A node that comes back gets its stages back, at a moment with no request in
         flight (so nobody waits for the model to move)."""
         while not self._stop.wait(interval_s):
-            if self._fatal or self._closed or self.placement == self._home or self._busy():
+            if self._fatal or self._closed or self.plan.group == self._home.group or self._busy():
                 continue
-            up = {v.node_id for v in self._alive()}
-            if any(v.node_id not in up for v in self._home):
+            up = {v.name for v in self._alive()}
+            if any(name not in up for name in self._home.group):
                 continue
             with self._lock:
-                if self._fatal or self._closed or self.placement == self._home or self._busy():
+                if self._fatal or self._closed or self.plan.group == self._home.group or self._busy():
                     continue
                 self._take_back()
 
@@ -233,15 +247,15 @@ class ClusterEngine:
 
     def _take_back(self) -> None:
         t0, before = time.monotonic(), list(self.placement)
+        home = ranks_on(self._home, self.nodes)
         held = {v.node_id for v in before}
-        back = list({v.node_id: v for v in self._home if v.node_id not in held}.values())
+        back = list({v.node_id: v for v in home if v.node_id not in held}.values())
         try:
-            self._move(list(self._home))
+            self._move(self._home)
         except Exception as e:  # stay on the nodes left; the next failure re-places again
             log.warning("could not move back to %s: %s", ", ".join(map(where, back)), e)
             try:
-                current = {k: v.node_id for k, v in enumerate(before)}
-                self._move(place_stages(self._alive(), self.sizes, current))
+                self._move(self._replan(self._alive()))
             except Exception as e2:
                 self._fatal = f"re-placement failed: {type(e2).__name__}: {e2}"
                 log.error("%s", self._fatal)
@@ -249,7 +263,8 @@ class ClusterEngine:
             return
         self.recoveries.append({"reason": "nodes back", "back": names(back),
                                 "noticed_at": time.time(), "seconds": time.monotonic() - t0,
-                                "nodes": names(self._home), "fatal": None})
+                                "nodes": names(home), "fatal": None,
+                                "group": list(self.plan.group), "plan": self.plan.reason})
         log.warning("%s back; %s; now on %s (in %.1f s)", ", ".join(map(where, back)),
                     moved(before, self.placement), [v.name for v in self.placement],
                     time.monotonic() - t0)
@@ -301,9 +316,10 @@ class ClusterEngine:
         return Layout("nodes", inner.num_layers, stages, tuple(nodes))
 
     def events(self) -> list[dict]:
-        """Node losses, re-placements and returns, with the inner engine's own (requests
-        carried over), newest last."""
-        out = []
+        """The placement (the plan and why), node losses, re-placements and returns, with
+        the inner engine's own (requests carried over), newest last."""
+        out = [{"t": self._placed_at, "event": "placed",
+                "message": f"stages on {', '.join(self._home.group)}: {self._home.reason}"}]
         for r in self.recoveries:
             t = float(r.get("noticed_at") or 0.0)
             if r.get("reason") == "nodes back":
@@ -316,7 +332,8 @@ class ClusterEngine:
                 out.append({"t": t, "event": "fatal", "message": str(r["fatal"])})
             else:
                 out.append({"t": t + float(r.get("seconds") or 0), "event": "replaced",
-                            "message": f"re-placed in {r.get('seconds', 0):.1f} s on {', '.join(r.get('nodes') or [])}"})
+                            "message": f"re-placed in {r.get('seconds', 0):.1f} s: stages on "
+                                       f"{', '.join(r.get('group') or [])}: {r.get('plan')}"})
         return sorted(out + self._inner.events(), key=lambda e: e["t"])[-50:]
 
     def close(self) -> None:

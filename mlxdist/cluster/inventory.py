@@ -1,17 +1,35 @@
-"""The live cluster as the planner sees it: each healthy node as a placement `NodeSpec`.
+"""The live cluster and a converted model as the planner sees them.
 
-`mlxdist plan --nodes auto` calls `placement_nodes()` (through `mlxdist.cluster`). The
-cluster knows what each node reports (chip, memory, measured bandwidth); the placement
-package knows only numbers, so the translation lives here.
+The cluster knows what each node reports (chip, memory, measured bandwidth, interfaces)
+and where the shards lie; the placement package knows only numbers. The translation
+lives here: each healthy node as a placement `NodeSpec`, the links between them as link
+presets (`cluster_spec`), a conversion as its cost numbers, fixed layer ranges and stage
+bytes (`Conversion`). `mlxdist plan --nodes auto` calls `placement_nodes()` (through
+`mlxdist.cluster`); `serve --nodes` places with `Conversion.plan_on`.
 """
 
 from __future__ import annotations
 
 import os
+import socket
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Mapping, Sequence
 
-from mlxdist.cluster.coordinator import NodeView
-from mlxdist.placement.hardware import CHIPS, GB, NodeSpec, default_reserve
+from mlxdist.cluster.machine import probe_hardware
+from mlxdist.cluster.nodes import NodeView, discover_nodes, link_kind
+from mlxdist.cluster.secret import DEFAULT_SECRET_FILE, load_secret
+from mlxdist.placement.specs import CHIPS, GB, LINK_PRESETS, Cluster, LinkSpec, NodeSpec, cluster_from_nodes, \
+    default_reserve
+from mlxdist.placement.model import ModelSpec, load_model
+from mlxdist.placement.plan import Plan
+from mlxdist.placement.planner import Request, plan_stages
+from mlxdist.shard_format import Manifest
+
+# What a link kind (nodes.link_kind) costs, as the planner's presets. Thunderbolt carries
+# TCP here (the ring backend); a link we know nothing of is priced as ethernet.
+LINK_PRESET = {"thunderbolt": "tb-tcp", "ethernet": "ethernet-10g", "unknown": "ethernet-10g",
+               "loopback": "loopback"}
 
 
 def node_spec(view: NodeView, reserve_bytes: int | None = None) -> NodeSpec:
@@ -27,12 +45,87 @@ def node_spec(view: NodeView, reserve_bytes: int | None = None) -> NodeSpec:
     return NodeSpec(view.name, memory, bandwidth, generic.fp16_tflops * 1e12, reserve, view.chip or "generic")
 
 
+def this_machine(reserve_bytes: int | None = None) -> NodeSpec:
+    """This machine as planner numbers, from the same probe a node advertises (machine.py):
+    what `mlxdist plan --nodes auto` places on when no cluster answers."""
+    hw = probe_hardware()
+    view = NodeView("", socket.gethostname() or "localhost", "127.0.0.1", 0, "ok", hw.chip, hw.memory_total,
+                    hw.memory_available, hw.gpu_cores, hw.bandwidth_gbs)
+    return node_spec(view, reserve_bytes)
+
+
+def cluster_spec(views: Sequence[NodeView]) -> Cluster:
+    """The nodes, in the order given (the ring order), and every link between two of them
+    priced by what their interfaces tell (`link_kind`): Thunderbolt, ethernet, loopback.
+    The default link is the one kind all pairs share, else ethernet. Nodes of one kind
+    (same chip, same memory) get one speed, the slowest they measured: measurements of
+    identical machines differ by noise, which must not reorder the stages."""
+    specs = [node_spec(v) for v in views]
+    slowest: dict[tuple[str, int], float] = {}
+    for n in specs:
+        kind = (n.chip, n.memory_bytes)
+        slowest[kind] = min(slowest.get(kind, n.bandwidth), n.bandwidth)
+    specs = [replace(n, bandwidth=slowest[(n.chip, n.memory_bytes)]) for n in specs]
+    links = []
+    for i, a in enumerate(views):
+        for b in views[i + 1:]:
+            kind = LINK_PRESET[link_kind(a, b)]
+            links.append((kind, LinkSpec(a.name, b.name, *LINK_PRESETS[kind])))
+    kinds = {kind for kind, _ in links}
+    default = kinds.pop() if len(kinds) == 1 else ("loopback" if not links else "ethernet-10g")
+    return cluster_from_nodes(specs, default, tuple(link for _, link in links))
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """A converted model (`mlxdist quantize` output) as the planner places it: its cost
+    numbers (from its config.json), the layer ranges its shards fix, each stage's bytes on
+    disk, the context the runtime serves it at, and the per-node parts of an
+    expert-parallel stage (which fix its nodes and their experts)."""
+
+    model: ModelSpec
+    ranges: tuple[tuple[int, int], ...]
+    stage_bytes: tuple[int, ...]
+    context_length: int
+    # per stage, an expert-parallel stage's parts as (node, expert ids in row order); () for
+    # a pipeline stage. A conversion with parts runs only with the plan it was cut by
+    parts: tuple[tuple[tuple[str, tuple[int, ...]], ...], ...] = ()
+
+    @classmethod
+    def load(cls, out_dir: str | Path) -> Conversion:
+        """OUT's manifest and config, or a one-line UserError."""
+        manifest = Manifest.load(out_dir)
+        return cls(load_model(str(out_dir)), tuple(manifest.stage_ranges()),
+                   tuple(manifest.stage_bytes(out_dir)),
+                   int(manifest.config.get("max_position_embeddings") or 4096),
+                   tuple(tuple((p.node, p.experts) for p in st.parts) for st in manifest.stages))
+
+    @property
+    def expert_parallel(self) -> bool:
+        """Whether a stage is cut into per-node expert parts (docs/shard-format.md)."""
+        return any(self.parts)
+
+    @property
+    def split(self) -> list[int]:
+        """Layers per stage (the runtime's `split`)."""
+        return [b - a for a, b in self.ranges]
+
+    def request(self, concurrency: int) -> Request:
+        """What a first placement reserves KV caches for: the planner's default context
+        (or the model's own, when shorter) x `concurrency` requests."""
+        return Request(context=min(Request().context, self.context_length), concurrency=concurrency)
+
+    def plan_on(self, views: Sequence[NodeView], req: Request, keep: Mapping[int, str] | None = None) -> Plan:
+        """The planner's placement of these stages on `views` (ring order), keeping the
+        stages of `keep` (stage -> node name) where they ran if they fit; UserError if
+        nothing fits."""
+        return plan_stages(self.model, cluster_spec(views), self.ranges, req, keep=keep,
+                           stage_bytes=self.stage_bytes)
+
+
 def placement_nodes(browse_s: float = 2.0) -> list[NodeSpec]:
     """Discover the cluster's nodes by mDNS and describe the healthy ones; [] when this
     machine has no cluster secret yet (then `plan` describes this machine alone)."""
-    from mlxdist.cluster.coordinator import discover_nodes
-    from mlxdist.cluster.secret import DEFAULT_SECRET_FILE, load_secret
-
     secret_file = Path(os.environ.get("MLXDIST_SECRET_FILE") or DEFAULT_SECRET_FILE)
     if not secret_file.exists():
         return []

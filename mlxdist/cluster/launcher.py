@@ -1,11 +1,11 @@
 """`ClusterLauncher`: the runtime's Launcher (mlxdist/runtime/launcher.py) over the
 cluster's control plane. The runtime's engine asks it for ring addresses, hands it one
-WorkerSpec per rank, and polls and terminates the workers; each order goes to the node
-that holds the rank's stage, which checks it and starts `python -m mlxdist.runtime.worker`
-itself. No ssh, no command line on the wire.
+WorkerSpec per rank, and polls and terminates the workers; each spec goes, as the blob the
+worker reads on its stdin, to the node that holds the rank's stage, which checks it and
+starts `python -m mlxdist.runtime.worker` itself. No ssh, no command line on the wire.
 
     launcher = ClusterLauncher([Placement(view0, "model", 0), ...], cluster, secret)
-    engine = open_engine(OUT, ranks=3, launcher=launcher)
+    engine = open_engine(OUT, EngineConfig(), ranks=3, launcher=launcher)
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from mlxdist.cluster.client import NodeClient
-from mlxdist.cluster.coordinator import NodeView
+from mlxdist.cluster.nodes import NodeView
 from mlxdist.cluster.ring import RingMember, hostfile_for
+from mlxdist.runtime.launcher import WorkerSpec
 
 
 @dataclass(frozen=True)
@@ -74,16 +75,12 @@ class ClusterLauncher:
     def hostfile_path(self) -> str:
         return "(written by each node in its data dir)"
 
-    def launch(self, specs: Sequence, hostfile: list[list[str]]) -> None:
+    def launch(self, specs: Sequence[WorkerSpec], hostfile: list[list[str]]) -> None:
+        """Each spec, as the blob its worker reads, to the node holding its stage."""
         with self._lock:
             for spec in specs:
                 p = self.placements[spec.rank]
-                self._client(p.node).launch(
-                    self.job, spec.rank, hostfile, p.model, p.stage, control=spec.control,
-                    session=spec.session, layers=(spec.start, spec.end),
-                    max_slots=spec.max_slots, prefill_step=spec.prefill_step,
-                    host=p.node.name, backend=spec.backend, handoff=spec.handoff,
-                    prompt_cache=spec.prompt_cache)
+                self._client(p.node).launch(self.job, p.model, p.stage, hostfile, spec.to_msgpack())
                 self._codes[spec.rank] = None
 
     def poll(self) -> dict[int, int | None]:

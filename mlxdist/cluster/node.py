@@ -15,10 +15,11 @@ from typing import Any, Callable
 
 from mlxdist import PROTOCOL_VERSION, __version__
 from mlxdist.cluster.auth import Handshakes, NonceLog, server_handshake
-from mlxdist.cluster.hardware import Hardware, Interface, probe_hardware
+from mlxdist.cluster.interfaces import Interface
+from mlxdist.cluster.machine import Hardware, probe_hardware
 from mlxdist.cluster.shards import ShardError, ShardStore, check_files, check_name
-from mlxdist.cluster.wire import Channel, ProtocolError, Refused
 from mlxdist.cluster.workers import LaunchError, Workers, parse_launch
+from mlxdist.framing import Channel, ProtocolError, Refused
 
 log = logging.getLogger("mlxdist.node")
 HANDSHAKE_DEADLINE_S = 5.0  # from accept to the end of the handshake, however it trickles
@@ -274,7 +275,7 @@ class Node:
         stage_dir = self.store.stage_dir(spec.model, spec.stage)
         if stage_dir is None:
             raise LaunchError(f"this node holds no verified {spec.model} stage {spec.stage}")
-        return {"t": "launched", "job": spec.job, "rank": spec.rank,
+        return {"t": "launched", "job": spec.job, "rank": spec.worker.rank,
                 "pid": self.workers.start(spec, stage_dir)}
 
     def _free_ports(self, m: dict) -> dict:

@@ -9,7 +9,7 @@ import itertools
 from dataclasses import dataclass
 from typing import Sequence
 
-from mlxdist.cluster.hardware import Interface
+from mlxdist.cluster.interfaces import Interface
 
 THUNDERBOLT, LAN, NONE = 2, 1, 0
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlxdist.files import sha256_file
+from mlxdist.shard_format import MANIFEST, shard_root
 
 VERIFIED = ".mlxdist-verified.json"
 EXPECTED = ".mlxdist-expected.json"
@@ -87,13 +88,12 @@ def cached_sha256(path: Path) -> str:
     return digest
 
 
-MANIFEST = "manifest.json"
 
 
 def stage_sources(stage_dir: Path) -> dict[str, Path]:
-    """The files a node gets for a stage: the stage directory's regular files, plus the
-    model's manifest.json (OUT/manifest.json, two levels up) so the worker can check the
-    shard against it."""
+    """The files a node gets for a stage (or a node's part of an expert-parallel stage):
+    the directory's regular files, plus the model's OUT/manifest.json so the worker can
+    check the shard against it."""
     stage_dir = Path(stage_dir)
     if not (stage_dir / "stage.json").is_file():
         raise ShardError(f"{stage_dir} is not a stage directory (no stage.json)")
@@ -104,9 +104,9 @@ def stage_sources(stage_dir: Path) -> dict[str, Path]:
         if not FILE_RE.match(p.name):
             raise ShardError(f"file name {p.name!r} in {stage_dir} cannot be delivered")
         files[p.name] = p
-    manifest = stage_dir.parent.parent / MANIFEST
-    if MANIFEST not in files and stage_dir.parent.name == "stages" and manifest.is_file():
-        files[MANIFEST] = manifest
+    root = shard_root(stage_dir)
+    if MANIFEST not in files and root is not None and (root / MANIFEST).is_file():
+        files[MANIFEST] = root / MANIFEST
     return files
 
 
@@ -275,8 +275,8 @@ class ShardStore:
         paths = {}
         for name in files:  # all of them checked before anything is read
             path = source / name
-            if name == MANIFEST and not path.exists():  # OUT/stages/k -> OUT/manifest.json
-                path = source.parent.parent / MANIFEST
+            if name == MANIFEST and not path.exists() and shard_root(source) is not None:
+                path = shard_root(source) / MANIFEST  # OUT/stages/k[/nodes/<node>] -> OUT/manifest.json
             paths[name] = self.confine(path)
             if not paths[name].is_file():
                 raise ShardError(f"{name} is not a file in {source}")

@@ -1,10 +1,13 @@
 """Starting workers on a node at the coordinator's request, safely.
 
-The control plane never carries a command line. A launch order names a job, a rank, the
-hostfile (validated addresses), a stage the node already holds (resolved in its own data
-dir), optionally a layer range inside it, the engine's control address and session, and
-two integers; the node checks each field and builds the argument list itself with the
-runtime's `WorkerSpec`, and runs only `python -m mlxdist.runtime.worker`.
+The control plane never carries a command line. A launch order names a job, a stage the
+node already holds (resolved in its own data dir) and the hostfile (validated addresses),
+and carries the rank's `WorkerSpec` as the msgpack blob the worker will read: the node
+parses it with `WorkerSpec.from_msgpack` (types and bounds), checks what it must (layers
+inside the held stage, addresses, session, names, the options a node runs; expert
+parallel only from a held part whose experts are the spec's), fills in what
+only it knows (its stage directory, hostfile path, shard root), and runs only `python -m
+mlxdist.runtime.worker`, the spec on its stdin.
 """
 
 from __future__ import annotations
@@ -18,16 +21,20 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-WORKER_MODULE = "mlxdist.runtime.worker"
+from mlxdist.errors import UserError
+from mlxdist.runtime.launcher import WorkerSpec, start_worker
+from mlxdist.shard_format import StageJson
+
 JOB_RE = re.compile(r"^[0-9a-f]{8,32}$")
 SESSION_RE = re.compile(r"^[0-9a-f]{8,64}$")
 HOST_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 BACKENDS = ("ring",)
 HANDOFFS = ("messages", "collective")  # nccl needs one host's GPUs: local ranks only
 MAX_RANKS = 64
+MAX_SPEC_BYTES = 64 << 10
 
 
 class LaunchError(Exception):
@@ -37,19 +44,10 @@ class LaunchError(Exception):
 @dataclass(frozen=True)
 class LaunchSpec:
     job: str
-    rank: int
-    hostfile: tuple[tuple[str, ...], ...]
-    backend: str
     model: str
     stage: int
-    layers: tuple[int, int] | None  # None: the stage's own range (from its stage.json)
-    control: str  # ip:port of the engine's control server
-    session: str
-    max_slots: int = 8
-    prefill_step: int = 2048
-    host: str = "node"  # how the engine names this rank in messages
-    handoff: str = "messages"  # decode hand-offs (runtime/worker.py --handoff)
-    prompt_cache: int = 0  # retained sequences (runtime/worker.py --prompt-cache)
+    hostfile: tuple[tuple[str, ...], ...]
+    worker: WorkerSpec  # as the coordinator sent it; worker_spec() makes it this node's
 
 
 def _check_endpoint(text: object) -> str:
@@ -65,15 +63,8 @@ def _check_endpoint(text: object) -> str:
     return text
 
 
-def _int(msg: dict, key: str, lo: int, hi: int, default: int | None = None) -> int:
-    value = msg.get(key, default)
-    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-        raise LaunchError(f"bad {key}")
-    return value
-
-
 def parse_launch(msg: dict) -> LaunchSpec:
-    job, hostfile = msg.get("job"), msg.get("hostfile")
+    job, hostfile, blob = msg.get("job"), msg.get("hostfile"), msg.get("spec")
     if not isinstance(job, str) or not JOB_RE.match(job):
         raise LaunchError("bad job id")
     if not isinstance(hostfile, list) or not 1 <= len(hostfile) <= MAX_RANKS:
@@ -83,34 +74,41 @@ def parse_launch(msg: dict) -> LaunchSpec:
         if not isinstance(entry, list) or not 1 <= len(entry) <= 8:
             raise LaunchError("bad hostfile entry")
         hosts.append(tuple(_check_endpoint(e) for e in entry))
-    rank = _int(msg, "rank", 0, len(hosts) - 1)
-    backend = msg.get("backend", "ring")
-    if backend not in BACKENDS:
-        raise LaunchError(f"backend {backend!r} not supported")
-    handoff = msg.get("handoff", "messages")
-    if handoff not in HANDOFFS:
-        raise LaunchError(f"handoff {handoff!r} not supported")
     from mlxdist.cluster.shards import ShardError, check_name
     try:
         model, stage = check_name(msg.get("model"), msg.get("stage"))
     except ShardError as e:
         raise LaunchError(str(e)) from None
-    layers = msg.get("layers")
-    if layers is not None:
-        if not isinstance(layers, list) or len(layers) != 2 or not all(
-                isinstance(x, int) and not isinstance(x, bool) for x in layers) \
-                or not 0 <= layers[0] < layers[1] <= 100000:
-            raise LaunchError("bad layers")
-        layers = (layers[0], layers[1])
-    session, host = msg.get("session"), msg.get("host", "node")
-    if not isinstance(session, str) or not SESSION_RE.match(session):
+    if not isinstance(blob, bytes) or len(blob) > MAX_SPEC_BYTES:
+        raise LaunchError("bad spec (want a WorkerSpec blob)")
+    try:
+        worker = WorkerSpec.from_msgpack(blob)
+    except ValueError as e:
+        raise LaunchError(f"bad spec: {e}") from None
+    _check_worker(worker, len(hosts))
+    return LaunchSpec(job, model, stage, tuple(hosts), worker)
+
+
+def _check_worker(w: WorkerSpec, ranks: int) -> None:
+    """What a node runs: a pipeline or expert-parallel rank of this hostfile, on the ring
+    (no NCCL), reporting to an IPv4 control address, with a hex session key and a plain
+    host name. Whether an expert-parallel rank's experts are held here is checked against
+    the held part (`worker_spec`)."""
+    if w.ranks != ranks:
+        raise LaunchError(f"bad spec: {w.ranks} ranks but the hostfile has {ranks}")
+    if w.config.backend not in BACKENDS:
+        raise LaunchError(f"backend {w.config.backend!r} not supported")
+    if w.config.handoff not in HANDOFFS:
+        raise LaunchError(f"handoff {w.config.handoff!r} not supported")
+    if w.nccl:
+        raise LaunchError("a node runs no NCCL ranks (one host's GPUs: local ranks only)")
+    if w.experts and not w.config.expert_parallel:
+        raise LaunchError("bad spec: experts given for a rank that is not expert-parallel")
+    _check_endpoint(w.control)
+    if not SESSION_RE.match(w.session):
         raise LaunchError("bad session")
-    if not isinstance(host, str) or not HOST_RE.match(host):
+    if not HOST_RE.match(w.host):
         raise LaunchError("bad host name")
-    return LaunchSpec(job, rank, tuple(hosts), backend, model, stage, layers,
-                      _check_endpoint(msg.get("control")), session,
-                      _int(msg, "max_slots", 1, 1024, 8), _int(msg, "prefill_step", 1, 1 << 20, 2048),
-                      host, handoff, _int(msg, "prompt_cache", 0, 1024, 0))
 
 
 def stage_layers(stage_dir: Path) -> tuple[int, int, int]:
@@ -124,29 +122,41 @@ def stage_layers(stage_dir: Path) -> tuple[int, int, int]:
         raise LaunchError(f"stage {stage_dir.name} has no readable layer range: {e}") from None
 
 
-def worker_argv(spec: LaunchSpec, stage_dir: Path, hostfile_path: Path) -> list[str]:
-    """The command line, built here from the runtime's own WorkerSpec. A rank may run the
-    whole layer range of a stage it holds, or a part of it (re-placement); only for the
-    whole stage is the shard checked against its manifest (--shard-root)."""
-    from mlxdist.runtime.launcher import WorkerSpec
+def held_experts(stage_dir: Path) -> tuple[int, ...] | None:
+    """The expert ids (row order) of a held part of an expert-parallel stage, None for a
+    pipeline stage: its stage.json's `experts` (docs/shard-format.md)."""
+    try:
+        return StageJson.load(stage_dir).experts
+    except UserError as e:
+        raise LaunchError(f"stage {stage_dir.name}: {e}") from None
 
+
+def worker_spec(spec: LaunchSpec, stage_dir: Path, hostfile_path: Path) -> WorkerSpec:
+    """The coordinator's spec with this node's paths. A rank may run the whole layer range
+    of a stage it holds, or a part of it (re-placement); only for the whole stage is the
+    shard checked against its manifest (shard_root)."""
     have_start, have_end, num_layers = stage_layers(stage_dir)
-    start, end = spec.layers or (have_start, have_end)
-    if not have_start <= start < end <= have_end:
-        raise LaunchError(f"layers [{start}, {end}) are not in the held stage "
+    w = spec.worker
+    if w.num_layers != num_layers:
+        raise LaunchError(f"the model has {num_layers} layers here, not {w.num_layers}")
+    if not have_start <= w.start < w.end <= have_end:
+        raise LaunchError(f"layers [{w.start}, {w.end}) are not in the held stage "
                           f"[{have_start}, {have_end})")
-    whole = (start, end) == (have_start, have_end)
+    whole = (w.start, w.end) == (have_start, have_end)
+    experts = held_experts(stage_dir)
+    if w.config.expert_parallel:
+        if experts is None:
+            raise LaunchError("an expert-parallel rank runs only from a held part of an expert-parallel "
+                              "stage; this stage holds every expert")
+        if tuple(w.experts) != experts or not whole:
+            raise LaunchError(f"the held part holds experts [{', '.join(map(str, experts))}] of layers "
+                              f"[{have_start}, {have_end}), not the spec's [{', '.join(map(str, w.experts))}] "
+                              f"of [{w.start}, {w.end})")
+    elif experts is not None:
+        raise LaunchError("the held stage is one node's part of an expert-parallel stage: it runs only "
+                          "expert-parallel, with its own experts")
     shard_root = str(stage_dir) if whole and (stage_dir / "manifest.json").exists() else ""
-    ws = WorkerSpec(rank=spec.rank, ranks=len(spec.hostfile), hostfile=str(hostfile_path),
-                    model_dir=str(stage_dir), start=start, end=end, num_layers=num_layers,
-                    control=spec.control, session=spec.session, backend=spec.backend,
-                    shard_root=shard_root, max_slots=spec.max_slots,
-                    prefill_step=spec.prefill_step, host=spec.host, handoff=spec.handoff,
-                    prompt_cache=spec.prompt_cache)
-    argv = ws.argv()
-    if argv[:2] != ["-m", WORKER_MODULE]:  # never anything but the runtime's worker
-        raise LaunchError("the runtime's worker command changed shape")
-    return [sys.executable, *argv]
+    return replace(w, hostfile=str(hostfile_path), model_dir=str(stage_dir), shard_root=shard_root)
 
 
 class Workers:
@@ -159,29 +169,29 @@ class Workers:
 
     def start(self, spec: LaunchSpec, stage_dir: Path) -> int:
         with self._lock:
-            if (spec.job, spec.rank) in self._procs:
-                raise LaunchError(f"job {spec.job} rank {spec.rank} already running here")
+            rank = spec.worker.rank
+            if (spec.job, rank) in self._procs:
+                raise LaunchError(f"job {spec.job} rank {rank} already running here")
             if len(self._procs) >= 16:
                 self._reap()
                 if len(self._procs) >= 16:
                     raise LaunchError("too many workers on this node")
-            run_dir = self.jobs_dir / spec.job / f"rank{spec.rank}"
+            run_dir = self.jobs_dir / spec.job / f"rank{rank}"
             run_dir.mkdir(parents=True, exist_ok=True)
             hostfile = run_dir / "hostfile.json"
             hostfile.write_text(json.dumps([list(h) for h in spec.hostfile]))
             # the worker imports the same mlxdist as this node, installed or not
             root = str(Path(__file__).resolve().parents[2])
-            env = dict(os.environ, MLX_RANK=str(spec.rank), MLX_HOSTFILE=str(hostfile),
+            env = dict(os.environ, MLX_RANK=str(rank), MLX_HOSTFILE=str(hostfile),
                        PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-            argv = worker_argv(spec, stage_dir, hostfile)  # refuses before anything runs
+            worker = worker_spec(spec, stage_dir, hostfile)  # refuses before anything runs
             log = open(run_dir / "worker.log", "wb")
             try:
-                proc = subprocess.Popen(argv, env=env,
-                                        cwd=run_dir, stdout=log, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, start_new_session=True)
+                proc = start_worker(sys.executable, worker, env=env, cwd=run_dir, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
             finally:
                 log.close()
-            self._procs[(spec.job, spec.rank)] = proc
+            self._procs[(spec.job, rank)] = proc
             return proc.pid
 
     def _reap(self) -> None:

@@ -9,7 +9,7 @@ The one call `serve` and the cluster need:
 
 from __future__ import annotations
 
-from mlxdist.placement.hardware import LinkSpec, NodeSpec, cluster_from_nodes, node_from_chip
+from mlxdist.placement.specs import LinkSpec, NodeSpec, cluster_from_nodes, node_from_chip
 from mlxdist.placement.model import load_model
 from mlxdist.placement.plan import Plan, Stage
 from mlxdist.placement.planner import Request, plan

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from itertools import accumulate
 
-from mlxdist.placement.hardware import Cluster, NodeSpec
+from mlxdist.placement.specs import Cluster, NodeSpec
 from mlxdist.placement.model import ModelSpec
 
 KV_STEP = 256  # mlx-lm's KVCache grows in steps of 256 tokens
@@ -45,6 +45,7 @@ class Profile:
         ls = model.layers
         self.L = len(ls)
         self.rep = _prefix([x.replicated_bytes for x in ls])
+        self.shared = _prefix([x.shared_experts for x in ls])  # part of rep: rank 0's alone in EP
         self.routed = _prefix([x.routed_experts for x in ls])
         self.xbytes = _prefix([x.expert_bytes for x in ls])  # one expert of each MoE layer
         self.kv = _prefix([x.kv_bytes_per_token for x in ls])
@@ -67,11 +68,14 @@ class Profile:
     def stage_weights(self, a: int, b: int) -> int:
         return self.s(self.rep, a, b) + self.s(self.routed, a, b) + self.ends(a, b)
 
-    def ep_weights(self, a: int, b: int, owned: int, with_ends: bool = True) -> int:
+    def ep_weights(self, a: int, b: int, owned: int, with_ends: bool = True, shared: bool = True) -> int:
         """An expert-parallel member: every non-expert weight, `owned` experts per layer,
-        and (in a whole-model EP stage) the embedding and head, since every rank runs them."""
+        and (in a whole-model EP stage) the embedding and head, since every rank runs them.
+        The shared experts only where `shared`: the group's first rank runs them for all
+        (runtime/expert_parallel.py), the others hold none."""
         ends = self.model.embedding + self.model.head if with_ends else 0
-        return self.s(self.rep, a, b) + owned * self.s(self.xbytes, a, b) + ends
+        held = self.s(self.rep, a, b) - (0 if shared else self.s(self.shared, a, b))
+        return held + owned * self.s(self.xbytes, a, b) + ends
 
     def kv_bytes(self, a: int, b: int, context: int, concurrency: int) -> int:
         return self.s(self.kv, a, b) * kv_tokens(context) * concurrency

@@ -1,11 +1,21 @@
-"""The plan: immutable, JSON-able. `stages[*].layers` is what `mlxdist quantize` reads."""
+"""The plan: immutable, JSON-able. `stages[*].layers` is what `mlxdist quantize` reads.
+
+`Plan.to_json()` and `Plan.from_json()` are exact inverses (floats are written unrounded),
+so a plan file read back is the plan that was written; `Plan.load(path)` is the reading
+for users (one-line UserError on a missing or ill-formed file).
+"""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from mlxdist.errors import UserError
+
 PLAN_FORMAT = 1
+STRATEGIES = ("single", "pipeline", "expert-parallel")
 
 
 @dataclass(frozen=True)
@@ -92,16 +102,124 @@ class Plan:
                  "layers": [list(r) for r in ld.layers], "experts_per_layer": ld.n_experts,
                  "weight_bytes": ld.weight_bytes, "kv_bytes": ld.kv_bytes,
                  "usable_bytes": ld.usable_bytes, "fraction_of_usable": round(ld.fraction, 4),
-                 "busy_ms_per_step": round(ld.busy_ms_per_step, 3)}
+                 "busy_ms_per_step": ld.busy_ms_per_step}
                 for ld in self.loads
             ],
             "estimate": {
-                "decode_ms_per_token": round(e.decode_ms_per_token, 3),
-                "decode_tok_s": round(e.decode_tok_s, 2),
-                "comm_ms_per_token": round(e.comm_ms_per_token, 3),
-                "step_ms_at_concurrency": round(e.step_ms_at_concurrency, 3),
-                "aggregate_tok_s": round(e.aggregate_tok_s, 2),
-                "prefill_tok_s": round(e.prefill_tok_s, 1),
+                "decode_ms_per_token": e.decode_ms_per_token,
+                "decode_tok_s": e.decode_tok_s,
+                "comm_ms_per_token": e.comm_ms_per_token,
+                "step_ms_at_concurrency": e.step_ms_at_concurrency,
+                "aggregate_tok_s": e.aggregate_tok_s,
+                "prefill_tok_s": e.prefill_tok_s,
             },
             "reason": self.reason,
         }
+
+    @classmethod
+    def from_json(cls, doc: Any) -> Plan:
+        """The plan `to_json` wrote (`Plan.from_json(p.to_json()) == p`). A document that is
+        not one raises ValueError naming the first wrong field; the derived fields
+        (`rank`, `fraction_of_usable`, `decode_tok_s`) are checked against what they derive
+        from, so an edited file cannot say two things."""
+        _field(doc, "", "format", int)  # the object check, before reading any other key
+        if doc["format"] != PLAN_FORMAT:
+            raise ValueError(f"format is {doc['format']}, this mlxdist reads plan format {PLAN_FORMAT}")
+        group = tuple(_strings(_field(doc, "", "group", list), "group"))
+        strategy = _field(doc, "", "strategy", str)
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy is {strategy!r}, not one of {', '.join(STRATEGIES)}")
+        stages = tuple(_stage_from_json(s, f"stages[{i}]", group)
+                       for i, s in enumerate(_field(doc, "", "stages", list)))
+        loads = tuple(_load_from_json(n, f"nodes[{i}]", group)
+                      for i, n in enumerate(_field(doc, "", "nodes", list)))
+        est = _field(doc, "", "estimate", dict)
+        e = Estimate(*(_field(est, "estimate.", k, float) for k in
+                       ("decode_ms_per_token", "step_ms_at_concurrency", "aggregate_tok_s",
+                        "prefill_tok_s", "comm_ms_per_token")))
+        if e.decode_ms_per_token <= 0:
+            raise ValueError("estimate.decode_ms_per_token must be positive")
+        if _field(est, "estimate.", "decode_tok_s", float) != e.decode_tok_s:
+            raise ValueError("estimate.decode_tok_s is not 1000 / decode_ms_per_token")
+        return cls(_field(doc, "", "model", str), _field(doc, "", "model_type", str),
+                   _field(doc, "", "bits", int), _field(doc, "", "context", int),
+                   _field(doc, "", "concurrency", int), strategy, group, stages, loads, e,
+                   _field(doc, "", "reason", str), _field(doc, "", "link", str))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        """A plan file (`mlxdist plan --json > plan.json`), or a one-line UserError saying
+        why it cannot be read."""
+        try:
+            text = Path(path).read_text()
+        except FileNotFoundError:
+            raise UserError(f"plan {path} not found") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"plan {path} cannot be read: {getattr(e, 'strerror', None) or e}") from None
+        try:
+            return cls.from_json(json.loads(text))
+        except ValueError as e:  # json's decode error is one too
+            raise UserError(f"plan {path} is not a plan from `mlxdist plan --json`: {e}") from None
+
+
+_KINDS = {int: "an integer", float: "a number", str: "a string", list: "a list", dict: "an object"}
+
+
+def _field(doc: Any, where: str, key: str, kind: type) -> Any:
+    """doc[key], checked to be of `kind` (bool is not a number; an int is a float)."""
+    if not isinstance(doc, dict):
+        raise ValueError(f"{where.rstrip('.') or 'the document'} is not a JSON object")
+    if key not in doc:
+        raise ValueError(f"{where}{key} is missing")
+    v = doc[key]
+    ok = not isinstance(v, bool) and (isinstance(v, (int, float)) if kind is float else isinstance(v, kind))
+    if not ok:
+        raise ValueError(f"{where}{key} must be {_KINDS[kind]}, not {json.dumps(v)[:40]}")
+    return float(v) if kind is float else v
+
+
+def _strings(v: list, where: str) -> list[str]:
+    if not all(isinstance(x, str) for x in v):
+        raise ValueError(f"{where} must be a list of strings")
+    return v
+
+
+def _range(v: Any, where: str) -> tuple[int, int]:
+    if not (isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in v)):
+        raise ValueError(f"{where} must be [start, end] integers")
+    return v[0], v[1]
+
+
+def _ints(v: Any, where: str) -> tuple[int, ...]:
+    if not (isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)):
+        raise ValueError(f"{where} must be a list of integers")
+    return tuple(v)
+
+
+def _stage_from_json(s: Any, where: str, group: tuple[str, ...]) -> Stage:
+    layers = _range(_field(s, where + ".", "layers", list), where + ".layers")
+    nodes = tuple(_strings(_field(s, where + ".", "nodes", list), where + ".nodes"))
+    if not nodes or any(n not in group for n in nodes):
+        raise ValueError(f"{where}.nodes must name nodes of the group")
+    if len(nodes) == 1:
+        if "experts" in s:
+            raise ValueError(f"{where}: a one-node stage has no experts map")
+        return Stage(layers, nodes)
+    experts = _field(s, where + ".", "experts", dict)
+    if any(n not in nodes for n in experts):
+        raise ValueError(f"{where}.experts names a node that is not in {where}.nodes")
+    return Stage(layers, nodes, tuple((n, _ints(ids, f"{where}.experts.{n}")) for n, ids in experts.items()))
+
+
+def _load_from_json(n: Any, where: str, group: tuple[str, ...]) -> NodeLoad:
+    w = where + "."
+    name, rank = _field(n, w, "name", str), _field(n, w, "rank", int)
+    if name not in group or rank != group.index(name):
+        raise ValueError(f"{where}: node {name!r} is not rank {rank} of the group")
+    layers = tuple(_range(r, f"{where}.layers[{i}]") for i, r in enumerate(_field(n, w, "layers", list)))
+    load = NodeLoad(name, _field(n, w, "chip", str), _field(n, w, "weight_bytes", int),
+                    _field(n, w, "kv_bytes", int), _field(n, w, "usable_bytes", int),
+                    _field(n, w, "busy_ms_per_step", float), layers, _field(n, w, "experts_per_layer", int))
+    if _field(n, w, "fraction_of_usable", float) != round(load.fraction, 4):
+        raise ValueError(f"{where}.fraction_of_usable is not (weight_bytes + kv_bytes) / usable_bytes")
+    return load

@@ -11,15 +11,20 @@ Candidates, all priced by `cost.py`:
   room), one all_sum per MoE layer (see docs/placement.md for why the whole group).
 The objective is the per-stream time per token at the requested concurrency; ties go
 to the candidate listed first (fewer nodes, then the bandwidth split).
+
+`plan_stages` answers the serving question: a conversion's stages are cut already, so
+only which node runs each stage is chosen (the same cost model, the same budgets); it is
+what `mlxdist serve --nodes` places with, first and after a node loss.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Mapping, Sequence
 
 from mlxdist.errors import UserError, plural
-from mlxdist.placement.cost import CostParams, Profile, ep_times, pipeline_times
-from mlxdist.placement.hardware import GB, Cluster, NodeSpec
+from mlxdist.placement.cost import CostParams, Profile, ceil_div, ep_times, pipeline_times, position
+from mlxdist.placement.specs import GB, LINK_PRESETS, GiB, Cluster, LinkSpec, NodeSpec
 from mlxdist.placement.model import ModelSpec
 from mlxdist.placement.plan import Estimate, NodeLoad, Plan, Stage
 
@@ -155,9 +160,9 @@ def make_expert_parallel(model: ModelSpec, cluster: Cluster, nodes: list[NodeSpe
         experts.append((n.name, tuple(range(start, start + c))))
         start += c
     loads = tuple(
-        NodeLoad(n.name, n.chip, p.ep_weights(0, p.L, c), p.kv_bytes(0, p.L, req.context, req.concurrency),
-                 n.usable_bytes, t * 1e3, ((0, p.L),), c)
-        for n, c, t in zip(nodes, owned, busy))
+        NodeLoad(n.name, n.chip, p.ep_weights(0, p.L, c, shared=rank == 0),
+                 p.kv_bytes(0, p.L, req.context, req.concurrency), n.usable_bytes, t * 1e3, ((0, p.L),), c)
+        for rank, (n, c, t) in enumerate(zip(nodes, owned, busy)))
     return Plan(model.name, model.model_type, model.quant.bits, req.context, req.concurrency,
                 "expert-parallel", group, (Stage((0, p.L), group, tuple(experts)),), loads,
                 Estimate(single * 1e3, cyc * 1e3, req.concurrency / cyc, pre, comm * 1e3), reason,
@@ -273,3 +278,215 @@ def refusal(model: ModelSpec, cluster: Cluster, req: Request, cp: CostParams, de
            f"and no layer split fits each node")
     msg += "; it would fit with " + " or ".join(fixes) if fixes else "; no single change makes it fit"
     return msg
+
+
+# -- fixed stages: a converted model's layer ranges on the nodes at hand ---------------------
+
+
+def _check_ranges(ranges: Sequence[tuple[int, int]], layers: int) -> None:
+    ends = [0, *(b for _, b in ranges)]
+    if not ranges or any(a != e or b <= a for (a, b), e in zip(ranges, ends)) or ends[-1] != layers:
+        raise UserError(f"stage layer ranges {[list(r) for r in ranges]} do not cut the model's "
+                        f"{plural(layers, 'layer')} into consecutive non-empty stages")
+
+
+def _blocks(order: Sequence[str], n_stages: int) -> list[str]:
+    """Stage k on order[k]; with fewer nodes than stages, consecutive stages share a node
+    (the first nodes take one more), so a shared node's hops stay inside it."""
+    if len(order) >= n_stages:
+        return list(order[:n_stages])
+    counts = _largest_remainder(n_stages, [1.0] * len(order))
+    return [name for name, c in zip(order, counts) for _ in range(c)]
+
+
+def _room(assign: Sequence[str | None], need: Sequence[int], cap: dict[str, int]) -> dict[str, int]:
+    room = dict(cap)
+    for k, name in enumerate(assign):
+        if name is not None:
+            room[name] -= need[k]
+    return room
+
+
+def _roomiest(room: dict[str, int]) -> str:
+    """The node with the most room left; ties go to the first in ring order."""
+    return max(room, key=lambda n: room[n])
+
+
+def _repair(assign: Sequence[str], need: Sequence[int], cap: dict[str, int],
+            fixed: frozenset[int] = frozenset()) -> tuple[str, ...] | None:
+    """Move stages (the last ones first, never a `fixed` one) off overfull nodes, each to
+    the node with the most room that can take it; None when some node stays overfull."""
+    out = list(assign)
+    for _ in range(len(out) * len(cap) + 1):
+        room = _room(out, need, cap)
+        over = [n for n in cap if room[n] < 0]
+        if not over:
+            return tuple(out)
+        movable = [k for k in range(len(out)) if out[k] == over[0] and k not in fixed]
+        if not movable:
+            return None
+        k = movable[-1]
+        others = {n: r for n, r in room.items() if n != over[0]}
+        if not others or others[_roomiest(others)] < need[k]:
+            return None
+        out[k] = _roomiest(others)
+    return None
+
+
+def _greedy(need: Sequence[int], cap: dict[str, int],
+            assign: Sequence[str | None] | None = None) -> tuple[list[str | None], int | None]:
+    """Place the unplaced stages, largest first, each on the node with the most room left.
+    Returns the assignment and the first stage that fitted nowhere (None if all did)."""
+    out = list(assign) if assign is not None else [None] * len(need)
+    room = _room(out, need, cap)
+    for k in sorted((k for k in range(len(out)) if out[k] is None), key=lambda k: (-need[k], k)):
+        to = _roomiest(room)
+        if room[to] < need[k]:
+            return out, k
+        out[k], room[to] = to, room[to] - need[k]
+    return out, None
+
+
+def _fixed_times(p: Profile, cl: Cluster, cp: CostParams, stages: list[tuple[str, int, int]],
+                 req: Request) -> tuple[float, float, float, float, list[float]]:
+    """`pipeline_times`, with a node that runs several stages doing their work one after
+    the other: at concurrency, a step takes at least m x the busiest node's share."""
+    single, cycle, prefill, comm, busy = pipeline_times(p, cl, cp, stages, req.context, req.concurrency)
+    m = min(req.concurrency, len(stages))
+    tokens, pos = ceil_div(req.concurrency, m), position(req.context, cp)
+    per_node: dict[str, float] = {}
+    for i, (name, a, b) in enumerate(stages):
+        per_node[name] = per_node.get(name, 0.0) + p.busy_time(
+            cl.node(name), cl, cp, a, b, tokens, pos, head=(i == len(stages) - 1))
+    return single, max(cycle, m * max(per_node.values())), prefill, comm, busy
+
+
+def _fixed_plan(model: ModelSpec, cl: Cluster, ranges: Sequence[tuple[int, int]], group: tuple[str, ...],
+                weights: Sequence[int], kv: Sequence[int], req: Request, cp: CostParams, p: Profile,
+                reason: str) -> Plan:
+    stages = [(name, a, b) for name, (a, b) in zip(group, ranges)]
+    single, cyc, pre, comm, busy = _fixed_times(p, cl, cp, stages, req)
+    loads = []
+    for name in dict.fromkeys(group):  # one load per node, in rank order
+        ks = [k for k, n in enumerate(group) if n == name]
+        node = cl.node(name)
+        loads.append(NodeLoad(name, node.chip, sum(weights[k] for k in ks), sum(kv[k] for k in ks),
+                              node.usable_bytes, sum(busy[k] for k in ks) * 1e3,
+                              tuple(tuple(ranges[k]) for k in ks), p.E))
+    return Plan(model.name, model.model_type, model.quant.bits, req.context, req.concurrency,
+                "single" if len(set(group)) == 1 else "pipeline", group,
+                tuple(Stage(tuple(r), (name,)) for name, r in zip(group, ranges)), tuple(loads),
+                Estimate(single * 1e3, cyc * 1e3, req.concurrency / cyc, pre, comm * 1e3), reason,
+                cl.default_link)
+
+
+def _with_self_links(cluster: Cluster) -> Cluster:
+    """Hops between two stages on one node stay inside it: a loopback link to itself."""
+    bw, lat = LINK_PRESETS["loopback"]
+    own = {link.a for link in cluster.links if link.a == link.b}
+    extra = tuple(LinkSpec(n.name, n.name, bw, lat) for n in cluster.nodes if n.name not in own)
+    return replace(cluster, links=(*cluster.links, *extra))
+
+
+def plan_stages(model: ModelSpec, cluster: Cluster, ranges: Sequence[tuple[int, int]], req: Request,
+                keep: Mapping[int, str] | None = None, stage_bytes: Sequence[int] | None = None,
+                cp: CostParams = CostParams()) -> Plan:
+    """Place a converted model's stages, whose layer ranges the shards on disk fix, one
+    node per stage (a node may run several), and return the fastest assignment that fits
+    as a pipeline (or single) `Plan`: `group` is the rank order, stage k runs as rank k.
+
+    A node fits what it runs when the stages' weights (`stage_bytes`, the real bytes on
+    disk, or the model's numbers) plus their KV caches for context x concurrency stay
+    within its budget. Candidates: with `keep` (stage -> the node it ran on, for a
+    re-placement) the kept stages stay and only the others move (to the node with the
+    most room, or all to one node, each tried); the cost model picks among those, and
+    only when none fits do the fresh candidates below compete (moving a stage costs a
+    delivery and a reload, which the cost model does not price). Fresh: the nodes' ring
+    order as given, the stages largest first on the node with the most room left, the
+    heaviest stages on the fastest nodes. A candidate that overflows a node is repaired
+    by moving stages to the nodes with the most room. Ties go to the candidate listed
+    first. Nothing fits: a one-line UserError saying how much memory is missing."""
+    p = Profile(model)
+    _check_ranges(ranges, p.L)
+    if req.context < 1 or req.concurrency < 1:
+        raise UserError("--context and --concurrency must be at least 1")
+    if stage_bytes is not None and len(stage_bytes) != len(ranges):
+        raise UserError(f"{plural(len(stage_bytes), 'stage size')} for {plural(len(ranges), 'stage')}")
+    weights = list(stage_bytes) if stage_bytes is not None else [p.stage_weights(a, b) for a, b in ranges]
+    kv = [p.kv_bytes(a, b, req.context, req.concurrency) for a, b in ranges]
+    need = [w + c for w, c in zip(weights, kv)]
+    cap = {n.name: budget(n, req.headroom) for n in cluster.nodes}
+    names = list(cap)
+    S = len(ranges)
+
+    kept: list[tuple[str, tuple[str, ...] | None]] = []
+    if keep:
+        held = [keep.get(k) if keep.get(k) in cap else None for k in range(S)]
+        fixed = frozenset(k for k in range(S) if held[k] is not None)
+        greedy, _ = _greedy(need, cap, held)
+        kept.append(("stages kept where they ran, the others on the nodes with most room",
+                     _repair(greedy, need, cap, fixed) if None not in greedy else None))
+        if len(fixed) < S:
+            for name in names:
+                kept.append((f"stages kept where they ran, the others on {name}",
+                             _repair([h or name for h in held], need, cap, fixed)))
+    fastest = sorted(names, key=lambda n: -cluster.node(n).bandwidth)
+    if len(names) >= S:  # the heaviest stages on the fastest nodes, in rank order
+        heavy = sorted(range(S), key=lambda k: (-p.stage_weights(*ranges[k]), k))
+        by_speed = [""] * S
+        for k, name in zip(heavy, fastest):
+            by_speed[k] = name
+    else:
+        by_speed = _blocks(fastest, S)
+    greedy, _ = _greedy(need, cap)
+    fresh = [("stages on the nodes in ring order", _repair(_blocks(names, S), need, cap)),
+             ("stages largest first on the node with most room", None if None in greedy else tuple(greedy)),
+             ("the heaviest stages on the fastest nodes", _repair(by_speed, need, cap))]
+
+    cl = _with_self_links(cluster)
+    for pool in ([c for c in kept if c[1] is not None], [c for c in fresh if c[1] is not None]):
+        seen: dict[tuple[str, ...], str] = {}
+        for why, group in pool:
+            seen.setdefault(group, why)  # type: ignore[arg-type]
+        plans = [_fixed_plan(model, cl, ranges, g, weights, kv, req, cp, p, why) for g, why in seen.items()]
+        if plans:
+            return _chosen(plans, req)
+    raise UserError(_stages_refusal(model, cluster, ranges, weights, kv, cap, req))
+
+
+def _chosen(plans: list[Plan], req: Request) -> Plan:
+    """The fastest (per stream at the request's concurrency; ties: the first), with why."""
+    best = plans[0]
+    for x in plans[1:]:
+        if x.estimate.step_ms_at_concurrency < best.estimate.step_ms_at_concurrency * (1 - 1e-9):
+            best = x
+    why = (f"{best.reason}: {best.estimate.step_ms_at_concurrency:.1f} ms/token per stream at "
+           f"concurrency {req.concurrency}, "
+           + ("the only assignment that fits" if len(plans) == 1
+              else f"the fastest of {len(plans)} assignments that fit"))
+    others = sorted((x for x in plans if x is not best), key=lambda x: x.estimate.step_ms_at_concurrency)
+    if others:
+        why += f" (next: {others[0].reason}, {others[0].estimate.step_ms_at_concurrency:.1f} ms)"
+    return replace(best, reason=why)
+
+
+def _stages_refusal(model: ModelSpec, cluster: Cluster, ranges: Sequence[tuple[int, int]],
+                    weights: Sequence[int], kv: Sequence[int], cap: dict[str, int], req: Request) -> str:
+    """What is missing, in one line: memory in all, or room for the stage that fits nowhere."""
+    need = [w + c for w, c in zip(weights, kv)]
+    offer = ", ".join(f"{n} {c / GiB:.2f}" for n, c in cap.items())
+    head = (f"{model.name}: its {plural(len(ranges), 'stage')} need {sum(need) / GiB:.2f} GiB (weights "
+            f"{sum(weights) / GiB:.2f} GiB + KV cache {sum(kv) / GiB:.2f} GiB for "
+            f"{plural(req.context, 'token')} x {plural(req.concurrency, 'request')})")
+    total = sum(cap.values())
+    if sum(need) > total:
+        return (f"{head} but the nodes offer {total / GiB:.2f} GiB ({offer}): "
+                f"{(sum(need) - total) / GiB:.2f} GiB missing")
+    assign, k = _greedy(need, cap)
+    assert k is not None, "the largest-first candidate fits, so this is no refusal"
+    room = _room(assign, need, cap)
+    most = _roomiest(room)
+    a, b = ranges[k]
+    return (f"{head}; placed largest first, stage {k} (layers {a}-{b - 1}) needs "
+            f"{need[k] / GiB:.2f} GiB but the most room left is {room[most] / GiB:.2f} GiB, on "
+            f"{most} ({offer} in all): {(need[k] - room[most]) / GiB:.2f} GiB missing")

@@ -9,6 +9,7 @@ import click
 
 from mlxdist.errors import UserError, plural
 from mlxdist.runtime.api import HANDOFF_HELP, HANDOFFS, check_handoff
+from mlxdist.runtime.config import BACKENDS, EngineConfig
 
 
 def _parse_split(split: str | None) -> list[int] | None:
@@ -34,7 +35,7 @@ def _parse_split(split: str | None) -> list[int] | None:
 @click.option("--repetition-penalty", type=float, default=1.0, show_default=True)
 @click.option("--seed", type=int, default=None)
 @click.option("--raw", is_flag=True, help="send the prompt as is, without the chat template")
-@click.option("--backend", default="ring", show_default=True, type=click.Choice(["ring", "jaccl", "mpi"]))
+@click.option("--backend", default="ring", show_default=True, type=click.Choice(BACKENDS))
 @click.option("--stats", is_flag=True, help="print timing to stderr at the end")
 @click.option("--expert-parallel", is_flag=True,
               help="MoE models: every rank runs all layers with 1/N of the routed experts")
@@ -53,8 +54,8 @@ def run_command(model: str, ranks: int, split: str | None, prompt: str, max_toke
     check_handoff(handoff, expert_parallel=expert_parallel)
     note_if_upcast(model)  # float16 -> float32 on the CPU backend, said here: workers log elsewhere
     try:
-        engine = open_engine(model, ranks=ranks, split=_parse_split(split), backend=backend,
-                             in_process=ranks == 1, expert_parallel=expert_parallel, handoff=handoff)
+        config = EngineConfig(backend=backend, expert_parallel=expert_parallel, handoff=handoff)
+        engine = open_engine(model, config, ranks=ranks, split=_parse_split(split))
     except WorkerFailure as e:
         raise UserError(str(e))
     try:

@@ -42,7 +42,7 @@ from mlxdist.runtime.pipeline import StageRunner
 from mlxdist.runtime.prefix_cache import RetainedPrefixes, common_prefix
 from mlxdist.runtime.sampling import MAX_TOP_LOGPROBS, decode_top, encode_params
 from mlxdist.runtime.thinking import ThinkState
-from mlxdist.runtime.wire import (
+from mlxdist.runtime.ring_link import (
     FLAG_GROUP, FLAG_RETAIN, FLAG_REUSE, FLAG_SAMPLE, OP_ACK, OP_FORWARD, OP_FREE, OP_JOIN, OP_LEAVE, OP_MERGE,
     HEADER_WORDS, OP_MOVE, OP_PARK, OP_SETUP, OP_STOP, OP_TOKEN, OP_TRIM, RingLink, dtype_code, header,
     read_token,
@@ -147,7 +147,7 @@ class Coordinator:
             idle = not self.inflight and not self._has_work()
             if idle and not self.parked and not self.stopping and self._park():
                 continue
-            self._drain_commands(block=idle)
+            self.drain_commands(block=idle)
             if self.stopping and not self.inflight and not self.seqs:
                 for slot in self.retained:  # every rank drops its caches as it stops
                     self.runner.free(slot)
@@ -173,7 +173,7 @@ class Coordinator:
         self.inflight.append(_InFlight(OP_PARK))
         return True
 
-    def _drain_commands(self, block: bool) -> None:
+    def drain_commands(self, block: bool) -> None:
         try:
             cmd = self.commands.get(timeout=0.2) if block else self.commands.get_nowait()
         except queue.Empty:
@@ -205,7 +205,7 @@ class Coordinator:
             for s in self.seqs.values():
                 s.finished = True
 
-    def _admit(self) -> None:
+    def admit(self) -> None:
         # Slots are max_slots + prompt_cache: with fewer than max_slots active and at most
         # prompt_cache retained one is free, unless retained sources wait for their copy.
         while self.waiting and len(self.seqs) < self.max_slots and not self.stopping:
@@ -249,7 +249,7 @@ class Coordinator:
 
     def _has_work(self) -> bool:
         self._retire_finished()
-        self._admit()
+        self.admit()
         return (any(s.finished or self._next_op(s) is not None or self._can_join(s) for s in self.seqs.values())
                 or any(self._step_ready(g) for g in self.groups.values()))
 
@@ -321,7 +321,7 @@ class Coordinator:
         new prompts together, the groups' steps, and slot messages (prompt chunks, first
         steps) while there is room."""
         self._retire_finished()
-        self._admit()
+        self.admit()
         self._merge_groups()
         self._rebalance()
         for s in sorted(self.seqs.values(), key=lambda s: s.slot):
@@ -652,7 +652,7 @@ class Coordinator:
             return
         s.awaiting -= 1
         if not s.finished:
-            self._accept(s, token, logprob, top)
+            self.accept(s, token, logprob, top)
 
     def _recv_reply(self) -> np.ndarray:
         t_wait = time.perf_counter()
@@ -698,7 +698,7 @@ class Coordinator:
             s.awaiting -= 1
             if s.finished:
                 continue
-            token = self._accept(s, int(toks[i]), float(lp[i]), top)
+            token = self.accept(s, int(toks[i]), float(lp[i]), top)
             if s.awaiting == 0:
                 s.feed = token
 
@@ -712,7 +712,7 @@ class Coordinator:
         sampler caps them), 0 if it asked for none."""
         return 2 * min(s.logprobs, MAX_TOP_LOGPROBS, self.vocab or MAX_TOP_LOGPROBS) if s.logprobs > 0 else 0
 
-    def _accept(self, s: Sequence, token: int, logprob: float, top: list | None) -> int:
+    def accept(self, s: Sequence, token: int, logprob: float, top: list | None) -> int:
         """A token of `s` came back: hand it out (or, its thinking budget spent, the forced
         closing token in its place); finish the sequence at its end. Returns the token
         that `s` goes on from."""

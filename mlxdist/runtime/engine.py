@@ -1,12 +1,12 @@
-"""The Engine (see api.py): tokenizer, requests, text, stop strings; the pipeline behind it.
+"""`GroupEngine`, the runtime's Engine (the interface in api.py) over one MLX group: tokenizer, requests, text, stop strings; the pipeline behind it.
 
-`open_engine(path, ranks=1)` runs the single stage in a thread of this process;
+`open_engine(path, config, ranks=1)` runs the single stage in a thread of this process;
 `ranks>1` starts one worker process per rank (see group.py) and drives rank 0 over the
 control connection. Either way the engine sees the same events: a token per step and an
 "end" when rank 0 has freed the sequence.
 
 The engine keeps, per request, the prompt and every token generated so far
-(`Engine.in_flight_state()`): enough to re-prefill the requests on a new group after a node
+(`GroupEngine.in_flight_state()`): enough to re-prefill the requests on a new group after a node
 is lost (the cluster's re-placement hook).
 """
 
@@ -22,16 +22,17 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from mlxdist.errors import UserError, plural
 from mlxdist.runtime.api import GenerationRequest, Health, Layout, NodeInfo, SamplingParams, StageInfo, TokenEvent
+from mlxdist.runtime.config import EngineConfig
+from mlxdist.runtime.messages import Add, Backend, Cancel, Command, End, Event, Sampling, Think
 from mlxdist.runtime.thinking import resume
 
 
 SEED_RANGE = 1 << 62
-MAX_RESTARTS = 5  # group restarts within RESTART_WINDOW_S before giving up (a crash loop)
-RESTART_WINDOW_S = 600.0
+RESTART_WINDOW_S = 600.0  # more than config.restart_limit restarts within it: a crash loop
 MAX_REPLAYS = 2  # failures a request may be in flight through; then it ends with the error
 
 
@@ -51,7 +52,7 @@ class _Request:
 
 
 class RequestHandleImpl:
-    def __init__(self, engine: "Engine", r: _Request):
+    def __init__(self, engine: "GroupEngine", r: _Request):
         self.request_id = r.req_id
         self._engine, self._r = engine, r
 
@@ -70,14 +71,18 @@ class RequestHandleImpl:
         return [e.token for e in self if e.token is not None]
 
 
-class Engine:
-    def __init__(self, model_path: Path, tokenizer: Any, backend: Any, context_length: int,
-                 max_concurrent: int, model_name: str | None = None, opts: dict | None = None):
+class GroupEngine:
+    def __init__(self, model_path: Path, tokenizer: Any, backend: Backend, context_length: int,
+                 config: EngineConfig, *, launcher: Any = None,
+                 on_failure: Callable[["GroupEngine", str], None] | None = None):
         self.model_path = model_path
-        self.model_name = model_name or model_path.name
+        self.config = config
+        self.model_name = config.model_name or model_path.name
         self.tokenizer = tokenizer
         self.context_length = context_length
-        self.max_concurrent = max_concurrent
+        self.max_concurrent = config.max_concurrent
+        self._launcher = launcher  # None: local processes (or this one)
+        self._failure_hook = on_failure
         self._lock = threading.Lock()
         self._events_lock = threading.RLock()  # one request's text is touched by one thread at a time
         self._ids = itertools.count(1)
@@ -86,7 +91,6 @@ class Engine:
         self._failed: str | None = None
         self._stats = {"requests": 0, "tokens": 0, "started": time.monotonic()}
         self._eos = set(tokenizer.eos_token_ids or ())
-        self._opts = dict(opts or {})
         self._healing: str | None = None  # why the group is being rebuilt, while it is
         self._replacing: str | None = None  # the same while an on_failure hook runs
         self._restarts: list[float] = []  # when the group was restarted (crash-loop window)
@@ -95,7 +99,7 @@ class Engine:
         self.source: Any = None  # the ModelSource the ranks run (open_engine sets it)
         self._attach(backend)
 
-    def _attach(self, backend: Any) -> None:
+    def _attach(self, backend: Backend) -> None:
         """Events from a backend count only while it is the current one."""
         self._backend = backend
         backend.start(lambda ev: self._on_event(ev) if self._backend is backend else None,
@@ -131,16 +135,11 @@ class Engine:
     def _send_add(self, r: _Request, prompt: list[int], max_tokens: int) -> None:
         s, request = r.req.sampling, r.req
         think = resume(request.thinking, r.generated)
-        self._backend.send({
-            "t": "add", "id": r.req_id, "prompt": prompt,
-            "max_tokens": max_tokens, "seed": r.seed, "logprobs": request.logprobs,
-            "stop_ids": sorted(self._eos | set(request.stop_token_ids)),
-            "params": {"temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k,
-                       "min_p": s.min_p, "repetition_penalty": s.repetition_penalty,
-                       "repetition_context": s.repetition_context, "seed": None},
-            **({"think": {"open": list(t.open), "close": list(t.close), "inside": t.inside, "budget": t.budget}}
-               if (t := think) is not None else {}),
-        })
+        self._backend.send(Add(
+            r.req_id, tuple(prompt), max_tokens, r.seed, request.logprobs,
+            tuple(sorted(self._eos | set(request.stop_token_ids))),
+            Sampling(s.temperature, s.top_p, s.top_k, s.min_p, s.repetition_penalty, s.repetition_context),
+            None if think is None else Think(tuple(think.open), tuple(think.close), think.inside, think.budget)))
 
     def generate(self, prompt: str | list[int], max_tokens: int = 64, **sampling: Any) -> list[int]:
         """Convenience: one request, all its tokens."""
@@ -182,7 +181,7 @@ class Engine:
                     self._finish(r, TokenEvent(None, "", finish_reason="cancelled"))
         self._backend.close()
 
-    def __enter__(self) -> "Engine":
+    def __enter__(self) -> "GroupEngine":
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -197,46 +196,45 @@ class Engine:
         r = self._requests.get(req_id)
         if r is not None and not r.done:
             self._finish(r, TokenEvent(None, self._flush(r), finish_reason="cancelled"))
-            self._backend.send({"t": "cancel", "id": req_id})
+            self._backend.send(Cancel(req_id))
 
-    def _on_event(self, ev: dict) -> None:
+    def _on_event(self, ev: Event) -> None:
         with self._events_lock:
             try:
                 self._on_event_locked(ev)
             except Exception as e:  # noqa: BLE001 - e.g. the detokenizer: this request ends, not the engine
-                r = self._requests.get(ev.get("id", -1))
+                r = self._requests.get(ev.id)
                 if r is not None and not r.done:
                     self._finish(r, TokenEvent(None, "", finish_reason="error",
                                                error=f"generation failed: {type(e).__name__}: {e}"))
-                    self._backend.send({"t": "cancel", "id": r.req_id})
+                    self._backend.send(Cancel(r.req_id))
 
-    def _on_event_locked(self, ev: dict) -> None:
-        r = self._requests.get(ev.get("id", -1))
+    def _on_event_locked(self, ev: Event) -> None:
+        r = self._requests.get(ev.id)
         if r is None:
             return
-        if ev["t"] == "end":
+        if isinstance(ev, End):
             with self._lock:
                 self._requests.pop(r.req_id, None)
             if not r.done:  # rank 0 stopped it without a final token (should not happen)
                 self._finish(r, TokenEvent(None, self._flush(r), finish_reason="length"))
             return
-        if ev["t"] != "token" or r.done:
+        if r.done:
             return
-        token, logprob = int(ev["tok"]), float(ev["lp"])
+        token, logprob = ev.tok, ev.lp
         if math.isnan(logprob):  # the model gave NaN logits, or the sampler refused this request
             self._finish(r, TokenEvent(None, self._flush(r), finish_reason="error",
                                        error="generation failed: the model produced NaN, or the sampler "
                                              "refused this request's parameters (see the last rank's log)"))
-            self._backend.send({"t": "cancel", "id": r.req_id})
+            self._backend.send(Cancel(r.req_id))
             return
-        top = tuple((int(i), float(v)) for i, v in ev.get("top", ()))
-        th = bool(ev.get("th"))
+        top, th = ev.top, ev.thinking
         r.generated.append(token)
         self._stats["tokens"] += 1
         req = r.req
         if token in self._eos or token in req.stop_token_ids:
             self._finish(r, TokenEvent(token, self._flush(r), logprob, "stop", top_logprobs=top, thinking=th))
-            self._backend.send({"t": "cancel", "id": r.req_id})
+            self._backend.send(Cancel(r.req_id))
             return
         r.detok.add_token(token)
         r.text += r.detok.last_segment
@@ -245,7 +243,7 @@ class Engine:
             r.text = r.text[:hit]
             self._finish(r, TokenEvent(token, self._take(r, len(r.text)), logprob, "stop", top_logprobs=top,
                                       thinking=th))
-            self._backend.send({"t": "cancel", "id": r.req_id})
+            self._backend.send(Cancel(r.req_id))
             return
         if len(r.generated) >= req.max_tokens:
             self._finish(r, TokenEvent(token, self._flush(r), logprob, "length", top_logprobs=top, thinking=th))
@@ -285,10 +283,11 @@ class Engine:
         return Health("ok")
 
     def _group_failed(self, message: str) -> None:
-        hook = self._opts.get("on_failure")
+        hook = self._failure_hook
+        restart = self.config.restart if self.config.restart is not None else self._launcher is None
         if hook is not None:
             threading.Thread(target=self._run_hook, args=(hook, message), daemon=True).start()
-        elif self._opts.get("restart", self._opts.get("launcher") is None):
+        elif restart:
             with self._events_lock:
                 if self._healing is not None or self._closed:
                     return
@@ -309,14 +308,14 @@ class Engine:
     def _heal(self, message: str) -> None:
         """Restart the group on this machine (same ranks and split) and carry the requests
         over (regroup). Failures close together back off (1, 2, 4 ... s); more than
-        MAX_RESTARTS within RESTART_WINDOW_S is a crash loop: give up and say so."""
+        config.restart_limit within RESTART_WINDOW_S is a crash loop: give up and say so."""
         reason = message
         self._drop_replayed(message)
         while not self._closed:
             now = time.monotonic()
             self._restarts = [t for t in self._restarts if now - t < RESTART_WINDOW_S] + [now]
             n = len(self._restarts)
-            if n > int(self._opts.get("restart_limit", MAX_RESTARTS)):
+            if n > self.config.restart_limit:
                 why = (f"the ranks failed {n} times within {RESTART_WINDOW_S / 60:.0f} minutes "
                        f"(a crash loop); not restarting again. Last failure: {reason}")
                 self._log_event("gave_up", why)
@@ -377,7 +376,7 @@ class Engine:
                                     total if experts is not None else 0))
         nodes = tuple(dict.fromkeys((n, h) for n, h in zip(names, hosts)))
         mode = "process" if len(source.stages) == 1 and not hasattr(backend, "launcher") else (
-            "local" if self._opts.get("launcher") is None else "nodes")
+            "local" if self._launcher is None else "nodes")
         return Layout(mode, int(source.config.get("num_hidden_layers") or 0), tuple(stages),
                       tuple(NodeInfo(n, h) for n, h in nodes))
 
@@ -385,9 +384,9 @@ class Engine:
         self.events_log = (self.events_log + [{"t": time.time(), "event": kind, "message": message, **extra}])[-50:]
 
     def regroup(self, model_path: str | os.PathLike | None = None, ranks: int | None = None,
-                split: Sequence[int] | None = None, **opts: Any) -> None:
+                split: Sequence[int] | None = None, launcher: Any = None) -> None:
         """Re-placement hook: stop the current group, start a new one (other ranks, split
-        or launcher; `opts` as open_engine's), and carry every unfinished request over by
+        or launcher; the same config), and carry every unfinished request over by
         re-prefilling its prompt plus the tokens generated so far. Its client sees a pause.
         Greedy requests continue with exactly the tokens an uninterrupted run gives."""
         from mlxdist.runtime.source import resolve_source
@@ -396,12 +395,14 @@ class Engine:
         with self._events_lock:  # from here on the old group's events (its "end"s) count for nothing
             self._backend = _Detached(old.stats(), getattr(old, "hosts", [None]))
         old.close()
-        self._opts.update(opts)
+        if launcher is not None:
+            self._launcher = launcher
         n = ranks or len(getattr(old, "hosts", [None]))
+        experts = self.config.experts
         source = resolve_source(Path(model_path or self.model_path), n, split,
-                                expert_parallel=bool(self._opts.get("expert_parallel")),
-                                experts=self._opts.get("experts") if n == len(self._opts.get("experts") or ()) else None)
-        backend = make_backend(source, n, self._opts)
+                                expert_parallel=self.config.expert_parallel,
+                                experts=experts if experts and n == len(experts) else None)
+        backend = make_backend(source, n, self.config, self._launcher)
         with self._events_lock:
             if self._closed:  # closed while the new group started: it goes too
                 backend.close()
@@ -464,7 +465,7 @@ class _Detached:
     def __init__(self, stats: dict[str, Any], hosts: list) -> None:
         self._stats, self.hosts = stats, hosts  # hosts: how many ranks the group had
 
-    def send(self, cmd: dict) -> None:
+    def send(self, cmd: Command) -> None:
         pass
 
     def stats(self) -> dict[str, Any]:
@@ -496,58 +497,41 @@ def _held_back(text: str, stops: Sequence[str], sent: int) -> int:
     return hold
 
 
-def make_backend(source: Any, ranks: int, opts: dict[str, Any]) -> Any:
-    max_concurrent = int(opts.get("max_concurrent", 8))
-    prefill_step = int(opts.get("prefill_step", 2048))
-    prompt_cache = int(opts.get("prompt_cache", 0))
-    if ranks == 1 and opts.get("in_process", True) and opts.get("launcher") is None:
+def make_backend(source: Any, ranks: int, config: EngineConfig, launcher: Any = None) -> Backend:
+    if ranks == 1 and config.in_process and launcher is None:
         from mlxdist.runtime.local import InProcessBackend
 
-        return InProcessBackend(source, max_concurrent, prefill_step, prompt_cache)
+        return InProcessBackend(source, config)
     from mlxdist.runtime.group import WorkerGroupBackend
 
-    launcher = opts.get("launcher")
-    if launcher is None and opts.get("handoff") == "nccl":  # local ranks, one GPU each
+    if launcher is None and config.handoff == "nccl":  # local ranks, one GPU each
         from mlxdist.runtime.launcher import LocalLauncher, one_gpu_per_rank
 
         launcher = LocalLauncher(rank_env=one_gpu_per_rank(ranks, os.environ.get("CUDA_VISIBLE_DEVICES")))
-    return WorkerGroupBackend(source, max_concurrent=max_concurrent, prefill_step=prefill_step,
-                              backend=opts.get("backend", "ring"), launcher=launcher,
-                              heartbeat_timeout_s=float(opts.get("heartbeat_timeout_s", 5.0)),
-                              startup_timeout_s=float(opts.get("startup_timeout_s", 300.0)),
-                              handoff=str(opts.get("handoff", "messages")), prompt_cache=prompt_cache)
+    return WorkerGroupBackend(source, config, launcher)
 
 
-def open_engine(model_path: str | os.PathLike, ranks: int = 1, split: Sequence[int] | None = None,
-                **opts: Any) -> Engine:
-    """Load a model (an mlx-lm directory or a shard directory) over `ranks` stages.
+def open_engine(model_path: str | os.PathLike, config: EngineConfig = EngineConfig(), *, ranks: int = 1,
+                split: Sequence[int] | None = None, launcher: Any = None,
+                on_failure: Callable[[GroupEngine, str], None] | None = None) -> GroupEngine:
+    """Load a model (an mlx-lm directory or a shard directory) over `ranks` stages (`split`:
+    layers per rank; default even), with the options in `config` (config.py).
 
-    opts: expert_parallel (False: pipeline stages; True: the whole model as one
-    expert-parallel stage, every rank all layers and 1/N of the routed experts, see
-    ep_stage.py), experts (with expert_parallel: the expert ids of each rank, e.g. from
-    `ep_stage.experts_from_plan`; default an even contiguous split), max_concurrent (slots, default 8), prefill_step (2048, as mlx-lm), backend
-    ("ring"), launcher (a Launcher; default: local processes), heartbeat_timeout_s (5),
-    startup_timeout_s (300), prompt_cache (0: off; N: up to N finished requests keep their
-    caches on every rank, and a new prompt that starts like one of them is prefilled only
-    past the shared prefix, as mlx_lm.server's prompt cache), handoff ("messages": ring send/recv per step; "collective":
-    lock-step decode runs summing over the ring group; "nccl": the same over an NCCL group,
-    for CUDA GPUs, one per rank; see lockstep.py), model_name, in_process (ranks=1 only; default True),
-    on_failure (callable(engine, message): called in its own thread instead of ending the
-    requests with the error, e.g. to `engine.regroup(...)` on the nodes left, or
-    `engine.fail(message)`), restart (default: True where the ranks run on this machine, i.e.
-    no `launcher` given, and no on_failure: a failed or hung group is restarted here and the
-    requests in flight continue, see Engine._heal), restart_limit (5: restarts within 10
-    minutes before giving up as a crash loop)."""
+    launcher: a Launcher (launcher.py) that starts the workers; default local processes.
+    on_failure: callable(engine, message), called in its own thread when the group fails
+    instead of ending the requests with the error, e.g. to `engine.regroup(...)` on the
+    nodes left, or `engine.fail(message)`. Without either, a failed or hung group is
+    restarted here and the requests in flight continue (config.restart, GroupEngine._heal)."""
     from mlxdist.runtime.source import resolve_source
 
     source = resolve_source(Path(model_path), ranks, split,
-                            expert_parallel=bool(opts.get("expert_parallel")), experts=opts.get("experts"))
+                            expert_parallel=config.expert_parallel, experts=config.experts or None)
     tokenizer = source.load_tokenizer()
-    backend = make_backend(source, ranks, opts)
-    engine = Engine(source.root, tokenizer, backend, source.context_length,
-                    int(opts.get("max_concurrent", 8)), opts.get("model_name"), opts)
+    backend = make_backend(source, ranks, config, launcher)
+    engine = GroupEngine(source.root, tokenizer, backend, source.context_length, config,
+                    launcher=launcher, on_failure=on_failure)
     engine.source = source
     return engine
 
 
-__all__ = ["Engine", "open_engine", "make_backend", "RequestHandleImpl", "UserError"]
+__all__ = ["GroupEngine", "open_engine", "make_backend", "RequestHandleImpl", "UserError"]

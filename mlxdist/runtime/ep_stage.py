@@ -2,7 +2,8 @@
 
 Every rank loads all layers (attention, dense MLPs and the shared experts replicated) but
 keeps only its own slice of each MoE layer's routed experts (`expert_parallel.py`: the
-other experts are dropped from the stacked tensors before anything is read into memory).
+other experts are dropped from the stacked tensors before anything is read into memory),
+or, from an expert-parallel conversion, loads its node's part, which holds only them.
 A forward pass is the same on every rank; inside it, each MoE block does one `all_sum` of
 the ranks' partial outputs, so every rank ends each layer with the single-device output.
 
@@ -34,22 +35,25 @@ import mlx.nn as nn
 import numpy as np
 
 from mlxdist.errors import plural
-from mlxdist.runtime.expert_parallel import expert_parallel, is_moe_block, split_experts
+from mlxdist.placement.plan import Plan
+from mlxdist.runtime.expert_parallel import expert_parallel, is_moe_block, routed_experts, split_experts
 from mlxdist.runtime.coordinator import Coordinator
 from mlxdist.runtime.pipeline import StageRunner
 from mlxdist.runtime.profile import StepProfile
-from mlxdist.runtime.stage import Stage
-from mlxdist.runtime.wire import (
+from mlxdist.runtime.stage import LoadedStage
+from mlxdist.runtime.ring_link import (
     FLAG_GROUP, FLAG_RETAIN, FLAG_REUSE, FLAG_SAMPLE, GROUP_OPS, OP_FORWARD, OP_FREE, OP_JOIN, OP_LEAVE, OP_MERGE,
     OP_MOVE, OP_PARK, OP_SETUP, OP_STOP, header,
 )
 
 
 def num_routed_experts(model: nn.Module) -> int:
+    """Routed experts per MoE layer (0: no MoE layer), counted by the router, so a part
+    holding only some experts' rows still gives the model's number."""
     for layer in model.layers:
         block = getattr(layer, "mlp", None)
         if block is not None and is_moe_block(block):
-            return int(block.switch_mlp.gate_proj.num_experts)
+            return routed_experts(block)
     return 0
 
 
@@ -57,7 +61,8 @@ def keep_own_experts(model: nn.Module, group: mx.distributed.Group,
                      owned: list[int] | None = None) -> list[int]:
     """Patch every MoE block of `model` for this rank of `group` (default share: an even
     contiguous split of the routed experts); returns the experts this rank holds. Call it
-    before the parameters are evaluated, so the other experts are never held."""
+    before the parameters are evaluated, so the other experts are never held. A model
+    loaded from a node's part already holds only `owned` (in that row order): kept as is."""
     n = num_routed_experts(model)
     if n == 0:
         raise ValueError("expert parallel needs a model with MoE blocks (deepseek_v3, qwen3_moe)")
@@ -68,14 +73,13 @@ def keep_own_experts(model: nn.Module, group: mx.distributed.Group,
     return mine
 
 
-def experts_from_plan(plan: dict) -> list[list[int]]:
-    """Each rank's expert ids from a plan's JSON (`mlxdist plan --json`) whose single stage
-    is expert-parallel over all layers; ranks in the plan's node order (its ring order)."""
-    stages = plan.get("stages", [])
-    if len(stages) != 1 or len(stages[0].get("nodes", [])) < 2 or "experts" not in stages[0]:
+def experts_from_plan(plan: Plan) -> list[list[int]]:
+    """Each rank's expert ids from a plan whose single stage is expert-parallel over all
+    layers; ranks in the stage's node order (the plan's ring order)."""
+    if len(plan.stages) != 1 or not plan.stages[0].expert_parallel:
         raise ValueError("the plan is not one expert-parallel stage over the whole group")
-    st = stages[0]
-    return [list(st["experts"][node]) for node in st["nodes"]]
+    st = plan.stages[0]
+    return [list(st.experts_of(node)) for node in st.nodes]
 
 
 class Broadcast:
@@ -113,7 +117,7 @@ class Broadcast:
 class EPRunner(StageRunner):
     """Rank 0's runner: tells the followers each message, then does it locally."""
 
-    def __init__(self, stage: Stage, bcast: Broadcast):
+    def __init__(self, stage: LoadedStage, bcast: Broadcast):
         super().__init__(stage)
         self.bcast = bcast
 
@@ -173,7 +177,7 @@ class EPCoordinator(Coordinator):
         self.runner.control(OP_STOP)
 
 
-def ep_follower_loop(stage: Stage, bcast: Broadcast,
+def ep_follower_loop(stage: LoadedStage, bcast: Broadcast,
                      wait_for_wake: Callable[[int], None] = lambda kicks: None) -> None:
     """Ranks 1..N-1: receive each broadcast message and run the same forward as rank 0
     (without the head: rank 0 samples and sends the tokens in the next FORWARD)."""

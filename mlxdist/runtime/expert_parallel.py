@@ -16,10 +16,12 @@ rank only, `shared_rank`) and qwen3_moe `Qwen3MoeSparseMoeBlock`.
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from mlxdist.placement.plan import Plan
 
 
 def _route_deepseek(block: nn.Module, x: mx.array) -> tuple[mx.array, mx.array]:
@@ -58,19 +60,38 @@ def _keep_experts(switch_mlp: nn.Module, owned: mx.array) -> None:
                 proj[key] = mx.take(proj[key], owned, axis=0)
 
 
+def routed_experts(block: nn.Module) -> int:
+    """How many routed experts the block's router chooses from (its gate's outputs): the
+    global expert ids, whatever rows this rank's stacked experts hold."""
+    return int(block.gate.weight.shape[0])
+
+
 class ExpertParallelMoE(nn.Module):
-    """Stands in for an mlx-lm MoE block on one rank of an expert-parallel group."""
+    """Stands in for an mlx-lm MoE block on one rank of an expert-parallel group.
+
+    The block's stacked experts hold either every routed expert (a whole checkpoint or
+    stage: the rows of `owned` are cut out here) or exactly `owned`, row i being expert
+    owned[i] (a node's part of an expert-parallel conversion, docs/shard-format.md).
+
+    `combine` adds the members' partial outputs; default `all_sum` over `group` (a stage
+    over the whole group). A stage over some of the ranks passes chain.py's `chain_sum`."""
 
     def __init__(self, block: nn.Module, owned: Sequence[int], group: mx.distributed.Group,
-                 holds_shared: bool):
+                 holds_shared: bool, combine: Callable[[mx.array], mx.array] | None = None):
         super().__init__()
         router = _router_of(block)
         if router is None:
             raise TypeError(f"{type(block).__name__} is not a supported MoE block")
-        n_experts = block.switch_mlp.gate_proj.num_experts
-        owned = sorted(set(int(e) for e in owned))
-        if owned and not (0 <= owned[0] and owned[-1] < n_experts):
-            raise ValueError(f"expert ids must lie in [0, {n_experts}); got {owned[0]}..{owned[-1]}")
+        n_experts = routed_experts(block)
+        owned = [int(e) for e in owned]
+        if len(set(owned)) != len(owned):
+            raise ValueError(f"expert ids must be distinct; got {owned}")
+        if owned and not (0 <= min(owned) and max(owned) < n_experts):
+            raise ValueError(f"expert ids must lie in [0, {n_experts}); got {min(owned)}..{max(owned)}")
+        rows = block.switch_mlp.gate_proj.num_experts
+        if rows not in (n_experts, len(owned)):
+            raise ValueError(f"the stacked experts hold {rows} rows: neither all {n_experts} experts "
+                             f"nor the {len(owned)} this rank owns")
         self.gate = block.gate
         self.switch_mlp = block.switch_mlp
         self.shared_experts = getattr(block, "shared_experts", None) if holds_shared else None
@@ -79,10 +100,10 @@ class ExpertParallelMoE(nn.Module):
         # what qwen3_moe's routing reads besides the gate (plain numbers, not parameters)
         self._top_k = getattr(block, "top_k", None)
         self._norm_topk_prob = getattr(block, "norm_topk_prob", None)
-        self._group = group
-        if owned:
+        self._combine = combine or (lambda y: mx.distributed.all_sum(y, group=group))
+        if owned and rows == n_experts:
             _keep_experts(self.switch_mlp, mx.array(owned))
-        # global expert id -> local index, -1 where another rank holds it
+        # global expert id -> local row, -1 where another rank holds it
         local = [-1] * n_experts
         for i, e in enumerate(owned):
             local[e] = i
@@ -105,7 +126,7 @@ class ExpertParallelMoE(nn.Module):
             y = mx.zeros_like(x)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
-        return mx.distributed.all_sum(y, group=self._group)
+        return self._combine(y)
 
 
 def split_experts(n_experts: int, ranks: int, weights: Sequence[float] | None = None) -> list[list[int]]:
@@ -120,9 +141,11 @@ def split_experts(n_experts: int, ranks: int, weights: Sequence[float] | None = 
 
 
 def expert_parallel(model: nn.Module, owned: Iterable[int], group: mx.distributed.Group,
-                    shared_rank: int = 0, layers: range | None = None) -> int:
+                    shared_rank: int = 0, layers: range | None = None,
+                    combine: Callable[[mx.array], mx.array] | None = None) -> int:
     """Replace every MoE block of `model` (an mlx-lm model) in `layers` (default: all) by
-    an ExpertParallelMoE holding experts `owned`. Returns how many blocks were replaced."""
+    an ExpertParallelMoE holding experts `owned`, combining with `combine` (default:
+    all_sum over `group`). Returns how many blocks were replaced."""
     owned = list(owned)
     count = 0
     for i, layer in enumerate(model.layers):
@@ -132,12 +155,13 @@ def expert_parallel(model: nn.Module, owned: Iterable[int], group: mx.distribute
         if block is None or not is_moe_block(block):
             continue
         block.sharding_group = None
-        layer.mlp = ExpertParallelMoE(block, owned, group, holds_shared=group.rank() == shared_rank)
+        layer.mlp = ExpertParallelMoE(block, owned, group, holds_shared=group.rank() == shared_rank,
+                                      combine=combine)
         count += 1
     return count
 
 
-def owned_experts_from_plan(plan: dict, node: str) -> dict[tuple[int, int], list[int]]:
-    """{(start, end): expert ids} for `node` from a plan's JSON (`mlxdist plan --json`)."""
-    return {tuple(s["layers"]): list(s["experts"][node]) for s in plan["stages"]
-            if "experts" in s and node in s["experts"]}
+def owned_experts_from_plan(plan: Plan, node: str) -> dict[tuple[int, int], list[int]]:
+    """{(start, end): expert ids} of `node` in each expert-parallel stage of `plan`."""
+    return {s.layers: list(s.experts_of(node)) for s in plan.stages
+            if s.expert_parallel and node in s.nodes}

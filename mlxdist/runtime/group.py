@@ -9,15 +9,22 @@ launcher kills every worker (survivors blocked in a ring recv included).
 
 from __future__ import annotations
 
+import logging
 import secrets
 import socket
 import threading
 import time
+from dataclasses import replace
 from typing import Any, Callable
 
-from mlxdist.runtime.control import Channel
+from mlxdist.framing import Channel, ProtocolError
+from mlxdist.runtime.control import accept
+from mlxdist.runtime.config import EngineConfig
 from mlxdist.runtime.launcher import LocalLauncher, WorkerSpec, free_port
+from mlxdist.runtime.messages import Add, Command, End, Event, Stop, event_from_wire, to_wire
 from mlxdist.runtime.source import ModelSource
+
+log = logging.getLogger("mlxdist.runtime.group")
 
 
 class WorkerFailure(RuntimeError):
@@ -25,13 +32,11 @@ class WorkerFailure(RuntimeError):
 
 
 class WorkerGroupBackend:
-    def __init__(self, source: ModelSource, max_concurrent: int = 8, prefill_step: int = 2048,
-                 backend: str = "ring", launcher: Any = None, heartbeat_timeout_s: float = 5.0,
-                 startup_timeout_s: float = 300.0, handoff: str = "messages", prompt_cache: int = 0):
+    def __init__(self, source: ModelSource, config: EngineConfig, launcher: Any = None):
         self.n = len(source.stages)
         self.launcher = launcher or LocalLauncher()
-        self.heartbeat_timeout_s = heartbeat_timeout_s
-        self.session = secrets.token_hex(8)
+        self.heartbeat_timeout_s = config.heartbeat_timeout_s
+        self.session = secrets.token_hex(32)  # the group key that seals every control connection
         # the address workers dial may differ from the one to listen on (e.g. 0.0.0.0)
         bind = getattr(self.launcher, "control_bind", self.launcher.control_host)
         self.listener = socket.create_server((bind, 0))
@@ -39,16 +44,13 @@ class WorkerGroupBackend:
         hosts = self.launcher.hosts(self.n)
         hostfile = self.launcher.ring_addresses(self.n)
         # NCCL's bootstrap listens on rank 0's host (where its ring address points)
-        nccl = f"{hostfile[0][0].rsplit(':', 1)[0]}:{free_port()}" if handoff == "nccl" else ""
+        nccl = f"{hostfile[0][0].rsplit(':', 1)[0]}:{free_port()}" if config.handoff == "nccl" else ""
+        config = replace(config, expert_parallel=source.expert_parallel)  # one rank runs a pipeline stage
         specs = [WorkerSpec(rank=p.rank, ranks=self.n, hostfile=self.launcher.hostfile_path(),
                             model_dir=str(p.model_dir), start=p.start, end=p.end,
-                            num_layers=p.num_layers, control=control, session=self.session,
-                            backend=backend, shard_root=str(source.root) if p.shard else "",
-                            max_slots=max_concurrent, prefill_step=prefill_step, host=hosts[p.rank],
-                            prompt_cache=prompt_cache,
-                            expert_parallel=source.expert_parallel,
-                            experts=",".join(map(str, source.experts[p.rank])) if source.experts else "",
-                            handoff=handoff, nccl=nccl)
+                            num_layers=p.num_layers, control=control, session=self.session, config=config,
+                            shard_root=str(source.root) if p.shard else "", host=hosts[p.rank],
+                            experts=source.experts[p.rank] if source.experts else (), nccl=nccl)
                  for p in source.stages]
         self.hosts = hosts
         self.chans: dict[int, Channel] = {}
@@ -56,6 +58,7 @@ class WorkerGroupBackend:
         self.ready: set[int] = set()
         self.errors: dict[int, str] = {}  # what a worker said before it went
         self.gone: set[int] = set()  # ranks whose control connection dropped
+        self.refused = 0  # connections dropped at the handshake (no group key, garbage)
         self.rank0_stats: dict[str, Any] = {}
         self.failure: str | None = None
         self.closing = False
@@ -64,7 +67,7 @@ class WorkerGroupBackend:
         self._cond = threading.Condition()
         self.launcher.launch(specs, hostfile)
         try:
-            self._await_ready(startup_timeout_s)
+            self._await_ready(config.startup_timeout_s)
         except BaseException:
             self.launcher.terminate()
             self.listener.close()
@@ -89,13 +92,14 @@ class WorkerGroupBackend:
     def _accept(self) -> None:
         while len(self.chans) < self.n and not self.closing:
             try:
-                sock, _ = self.listener.accept()
+                sock, peer = self.listener.accept()
             except OSError:
                 return
-            chan = Channel(sock)
-            hello = chan.recv()
-            if not hello or hello.get("t") != "hello" or hello.get("session") != self.session:
-                chan.close()
+            try:
+                chan, hello = accept(sock, bytes.fromhex(self.session))
+            except (ProtocolError, OSError) as e:
+                self.refused += 1
+                log.warning("refused a worker connection from %s: %s", peer[0], e)
                 continue
             rank = int(hello["rank"])
             with self._cond:
@@ -104,17 +108,17 @@ class WorkerGroupBackend:
             threading.Thread(target=self._read, args=(rank, chan), daemon=True).start()
 
     # -- running --------------------------------------------------------------------------
-    def start(self, on_event: Callable[[dict], None], on_failure: Callable[[str], None]) -> None:
+    def start(self, on_event: Callable[[Event], None], on_failure: Callable[[str], None]) -> None:
         self._on_event, self._on_failure = on_event, on_failure
         if self.failure is not None:  # failed between ready and now: report it, not never
             on_failure(self.failure)
 
-    def send(self, cmd: dict) -> None:
+    def send(self, cmd: Command) -> None:
         if self.failure:
             return
         try:
-            self.chans[0].send(cmd)
-            if cmd["t"] in ("add", "stop"):  # parked followers wait for one wake per such command
+            self.chans[0].send(to_wire(cmd))
+            if isinstance(cmd, (Add, Stop)):  # parked followers wait for one wake per such command
                 for rank in range(1, self.n):
                     self.chans[rank].send({"t": "wake"})
         except OSError:
@@ -129,8 +133,11 @@ class WorkerGroupBackend:
         while True:
             try:
                 msg = chan.recv()
-            except Exception as e:
-                msg = {"t": "error", "rank": rank, "msg": f"bad control frame: {e}"}
+            except ProtocolError as e:  # the stream is out of step: the connection is done
+                self.errors[rank] = f"bad control frame: {e}"
+                msg = None
+            except ConnectionError:
+                msg = None
             if msg is None:
                 self.gone.add(rank)
                 if not self.closing:
@@ -156,10 +163,10 @@ class WorkerGroupBackend:
                 self.errors[rank] = str(msg.get("msg"))
                 # (_describe names a rank that went without a word instead, if one did)
                 threading.Timer(1.0, lambda r=rank: self._fail(self._describe(r, None))).start()
-            elif t in ("token", "end"):
-                if t == "end" and isinstance(msg.get("stats"), dict):
-                    self.rank0_stats = msg.pop("stats")
-                self._on_event(msg)
+            elif (ev := event_from_wire(msg)) is not None:
+                if isinstance(ev, End) and isinstance(ev.stats, dict):
+                    self.rank0_stats = ev.stats
+                self._on_event(ev)
 
     def _exit_failure(self) -> str | None:
         """What a worker that exited says, or None while all run."""
@@ -213,7 +220,7 @@ class WorkerGroupBackend:
             return
         failed = self.failure is not None
         if not failed:
-            self.send({"t": "stop"})
+            self.send(Stop())
         self.closing = True  # from here on, workers leaving is what we asked for
         if not failed:
             deadline = time.monotonic() + 10

@@ -1,6 +1,7 @@
-"""How worker processes get started: pluggable. `LocalLauncher` runs them as subprocesses
-of this machine (ring over 127.0.0.1); the cluster supplies a launcher that starts the same
-`python -m mlxdist.runtime.worker ...` command on other hosts through its control plane."""
+"""How worker processes get started: pluggable. Every worker is `python -m
+mlxdist.runtime.worker` with its `WorkerSpec` on stdin. `LocalLauncher` runs them as
+subprocesses of this machine (ring over 127.0.0.1); the cluster supplies a launcher whose
+nodes start the same command with the same spec, sent in their launch orders."""
 
 from __future__ import annotations
 
@@ -15,14 +16,20 @@ import tempfile
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 from mlxdist.errors import UserError, plural
+from mlxdist.runtime.config import EngineConfig, check_fields, pack, unpack
+
+
+WORKER_ARGV = ("-m", "mlxdist.runtime.worker")  # the whole command line: the spec comes on stdin
 
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    """Everything one worker needs; `argv()` is its command line."""
+    """Everything one worker needs: this rank's facts and the engine's config. It travels
+    as one msgpack blob (`to_msgpack`) on the worker's stdin, never on a command line
+    (`session` is a secret)."""
 
     rank: int
     ranks: int
@@ -32,37 +39,38 @@ class WorkerSpec:
     end: int
     num_layers: int
     control: str  # host:port of the engine's control server
-    session: str  # token the worker presents in its hello
-    backend: str = "ring"
+    session: str  # the key the worker proves it holds in its hello
+    config: EngineConfig
     shard_root: str = ""  # shard directory holding manifest.json, when model_dir is a stage
-    max_slots: int = 8
-    prefill_step: int = 2048
-    prompt_cache: int = 0  # retained sequences (prefix caching; rank 0 decides, all ranks hold them)
     host: str = "127.0.0.1"  # how this rank is named in messages
-    expert_parallel: bool = False  # all layers on every rank, routed experts divided
-    experts: str = ""  # with expert_parallel: this rank's expert ids, comma-separated (default: even)
-    handoff: str = "messages"  # decode hand-offs: messages, collective or nccl (worker.py)
+    experts: tuple[int, ...] = ()  # with config.expert_parallel: this rank's expert ids; (): an even split
     nccl: str = ""  # with handoff nccl: HOST:PORT of NCCL's rank 0
 
-    def argv(self) -> list[str]:
-        a = ["-m", "mlxdist.runtime.worker", "--rank", str(self.rank), "--ranks", str(self.ranks),
-             "--hostfile", self.hostfile, "--model-dir", self.model_dir,
-             "--layers", f"{self.start}:{self.end}", "--num-layers", str(self.num_layers),
-             "--control", self.control, "--session", self.session, "--backend", self.backend,
-             "--max-slots", str(self.max_slots), "--prefill-step", str(self.prefill_step),
-             "--prompt-cache", str(self.prompt_cache),
-             "--host", self.host]
-        if self.shard_root:
-            a += ["--shard-root", self.shard_root]
-        if self.expert_parallel:
-            a += ["--expert-parallel"]
-        if self.experts:
-            a += ["--experts", self.experts]
-        if self.handoff != "messages":
-            a += ["--handoff", self.handoff]
-        if self.nccl:
-            a += ["--nccl", self.nccl]
-        return a
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if not 0 <= self.rank < self.ranks:
+            raise ValueError(f"WorkerSpec.rank: {self.rank} is not within 0..{self.ranks - 1}")
+        if not 0 <= self.start < self.end <= self.num_layers:
+            raise ValueError(f"WorkerSpec.start/end: [{self.start}, {self.end}) is not a layer range "
+                             f"of {self.num_layers}")
+
+    def to_msgpack(self) -> bytes:
+        return pack(self)
+
+    @classmethod
+    def from_msgpack(cls, blob: bytes) -> "WorkerSpec":
+        return unpack(cls, blob)
+
+
+def start_worker(python: str, spec: WorkerSpec, **popen: Any) -> subprocess.Popen:
+    """`python -m mlxdist.runtime.worker`, its spec written to its stdin."""
+    proc = subprocess.Popen([python, *WORKER_ARGV], stdin=subprocess.PIPE, **popen)
+    try:
+        proc.stdin.write(spec.to_msgpack())
+        proc.stdin.close()
+    except BrokenPipeError:  # it died at once: poll() says how
+        pass
+    return proc
 
 
 class Launcher(Protocol):
@@ -146,8 +154,8 @@ class LocalLauncher:
         for spec in specs:
             self._tails.pop(spec.rank, None)
             log = open(self.dir / f"rank{spec.rank}.log", "wb")
-            self.procs[spec.rank] = subprocess.Popen(
-                [self.python, *spec.argv()], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+            self.procs[spec.rank] = start_worker(
+                self.python, spec, stdout=log, stderr=log,
                 env={**env, **self.rank_env(spec.rank), **({SHARED_DEVICE_ENV: "1"} if shared else {})},
                 start_new_session=True)
             log.close()

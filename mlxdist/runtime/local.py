@@ -9,17 +9,18 @@ from __future__ import annotations
 import threading
 from typing import Any, Callable
 
+from mlxdist.runtime.config import EngineConfig
 from mlxdist.runtime.coordinator import Coordinator
+from mlxdist.runtime.messages import Command, Event, Stop, event_from_wire, to_wire
 from mlxdist.runtime.pipeline import StageRunner
 from mlxdist.runtime.source import ModelSource
-from mlxdist.runtime.stage import Stage, StageSpec, load_stage
+from mlxdist.runtime.stage import LoadedStage, StageSpec, load_stage
 
 
 class InProcessBackend:
-    def __init__(self, source: ModelSource, max_concurrent: int, prefill_step: int, prompt_cache: int = 0):
+    def __init__(self, source: ModelSource, config: EngineConfig):
         (self.plan,) = source.stages
-        self.source = source
-        self.max_concurrent, self.prefill_step, self.prompt_cache = max_concurrent, prefill_step, prompt_cache
+        self.source, self.config = source, config
         self.coord: Coordinator | None = None
         self._loaded = threading.Event()
         self._started = threading.Event()
@@ -33,7 +34,7 @@ class InProcessBackend:
         if self._load_error is not None:
             raise self._load_error
 
-    def _load(self) -> Stage:
+    def _load(self) -> LoadedStage:
         from mlxdist.runtime.shards import verify_stage
 
         if self.plan.shard:
@@ -63,30 +64,30 @@ class InProcessBackend:
         if self._callbacks is None:  # closed before it was started
             return
         on_event, on_failure = self._callbacks
-        self.coord = Coordinator(StageRunner(stage), None, on_event,
-                                 max_slots=self.max_concurrent, prefill_step=self.prefill_step,
-                                 prompt_cache=self.prompt_cache)
+        self.coord = Coordinator(StageRunner(stage), None, lambda msg: on_event(event_from_wire(msg)),
+                                 max_slots=self.config.max_concurrent, prefill_step=self.config.prefill_step,
+                                 prompt_cache=self.config.prompt_cache)
         self._coord_ready.set()
         try:
             self.coord.run()
         except BaseException as e:  # reported to every request
             on_failure(f"generation failed: {type(e).__name__}: {e}")
 
-    def start(self, on_event: Callable[[dict], None], on_failure: Callable[[str], None]) -> None:
+    def start(self, on_event: Callable[[Event], None], on_failure: Callable[[str], None]) -> None:
         self._callbacks = (on_event, on_failure)
         self._started.set()
         self._coord_ready.wait()
 
-    def send(self, cmd: dict) -> None:
+    def send(self, cmd: Command) -> None:
         assert self.coord is not None
-        self.coord.commands.put(cmd)
+        self.coord.commands.put(to_wire(cmd))
 
     def stats(self) -> dict[str, Any]:
         return {"ranks": 1, **(self.coord.stats if self.coord else {})}
 
     def close(self) -> None:
         if self.coord is not None:
-            self.coord.commands.put({"t": "stop"})
+            self.coord.commands.put(to_wire(Stop()))
             self._stopped.wait(timeout=30)
         else:
             self._started.set()

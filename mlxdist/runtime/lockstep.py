@@ -37,18 +37,39 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import mlx.core as mx
 import numpy as np
 
 from mlxdist.runtime.profile import StepProfile
-from mlxdist.runtime.wire import DTYPES, OP_ACK, OP_RUN, OP_TRIM, dtype_code, header
+from mlxdist.runtime.ring_link import DTYPES, OP_ACK, OP_RUN, OP_TRIM, RingLink, dtype_code, header
 
-if TYPE_CHECKING:
-    from mlxdist.runtime.coordinator import Coordinator, Group
-    from mlxdist.runtime.pipeline import StageRunner
-    from mlxdist.runtime.wire import RingLink
+
+class Runner(Protocol):
+    """What a run needs of a stage (pipeline.StageRunner): its batch groups and one step."""
+    stage: Any
+    groups: dict[int, Any]
+
+    def step(self, group: int, x: mx.array, sample: bool) -> Any: ...
+
+
+class Leader(Protocol):
+    """What rank 0's side of a run needs of the coordinator (coordinator.Coordinator):
+    its sequences and groups, and the three calls that admit, accept and read commands."""
+    link: RingLink | None
+    runner: Runner
+    groups: dict[int, Any]
+    seqs: dict[int, Any]
+    waiting: Any
+    stopping: bool
+    max_slots: int
+    stats: dict[str, Any]
+
+    def admit(self) -> None: ...
+    def accept(self, s: Any, token: int, logprob: float, top: list | None) -> int: ...
+    def drain_commands(self, block: bool) -> None: ...
+    def expect_ack(self) -> None: ...
 
 LAG = 2  # followers read a tick's control word this many ticks after queueing it
 AHEAD = 2  # rank 0 queues this many ticks before reading the oldest one's result
@@ -133,12 +154,12 @@ class TickExchange:
         return int(summed[0, self.width - 2].item())
 
 
-def _widest(runner: "StageRunner", plan: RunPlan) -> int:
+def _widest(runner: Runner, plan: RunPlan) -> int:
     return max(len(runner.groups[g]) for g in plan.groups())
 
 
 # -- followers (ranks 1..N-1) -------------------------------------------------------------
-def follow_run(runner: "StageRunner", link: "RingLink", words: np.ndarray, dtype_id: int,
+def follow_run(runner: Runner, link: RingLink, words: np.ndarray, dtype_id: int,
                hidden_size: int) -> int:
     """Run ticks until the end rank 0 announces; returns the number of ticks."""
     plan = RunPlan.decode(words)
@@ -178,7 +199,7 @@ def follow_run(runner: "StageRunner", link: "RingLink", words: np.ndarray, dtype
 
 
 # -- rank 0 ----------------------------------------------------------------------------
-def run_candidates(coord: "Coordinator") -> list["Group"]:
+def run_candidates(coord: Leader) -> list[Any]:
     """Groups a run can take: all of them when every sequence is decoding in one (none
     setting up, prefilling, joining or waiting to leave, none asking for top logprobs nor
     with a thinking budget still open),
@@ -186,7 +207,7 @@ def run_candidates(coord: "Coordinator") -> list["Group"]:
     once the ring is quiet: the coordinator stops sending steps until then."""
     if coord.link is None or coord.link.collective is None or coord.stopping:
         return []
-    coord._admit()  # whoever still waits has no slot: a run does not hold them up
+    coord.admit()  # whoever still waits has no slot: a run does not hold them up
     if not coord.groups:
         return []
     if any(s.finished or s.group is None or s.logprobs or (s.think is not None and s.think.open_ended)
@@ -198,7 +219,7 @@ def run_candidates(coord: "Coordinator") -> list["Group"]:
     return groups
 
 
-def lead_run(coord: "Coordinator", groups: list["Group"]) -> None:
+def lead_run(coord: Leader, groups: list[Any]) -> None:
     """Rank 0's side of one run over `groups`: announce, tick until something needs the
     message protocol (a sequence finished, a new request, a cancel or stop), then trim."""
     link, runner = coord.link, coord.runner
@@ -231,7 +252,7 @@ def lead_run(coord: "Coordinator", groups: list["Group"]) -> None:
         for i, s in enumerate(rows[gid]):
             if not s.finished:
                 s.feed = int(out[i])
-                coord._accept(s, int(out[i]), float(out[ex.g + i]), None)
+                coord.accept(s, int(out[i]), float(out[ex.g + i]), None)
 
     tick, end = 0, None
     while True:
@@ -267,8 +288,8 @@ def lead_run(coord: "Coordinator", groups: list["Group"]) -> None:
     coord.expect_ack()
 
 
-def _should_end(coord: "Coordinator", rows: dict[int, list]) -> bool:
-    coord._drain_commands(block=False)
+def _should_end(coord: Leader, rows: dict[int, list]) -> bool:
+    coord.drain_commands(block=False)
     if coord.stopping or any(s.finished for r in rows.values() for s in r):
         return True
     # a new request that can start needs its prefill (admitted after the run: admitting may

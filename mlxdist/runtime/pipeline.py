@@ -3,7 +3,7 @@ and the loop of ranks 1..N-1 (follower_loop). Rank 0's scheduler is coordinator.
 
 Each message goes round the ring once: rank 0 embeds and runs its layers, each stage runs
 its layers and passes the hidden state on, the last stage runs the head, samples, and sends
-only a header with the token ids back to rank 0 (wire.py has the messages). Every message
+only a header with the token ids back to rank 0 (ring_link.py has the messages). Every message
 rank 0 sends comes back exactly once (tokens or an ACK), in order, except JOIN, LEAVE,
 MERGE and MOVE, which the last stage applies silently.
 
@@ -26,8 +26,8 @@ from mlxdist.runtime.lockstep import follow_run
 from mlxdist.runtime.prefix_cache import copy_caches, trim_caches
 from mlxdist.runtime.profile import StepProfile
 from mlxdist.runtime.sampling import SlotSampler
-from mlxdist.runtime.stage import Stage
-from mlxdist.runtime.wire import (
+from mlxdist.runtime.stage import LoadedStage
+from mlxdist.runtime.ring_link import (
     DTYPES, FLAG_GROUP, FLAG_RETAIN, FLAG_REUSE, FLAG_SAMPLE, GROUP_OPS, OP_ACK, OP_FORWARD, OP_FREE, OP_JOIN,
     OP_LEAVE, OP_MERGE, OP_PARK, OP_RUN, OP_SETUP, OP_STOP, OP_TOKEN, OP_TRIM, RingLink, header, token_header,
 )
@@ -39,7 +39,7 @@ class StageRunner:
     them. `caches` are the slots' own: prompts being prefilled and retained prefixes;
     `groups` the decoding rows, batched."""
 
-    def __init__(self, stage: Stage):
+    def __init__(self, stage: LoadedStage):
         self.stage = stage
         self.caches: dict[int, list[Any]] = {}
         self.samplers: dict[int, SlotSampler] = {}
@@ -81,7 +81,7 @@ class StageRunner:
         self.groups.setdefault(group, Batch()).absorb(self.groups.pop(other))
 
     def apply(self, h: np.ndarray) -> None:
-        """A JOIN, LEAVE, MERGE or MOVE header (GROUP_OPS; wire.py has their words), applied
+        """A JOIN, LEAVE, MERGE or MOVE header (GROUP_OPS; ring_link.py has their words), applied
         to this rank's groups."""
         op, group, n, flags, slot, to = (int(h[i]) for i in (0, 1, 2, 3, 5, 6))
         if op == OP_JOIN:
@@ -172,7 +172,7 @@ def follower_loop(runner: StageRunner, link: RingLink, hidden_size: int,
             elif not flags & FLAG_SAMPLE:  # prompts: only the caches matter
                 mx.async_eval(link.send(header(OP_ACK, slot, tag=tag)), out)
             else:
-                tokens, logprobs, top = out  # one message: header and payload (wire.py)
+                tokens, logprobs, top = out  # one message: header and payload (ring_link.py)
                 parts = [tokens, logprobs.astype(mx.float32).view(mx.int32)] + ([top] if top is not None else [])
                 n_words = sum(p.size for p in parts)
                 mx.async_eval(link.send(mx.concatenate([header(OP_TOKEN, slot, n_words, FLAG_GROUP, tag=tag), *parts])))

@@ -8,7 +8,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from mlxdist.runtime.wire import OP_RUN
+from mlxdist.runtime.ring_link import OP_RUN
 
 
 class StepProfile:

@@ -1,8 +1,8 @@
 """Refuse a stage whose shard disagrees with the plan, before any compute.
 
 Checks, from docs/shard-format.md: stage.json names the planned layer range; the stage's
-safetensors file holds every tensor the manifest gives this stage and nothing the manifest
-does not list, each with the manifest's shape, and each tensor's bytes hash to the
+(or the node's part's) safetensors file holds exactly the tensors the manifest gives that
+directory, each with the manifest's shape and dtype, and each tensor's bytes hash to the
 manifest's sha256. Only the safetensors header and raw bytes are read (no MLX), in 1 MiB
 blocks.
 """
@@ -10,78 +10,51 @@ blocks.
 from __future__ import annotations
 
 import hashlib
-import json
-import struct
 from pathlib import Path
-from typing import Any
 
 from mlxdist.errors import UserError
 from mlxdist.runtime.source import StagePlan
+from mlxdist.shard_format import WEIGHTS, Manifest, StageJson, read_safetensors_header
 
 
 class ShardMismatch(UserError):
     """The stage on disk is not the stage the plan asks for."""
 
 
-def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        head = json.loads(f.read(n))
-    head.pop("__metadata__", None)
-    return head, 8 + n
-
-
-def _entries(manifest: dict) -> list[dict]:
-    tensors = manifest.get("tensors", {})
-    if isinstance(tensors, dict):  # the doc's {name: {...}}
-        return [{"name": n, **t} for n, t in tensors.items()]
-    return list(tensors)
-
-
-def _stages_of(t: dict) -> set[int]:
-    # "stages" lists every stage storing a copy (the tied embedding); "stage" the owner
-    return {int(s) for s in t.get("stages", [])} | {int(t.get("stage", -1))}
-
-
 def verify_stage(root: Path, plan: StagePlan, check_hashes: bool = True) -> None:
     stage_dir = plan.model_dir
     try:
-        manifest = json.loads((root / "manifest.json").read_text())
-        stage_json = json.loads((stage_dir / "stage.json").read_text())
-    except (OSError, ValueError) as e:
-        raise ShardMismatch(f"stage {stage_dir}: unreadable manifest or stage.json: {e}") from e
-    if list(stage_json.get("layers", [])) != [plan.start, plan.end]:
-        raise ShardMismatch(f"stage {stage_dir} holds layers {stage_json.get('layers')}, "
+        manifest = Manifest.load(root)
+        meta = StageJson.load(stage_dir)
+        wanted = manifest.tensors_of(meta.stage, meta.node)
+        head = read_safetensors_header(stage_dir / WEIGHTS)
+    except (UserError, IndexError, KeyError) as e:
+        raise ShardMismatch(f"stage {stage_dir}: {e}") from None
+    if meta.layers != (plan.start, plan.end):
+        raise ShardMismatch(f"stage {stage_dir} holds layers {list(meta.layers)}, "
                             f"the plan gives rank {plan.rank} layers [{plan.start}, {plan.end}]")
-    entries = _entries(manifest)
-    stage_no = int(stage_json.get("stage", -2))
-    wanted = {t["name"]: t for t in entries if stage_no in _stages_of(t)}
-    known = {t["name"]: t for t in entries}
-    path = stage_dir / "weights.safetensors"
-    if not path.exists():
-        raise ShardMismatch(f"stage {stage_dir}: weights.safetensors is missing")
-    head, data_start = read_safetensors_header(path)
-    extra, missing = sorted(set(head) - set(known)), sorted(set(wanted) - set(head))
-    if entries and (extra or missing):
+    extra, missing = sorted(set(head) - set(wanted)), sorted(set(wanted) - set(head))
+    if extra or missing:
         raise ShardMismatch(f"stage {stage_dir}: tensors differ from the manifest "
                             f"(missing {missing[:3]}, unexpected {extra[:3]})")
-    with open(path, "rb") as f:
+    with open(stage_dir / WEIGHTS, "rb") as f:
         for name, info in head.items():
-            t = known.get(name)
-            if t is None:
-                continue
-            if list(info["shape"]) != list(t["shape"]):
-                raise ShardMismatch(f"stage {stage_dir}: {name} has shape {info['shape']}, "
-                                    f"manifest says {t['shape']}")
-            if check_hashes and t.get("sha256"):
-                a, b = info["data_offsets"]
-                f.seek(data_start + a)
-                h, left = hashlib.sha256(), b - a
-                while left:
-                    block = f.read(min(left, 1 << 20))
-                    if not block:
-                        break
-                    h.update(block)
-                    left -= len(block)
-                if h.hexdigest() != t["sha256"]:
-                    raise ShardMismatch(f"stage {stage_dir}: {name} fails its sha256 check")
+            t = wanted[name]
+            if (info.shape, info.dtype) != (t.shape, t.dtype):
+                raise ShardMismatch(f"stage {stage_dir}: {name} is {info.dtype} {list(info.shape)}, "
+                                    f"the manifest says {t.dtype} {list(t.shape)}")
+            if check_hashes and _sha256_range(f, info.start, info.end) != t.sha256:
+                raise ShardMismatch(f"stage {stage_dir}: {name} fails its sha256 check")
+
+
+def _sha256_range(f, start: int, end: int) -> str:
+    """sha256 of the file's bytes [start, end), read in 1 MiB blocks."""
+    f.seek(start)
+    h, left = hashlib.sha256(), end - start
+    while left:
+        block = f.read(min(left, 1 << 20))
+        if not block:
+            break
+        h.update(block)
+        left -= len(block)
+    return h.hexdigest()

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from mlxdist.errors import UserError, plural
+from mlxdist.shard_format import MANIFEST, Manifest, Part
 
 
 @dataclass(frozen=True)
@@ -76,12 +77,10 @@ def resolve_source(path: Path, ranks: int, split: Sequence[int] | None = None,
     for s in split:
         bounds.append((start, start + s))
         start += s
-    manifest = path / "manifest.json"
-    shard_dirs: dict[tuple[int, int], Path] = {}
-    if manifest.exists():
-        m = json.loads(manifest.read_text())
-        for st in m.get("stages", []):
-            shard_dirs[tuple(st["layers"])] = path / "stages" / str(st["stage"])
+    manifest = _manifest(path)
+    if manifest and any(st.parts for st in manifest.stages):
+        raise UserError(f"{path} holds expert-parallel parts: run it expert-parallel (--expert-parallel)")
+    shard_dirs = {st.layers: path / st.dir for st in manifest.stages} if manifest else {}
     use_shards = bool(shard_dirs) and all(b in shard_dirs for b in bounds)
     stages = tuple(
         StagePlan(r, a, b, num_layers, shard_dirs[(a, b)] if use_shards else path, use_shards)
@@ -93,7 +92,8 @@ def resolve_source(path: Path, ranks: int, split: Sequence[int] | None = None,
 def _expert_parallel_source(path: Path, config: dict[str, Any], ranks: int, split: Sequence[int] | None,
                             experts: Sequence[Sequence[int]] | None) -> ModelSource:
     """One expert-parallel stage over all ranks: each rank reads every layer (from the
-    mlx-lm directory, or a shard's single all-layer stage) and keeps its own experts."""
+    mlx-lm directory, or a shard's single all-layer stage) and keeps its own experts, or,
+    from a conversion cut into per-node parts, its own part (holding its experts only)."""
     num_layers = int(config.get("num_hidden_layers", 0))
     n_experts = int(config.get("n_routed_experts") or config.get("num_experts") or 0)
     if split is not None:
@@ -105,19 +105,42 @@ def _expert_parallel_source(path: Path, config: dict[str, Any], ranks: int, spli
         raise UserError(f"{plural(ranks, 'rank')} but the model has only {plural(n_experts, 'routed expert')} per layer")
     owned: tuple[tuple[int, ...], ...] = ()
     if experts is not None:
-        owned = tuple(tuple(sorted(int(e) for e in mine)) for mine in experts)
+        owned = tuple(tuple(int(e) for e in mine) for mine in experts)
         flat = sorted(e for mine in owned for e in mine)
         if len(owned) != ranks or flat != list(range(n_experts)) or not all(owned):
             raise UserError(f"experts must give each of the {plural(ranks, 'rank')} a non-empty share, and "
                             f"every expert 0..{n_experts - 1} to exactly one rank")
-    model_dir, shard = path, False
-    manifest = path / "manifest.json"
-    if manifest.exists():
-        for st in json.loads(manifest.read_text()).get("stages", []):
-            if tuple(st["layers"]) == (0, num_layers):
-                model_dir, shard = path / "stages" / str(st["stage"]), True
-        if not shard:
-            raise UserError(f"{path}: expert parallel needs a shard with one all-layer stage "
-                            f"(quantize it with a single stage) or the mlx-lm directory")
-    stages = tuple(StagePlan(r, 0, num_layers, num_layers, model_dir, shard) for r in range(ranks))
-    return ModelSource(path, config, stages, expert_parallel=True, experts=owned)
+    manifest = _manifest(path)
+    if manifest is None:
+        stages = tuple(StagePlan(r, 0, num_layers, num_layers, path) for r in range(ranks))
+        return ModelSource(path, config, stages, expert_parallel=True, experts=owned)
+    whole = [st for st in manifest.stages if st.layers == (0, num_layers)]
+    if not whole:
+        raise UserError(f"{path}: expert parallel needs a shard with one all-layer stage "
+                        f"(quantize it with a single stage or an expert-parallel plan) or the mlx-lm directory")
+    if not whole[0].parts:
+        stages = tuple(StagePlan(r, 0, num_layers, num_layers, path / whole[0].dir, True) for r in range(ranks))
+        return ModelSource(path, config, stages, expert_parallel=True, experts=owned)
+    return _parts_source(path, config, whole[0].parts, ranks, owned)
+
+
+def _parts_source(path: Path, config: dict[str, Any], parts: Sequence[Part], ranks: int,
+                  owned: tuple[tuple[int, ...], ...]) -> ModelSource:
+    """An expert-parallel conversion cut into per-node parts: rank r loads part r (the
+    plan's ring order), which holds exactly its experts, in the part's row order."""
+    num_layers = int(config["num_hidden_layers"])
+    nodes = ", ".join(p.node for p in parts)
+    if ranks != len(parts):
+        raise UserError(f"{path} holds the experts in {plural(len(parts), 'part')} ({nodes}): "
+                        f"run it on {plural(len(parts), 'rank')}")
+    mine = tuple(p.experts for p in parts)
+    if owned and [sorted(o) for o in owned] != [sorted(m) for m in mine]:
+        raise UserError(f"{path}: the experts asked for are not the parts' ({nodes}); "
+                        f"a part holds only the experts it was converted with")
+    stages = tuple(StagePlan(r, 0, num_layers, num_layers, path / p.dir, True) for r, p in enumerate(parts))
+    return ModelSource(path, config, stages, expert_parallel=True, experts=mine)
+
+
+def _manifest(path: Path) -> Manifest | None:
+    """The shard's manifest, None for an mlx-lm directory (no manifest.json)."""
+    return Manifest.load(path) if (path / MANIFEST).exists() else None

@@ -14,7 +14,6 @@ from __future__ import annotations
 import glob
 import json
 import re
-import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,8 @@ from typing import Any, Callable
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlxdist.errors import plural
+from mlxdist.errors import UserError, plural
+from mlxdist.shard_format import read_safetensors_header
 
 LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
 
@@ -111,15 +111,13 @@ def stored_half_dtypes(model_dir: str | Path) -> set[str]:
     directory or a shard directory), read from their headers only."""
     model_dir = Path(model_dir)
     found: set[str] = set()
-    for f in weight_files(model_dir) or sorted(glob.glob(str(model_dir / "stages" / "*" / "*.safetensors"))):
+    for f in weight_files(model_dir) or sorted(glob.glob(str(model_dir / "stages" / "**" / "*.safetensors"),
+                                                         recursive=True)):
         try:
-            with open(f, "rb") as fh:
-                (n,) = struct.unpack("<Q", fh.read(8))
-                header = json.loads(fh.read(n))
-        except (OSError, ValueError, struct.error):
+            header = read_safetensors_header(f)
+        except UserError:
             continue
-        found |= {_HALF_HEADER_DTYPES[t["dtype"]] for k, t in header.items()
-                  if k != "__metadata__" and isinstance(t, dict) and t.get("dtype") in _HALF_HEADER_DTYPES}
+        found |= {_HALF_HEADER_DTYPES[t.dtype] for t in header.values() if t.dtype in _HALF_HEADER_DTYPES}
     return found
 
 
@@ -161,7 +159,7 @@ def weight_files(model_dir: Path) -> list[str]:
     return files
 
 
-class Stage:
+class LoadedStage:
     """A loaded layer range. `forward` takes token ids [1, n] on the first stage or a
     hidden state [1, n, D] on the others, and returns hidden states, or logits [1, n, V]
     on the last stage when `logits=True`."""
@@ -198,7 +196,7 @@ def _restrict(model: nn.Module, spec: StageSpec, tied: bool) -> None:
 
 
 def load_stage(model_dir: str | Path, spec: StageSpec, files: list[str] | None = None,
-               presanitized: bool = False, prepare: Callable[[nn.Module], Any] | None = None) -> Stage:
+               presanitized: bool = False, prepare: Callable[[nn.Module], Any] | None = None) -> LoadedStage:
     """Build the model from config.json, drop every layer outside `spec`, and load only
     the stage's tensors (lazily, straight from the safetensors files). `prepare(model)`
     runs before anything is read (expert parallel drops other ranks' experts there).
@@ -240,7 +238,7 @@ def load_stage(model_dir: str | Path, spec: StageSpec, files: list[str] | None =
     # after prepare: expert parallel has cut the stacked experts, so only what stays is converted
     note_float32_upcast(_upcast_half(model))  # CPU backend only: norms, embeddings, scales, biases
     mx.eval(model.parameters())
-    return Stage(model, spec, config)
+    return LoadedStage(model, spec, config)
 
 
 def _check_loaded(model: nn.Module, weights: dict[str, mx.array]) -> None:

@@ -1,18 +1,16 @@
-"""One rank: `python -m mlxdist.runtime.worker --rank R --ranks N --hostfile H --model-dir D
---layers START:END --num-layers L --control HOST:PORT --session S [--backend ring]
-[--shard-root ROOT] [--max-slots 8] [--prefill-step 2048] [--host NAME]
-[--handoff messages|collective|nccl [--nccl HOST:PORT]]`
+"""One rank: `python -m mlxdist.runtime.worker`, no arguments: its `WorkerSpec` (this rank's
+facts and the engine's `EngineConfig`, launcher.py) comes as one msgpack blob on stdin, so
+nothing (the session key least of all) is on its command line.
 
 It connects to the engine's control server first (hello, then a heartbeat every 0.5 s from
 a thread), checks its shard against the manifest, loads its layers, joins the MLX group
-(MLX_RANK and MLX_HOSTFILE are set from the arguments), says "ready", and runs the stage
+(MLX_RANK and MLX_HOSTFILE are set from the spec), says "ready", and runs the stage
 loop: rank 0 the coordinator, fed by the engine's commands; the others `follower_loop`.
 If the engine's connection drops, the worker exits at once.
 """
 
 from __future__ import annotations
 
-import argparse
 import faulthandler
 import os
 import signal
@@ -23,35 +21,26 @@ import traceback
 from typing import Callable
 
 from mlxdist.errors import plural
-from mlxdist.runtime.api import HANDOFFS, handoff_problem
-from mlxdist.runtime.control import HEARTBEAT_INTERVAL_S, Channel, connect
+from mlxdist.runtime.api import handoff_problem
+from mlxdist.framing import Channel, ProtocolError
+from mlxdist.runtime.control import HEARTBEAT_INTERVAL_S, connect
+from mlxdist.runtime.launcher import WorkerSpec
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m mlxdist.runtime.worker")
-    p.add_argument("--rank", type=int, required=True)
-    p.add_argument("--ranks", type=int, required=True)
-    p.add_argument("--hostfile", required=True)
-    p.add_argument("--model-dir", required=True)
-    p.add_argument("--layers", required=True, help="START:END (END exclusive)")
-    p.add_argument("--num-layers", type=int, required=True)
-    p.add_argument("--control", required=True, help="HOST:PORT of the engine")
-    p.add_argument("--session", required=True)
-    p.add_argument("--backend", default="ring")
-    p.add_argument("--shard-root", default="")
-    p.add_argument("--max-slots", type=int, default=8)
-    p.add_argument("--prefill-step", type=int, default=2048)
-    p.add_argument("--prompt-cache", type=int, default=0,
-                   help="rank 0: finished sequences whose caches stay for a prompt that starts the same way")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--expert-parallel", action="store_true",
-                   help="all layers, this rank's share of the routed experts (ep_stage.py)")
-    p.add_argument("--experts", default="", help="with --expert-parallel: this rank's expert ids (a,b,c)")
-    p.add_argument("--handoff", default="messages", choices=HANDOFFS,
-                   help="decode hand-offs: ring messages, or lock-step all_sum runs over the ring "
-                        "group (collective) or an NCCL group (nccl, CUDA GPUs)")
-    p.add_argument("--nccl", default="", help="with --handoff nccl: HOST:PORT where NCCL's rank 0 listens")
-    return p.parse_args(argv)
+USAGE = ("python -m mlxdist.runtime.worker takes no arguments: a launcher starts it with its "
+         "WorkerSpec (msgpack, runtime/launcher.py) on stdin")
+
+
+def read_spec() -> WorkerSpec:
+    """This rank's spec from stdin; anything else ends the process with one line."""
+    if len(sys.argv) > 1 or sys.stdin is None or sys.stdin.isatty():
+        sys.exit(USAGE)
+    blob = sys.stdin.buffer.read()
+    try:
+        return WorkerSpec.from_msgpack(blob)
+    except ValueError as e:
+        sys.exit(f"mlxdist worker: stdin is not a WorkerSpec ({e if blob else 'it is empty'}); "
+                 "a launcher starts the worker (runtime/launcher.py)")
 
 
 def _heartbeat(chan: Channel, rank: int) -> None:
@@ -81,19 +70,17 @@ def _reader(chan: Channel, on_command) -> None:
     while True:
         try:
             msg = chan.recv()
-        except Exception:
-            msg = None
-        if msg is None:  # the engine is gone: nobody wants our output
+        except (ConnectionError, ProtocolError):  # the engine is gone: nobody wants our output
             os._exit(3)
         on_command(msg)
 
 
-def main(argv: list[str] | None = None) -> None:
-    a = parse_args(argv)
+def main() -> None:
+    a = read_spec()
     if hasattr(signal, "SIGUSR1"):  # `kill -USR1 <pid>`: every thread's stack into the rank's log
         faulthandler.register(signal.SIGUSR1, all_threads=True)
-    chan = connect(a.control)
-    chan.send({"t": "hello", "rank": a.rank, "host": a.host, "pid": os.getpid(), "session": a.session})
+    chan = connect(a.control, bytes.fromhex(a.session))
+    chan.send({"t": "hello", "rank": a.rank, "host": a.host, "pid": os.getpid()})
     threading.Thread(target=_heartbeat, args=(chan, a.rank), daemon=True).start()
     try:
         run(a, chan)
@@ -110,22 +97,22 @@ def main(argv: list[str] | None = None) -> None:
     os._exit(0)
 
 
-def run(a: argparse.Namespace, chan: Channel) -> None:
+def run(a: WorkerSpec, chan: Channel) -> None:
     from pathlib import Path
 
     from mlxdist.runtime.coordinator import Coordinator
     from mlxdist.runtime.pipeline import StageRunner, follower_loop
     from mlxdist.runtime.source import StagePlan
     from mlxdist.runtime.stage import StageSpec, load_stage
-    from mlxdist.runtime.wire import RingLink
+    from mlxdist.runtime.ring_link import RingLink
 
-    start, end = (int(x) for x in a.layers.split(":"))
+    start, end = a.start, a.end
     plan = StagePlan(a.rank, start, end, a.num_layers, Path(a.model_dir), bool(a.shard_root))
     if a.shard_root:
         from mlxdist.runtime.shards import verify_stage
 
         verify_stage(Path(a.shard_root), plan)
-    if a.expert_parallel:
+    if a.config.expert_parallel:
         return run_expert_parallel(a, chan, plan)
     stage = load_stage(plan.model_dir, StageSpec(start, end, a.num_layers), presanitized=plan.shard)
 
@@ -135,8 +122,9 @@ def run(a: argparse.Namespace, chan: Channel) -> None:
           file=sys.stderr, flush=True)
     runner = StageRunner(stage)
     if a.rank == 0:
-        coord = Coordinator(runner, link, chan.send, max_slots=a.max_slots, prefill_step=a.prefill_step,
-                            prompt_cache=a.prompt_cache, groups=_decoding_groups())
+        coord = Coordinator(runner, link, chan.send, max_slots=a.config.max_concurrent,
+                            prefill_step=a.config.prefill_step, prompt_cache=a.config.prompt_cache,
+                            groups=_decoding_groups())
         threading.Thread(target=_reader, args=(chan, coord.commands.put), daemon=True).start()
         chan.send({"t": "ready", "rank": a.rank})
         coord.run()
@@ -146,7 +134,7 @@ def run(a: argparse.Namespace, chan: Channel) -> None:
             runner, link, int(stage.config["hidden_size"]), wait_for_wake))
 
 
-def run_expert_parallel(a: argparse.Namespace, chan: Channel, plan) -> None:
+def run_expert_parallel(a: WorkerSpec, chan: Channel, plan) -> None:
     """One expert-parallel stage: join the group first (the MoE blocks hold it), load
     every layer keeping this rank's experts, then rank 0 coordinates, the others follow."""
     from mlxdist.runtime.ep_stage import Broadcast, EPCoordinator, EPRunner, ep_follower_loop, keep_own_experts
@@ -154,15 +142,15 @@ def run_expert_parallel(a: argparse.Namespace, chan: Channel, plan) -> None:
 
     group = _join_group(a)
     owned: list[int] = []
-    mine = [int(e) for e in a.experts.split(",")] if a.experts else None
+    mine = list(a.experts) or None
     stage = load_stage(plan.model_dir, StageSpec(plan.start, plan.end, plan.num_layers), presanitized=plan.shard,
                        prepare=lambda model: owned.extend(keep_own_experts(model.model, group, mine)))
     print(f"rank {a.rank}: expert parallel, all {plan.num_layers} layers, {len(owned)} experts "
           f"({owned[0]}..{owned[-1]})", file=sys.stderr, flush=True)
     bcast = Broadcast(group)
     if a.rank == 0:
-        coord = EPCoordinator(EPRunner(stage, bcast), None, chan.send, max_slots=a.max_slots,
-                              prefill_step=a.prefill_step, prompt_cache=a.prompt_cache)
+        coord = EPCoordinator(EPRunner(stage, bcast), None, chan.send, max_slots=a.config.max_concurrent,
+                              prefill_step=a.config.prefill_step, prompt_cache=a.config.prompt_cache)
         threading.Thread(target=_reader, args=(chan, coord.commands.put), daemon=True).start()
         chan.send({"t": "ready", "rank": a.rank})
         coord.run()
@@ -171,25 +159,25 @@ def run_expert_parallel(a: argparse.Namespace, chan: Channel, plan) -> None:
     _follow(chan, a.rank, lambda wait_for_wake: ep_follower_loop(stage, bcast, wait_for_wake))
 
 
-def _join_group(a: argparse.Namespace):
+def _join_group(a: WorkerSpec):
     import mlx.core as mx
 
     os.environ["MLX_RANK"] = str(a.rank)
     os.environ["MLX_HOSTFILE"] = a.hostfile
-    group = mx.distributed.init(backend=a.backend, strict=True)
+    group = mx.distributed.init(backend=a.config.backend, strict=True)
     if group.size() != a.ranks or group.rank() != a.rank:
         raise RuntimeError(f"joined a group of {group.size()} as rank {group.rank()}, "
                            f"expected {a.ranks} as rank {a.rank}")
     return group
 
 
-def _collective_group(a: argparse.Namespace, group):
+def _collective_group(a: WorkerSpec, group):
     """The group lock-step runs sum over (lockstep.py), or None for ring messages only."""
-    if a.handoff == "messages":
+    if a.config.handoff == "messages":
         return None
-    if problem := handoff_problem(a.handoff):
+    if problem := handoff_problem(a.config.handoff):
         raise RuntimeError(problem)
-    if a.handoff == "collective":
+    if a.config.handoff == "collective":
         return group
     import mlx.core as mx
 
@@ -223,17 +211,17 @@ def _follow(chan: Channel, rank: int, loop: Callable[[Callable[[int], None]], No
     loop(wait_for_wake)
 
 
-def _inbound_sockets(a: argparse.Namespace) -> list:
+def _inbound_sockets(a: WorkerSpec) -> list:
     """For the ring backend: the sockets the previous rank sends on (see RingLink)."""
     import json
 
-    from mlxdist.runtime.wire import inbound_ring_sockets
+    from mlxdist.runtime.ring_link import inbound_ring_sockets
 
     # Sleeping in select() costs a wake-up per message (~0.4 ms here) but frees the core
     # the backend's polling would burn: worth it when ranks outnumber cores (4 ranks on 2
     # cores: 33 -> 142 tok/s), not when each rank has cores to spare.
     mode = os.environ.get("MLXDIST_RING_SELECT", "auto")
-    if a.backend != "ring" or mode == "0" or (mode == "auto" and (os.cpu_count() or 1) >= 2 * a.ranks):
+    if a.config.backend != "ring" or mode == "0" or (mode == "auto" and (os.cpu_count() or 1) >= 2 * a.ranks):
         return []
     try:
         mine = json.loads(open(a.hostfile).read())[a.rank]

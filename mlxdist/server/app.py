@@ -28,7 +28,8 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from mlxdist.runtime.api import Engine
-from mlxdist.server.routes import MAX_BODY, Api, HttpLimits, build_app
+from mlxdist.server.routes import build_app
+from mlxdist.server.state import MAX_BODY, Api, HttpLimits
 
 __all__ = ["ApiServer", "HttpLimits", "MAX_BODY", "bind", "fd_limit_only_raised", "raise_fd_limit"]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -12,9 +13,9 @@ import click
 
 from mlxdist.errors import UserError
 from mlxdist.runtime.api import HANDOFF_HELP, HANDOFFS, check_handoff
+from mlxdist.runtime.config import EngineConfig
 
 DEFAULT_PROMPT_CACHE = 4  # retained requests; each holds its KV caches until evicted
-DEFAULT_CONCURRENCY = 8  # requests decoded together (the batch width) without a plan
 
 
 def _plan_concurrency(plan_file: str) -> int:
@@ -23,7 +24,7 @@ def _plan_concurrency(plan_file: str) -> int:
     import json
 
     try:
-        value = json.loads(Path(plan_file).read_text()).get("concurrency", DEFAULT_CONCURRENCY)
+        value = json.loads(Path(plan_file).read_text()).get("concurrency", EngineConfig.max_concurrent)
     except (OSError, ValueError, AttributeError) as e:
         raise UserError(f"{plan_file}: not a plan from `mlxdist plan --json` ({e})")
     if not isinstance(value, int) or value < 1:
@@ -31,16 +32,18 @@ def _plan_concurrency(plan_file: str) -> int:
     return value
 
 
-def open_engine_for(model: str, local: int | None, nodes: str | None, progress=print, **opts: Any):
+def open_engine_for(model: str, local: int | None, nodes: str | None, config: EngineConfig,
+                    progress=print, plan: str | None = None):
     """The engine for MODEL: `demo` is the built-in demo model; `--nodes` asks the
-    cluster package; otherwise one process (or `--local N` ranks) on this machine."""
+    cluster package (with `plan`, its nodes in its order); otherwise one process (or
+    `--local N` ranks) on this machine."""
     if local is not None and local < 1:
         raise UserError("--local must be at least 1")
     if model == "demo":
         from mlxdist.demo_model import DEMO_NAME, prepare_demo_model
 
         path = prepare_demo_model(stages=local or 1, progress=progress)
-        opts.setdefault("model_name", DEMO_NAME)
+        config = replace(config, model_name=config.model_name or DEMO_NAME)
     else:
         path = Path(model).expanduser()
         if not path.is_dir():
@@ -53,7 +56,8 @@ def open_engine_for(model: str, local: int | None, nodes: str | None, progress=p
         except ImportError:
             raise UserError("--nodes needs mlxdist.cluster.coordinator.open_cluster_engine, which this build "
                             "does not have yet; use --local N to run ranks on this machine")
-        return start_engine(open_cluster_engine, path, nodes=nodes, progress=progress, **opts)
+        return start_engine(open_cluster_engine, path, nodes=nodes, progress=progress, plan=plan,
+                            config=config)
     try:
         from mlxdist.runtime.engine import open_engine  # type: ignore[import-not-found]
     except ImportError:
@@ -63,7 +67,7 @@ def open_engine_for(model: str, local: int | None, nodes: str | None, progress=p
     ranks = local or 1
     progress(f"loading {path} on {ranks} rank{'s' if ranks > 1 else ''} ...")
     note_if_upcast(path)  # the ranks' own stderr goes to their logs
-    return start_engine(open_engine, str(path), ranks=ranks, **opts)
+    return start_engine(open_engine, str(path), config, ranks=ranks)
 
 
 def parse_efforts(text: str | None) -> dict[str, int]:
@@ -158,9 +162,9 @@ def serve_command(model: str, host: str, port: int, local: int | None, nodes: st
     check_handoff(handoff, nodes=bool(nodes), expert_parallel=expert_parallel)
     efforts = parse_efforts(reasoning_budgets)
     progress = lambda msg: click.echo(msg, err=True)  # noqa: E731
-    opts = {**({"plan": plan} if plan else {}), **({"expert_parallel": True} if expert_parallel else {}),
-            **({"handoff": handoff} if handoff != "messages" else {}), "prompt_cache": prompt_cache,
-            "max_concurrent": concurrency or (_plan_concurrency(plan) if plan else DEFAULT_CONCURRENCY)}
+    concurrency = concurrency or (_plan_concurrency(plan) if plan else EngineConfig.max_concurrent)
+    config = EngineConfig(max_concurrent=concurrency, prompt_cache=prompt_cache,
+                          expert_parallel=expert_parallel, handoff=handoff)
     try:  # before the model loads: a port in use is found at once
         sock = bind(host, port)
     except OSError as e:
@@ -168,7 +172,7 @@ def serve_command(model: str, host: str, port: int, local: int | None, nodes: st
     try:
         with fd_limit_only_raised():  # mlx-lm's import would cap the sockets at 4096 for good
             import mlx_lm.utils  # noqa: F401
-        engine = open_engine_for(model, local, nodes, progress=progress, **opts)
+        engine = open_engine_for(model, local, nodes, config, progress=progress, plan=plan)
     except BaseException:
         sock.close()
         raise
@@ -176,8 +180,7 @@ def serve_command(model: str, host: str, port: int, local: int | None, nodes: st
     try:
         if verifier and not same_model(verifier, model):
             progress(f"verifier: {verifier}")
-            judge = open_engine_for(verifier, local, nodes, progress=progress,
-                                    **{k: v for k, v in opts.items() if k != "plan"})
+            judge = open_engine_for(verifier, local, nodes, config, progress=progress)
         server = ApiServer(engine, host, port, api_key=api_key, max_queue=max_queue, quiet=quiet,
                            limits=HttpLimits(max_connections=max_connections), sock=sock,
                            verifier=judge, efforts=efforts)

@@ -10,7 +10,7 @@ from mlxdist.runtime.api import Layout, engine_events, engine_health, engine_lay
 
 
 def snapshot(engine: Any, live: dict[str, Any]) -> dict[str, Any]:
-    from mlxdist.cluster import hardware  # this machine, probed as `mlxdist node` probes it
+    from mlxdist.cluster import machine  # this machine, probed as `mlxdist node` probes it
 
     layout: Layout = engine_layout(engine)
     kv0 = float(_stats(engine).get("kv_bytes") or 0)
@@ -20,8 +20,8 @@ def snapshot(engine: Any, live: dict[str, Any]) -> dict[str, Any]:
         mine = [st for st in layout.stages if st.node == n.name]
         total, free, chip = n.memory_total, n.memory_free, n.chip
         if layout.mode != "nodes":  # this machine
-            total, free = hardware.memory_total(), hardware.memory_available()
-            chip = chip or hardware.chip_name()
+            total, free = machine.memory_total(), machine.memory_available()
+            chip = chip or machine.chip_name()
         # rank 0 measures its caches; the others hold the same sequences over their layers
         kv = int(sum(kv0 * (st.end - st.start) / layers0 for st in mine)) if layers0 else None
         nodes.append({"name": n.name, "host": n.host, "chip": chip, "health": n.health,

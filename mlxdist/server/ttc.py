@@ -23,7 +23,7 @@ import json
 import random
 import time
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Union
+from typing import Any, Union
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -36,9 +36,7 @@ from mlxdist.server.generation import (ClientGone, Generation, admit, chat_token
 from mlxdist.server.protocol import ApiError, CompletionParams
 from mlxdist.server.reasoning import ReasoningSplitter, prompt_opens_think, split_reasoning
 from mlxdist.server.responses import ChoiceState, chat_message
-
-if TYPE_CHECKING:
-    from mlxdist.server.routes import Api
+from mlxdist.server.state import Api
 
 
 @dataclass(frozen=True)

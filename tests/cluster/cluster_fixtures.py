@@ -22,7 +22,7 @@ def node(tmp_path: Path) -> Iterator:
     """An in-process node on 127.0.0.1 with a fake hardware report and no mDNS. (Kept out
     of a conftest.py: a second module named `conftest` shadows tests/conftest.py for
     `from conftest import ...`.)"""
-    from mlxdist.cluster.hardware import Hardware
+    from mlxdist.cluster.machine import Hardware
     from mlxdist.cluster.node import Node, NodeConfig
 
     n = Node(NodeConfig(name="n0", cluster=CLUSTER, data_dir=tmp_path / "node", secret=SECRET,
@@ -90,6 +90,7 @@ def make_stage(root: Path, k: int = 0, weights_bytes: int = 3 * (1 << 20) + 1234
 def make_shards(mlx_dir: Path, out: Path, split: list[int]) -> Path:
     """Cut an mlx-lm model directory into the shard format of docs/shard-format.md
     (stages/<k>/ + manifest.json), by tensor name, with numpy and json only."""
+    import hashlib
     import re
     import shutil
 
@@ -107,8 +108,9 @@ def make_shards(mlx_dir: Path, out: Path, split: list[int]) -> Path:
     out.mkdir(parents=True)
     for p in tokenizer_files + [mlx_dir / "config.json"]:
         shutil.copy(p, out / p.name)
-    manifest = {"format_version": 1, "source": {"path": str(mlx_dir), "sha256": ""},
-                "config": config, "stages": [], "tensors": {}}
+    manifest = {"format_version": 1, "source": {"path": str(mlx_dir), "kind": "tensors-sha256"},
+                "options": {"stages": []}, "config": config, "stages": [], "tensors": {}}
+    st_dtype = {"float32": "F32", "float16": "F16", "uint32": "U32"}
     start = 0
     for k, count in enumerate(split):
         end = start + count
@@ -121,9 +123,10 @@ def make_shards(mlx_dir: Path, out: Path, split: list[int]) -> Path:
                     (name.startswith("model.embed_tokens.") and first)
                     or (name.startswith(("model.norm.", "lm_head.")) and last))):
                 keep[name] = np.ascontiguousarray(t)
-                manifest["tensors"][name] = {"file": f"stages/{k}/weights.safetensors", "stage": k,
+                manifest["tensors"][name] = {"file": f"stages/{k}/weights.safetensors", "stage": k, "stages": [k],
                                              "layer": layer, "shape": list(t.shape),
-                                             "dtype": str(t.dtype), "bytes": int(t.nbytes)}
+                                             "dtype": st_dtype[str(t.dtype)], "bytes": int(t.nbytes),
+                                             "sha256": hashlib.sha256(keep[name].tobytes()).hexdigest()}
         d = out / "stages" / str(k)
         d.mkdir(parents=True)
         save_file(keep, str(d / "weights.safetensors"))
@@ -132,9 +135,12 @@ def make_shards(mlx_dir: Path, out: Path, split: list[int]) -> Path:
         (d / "stage.json").write_text(json.dumps({
             "format_version": 1, "stage": k, "num_stages": len(split), "layers": [start, end],
             "has_embedding": first, "has_head": last}))
-        manifest["stages"].append({"stage": k, "layers": [start, end],
-                                   "files": sorted(p.name for p in d.iterdir())})
+        manifest["options"]["stages"].append([start, end])
+        manifest["stages"].append({"stage": k, "layers": [start, end], "files": [f"stages/{k}/weights.safetensors"],
+                                   "bytes": (d / "weights.safetensors").stat().st_size})
         start = end
+    lines = "".join(f"{name} {t['sha256']}\n" for name, t in sorted(manifest["tensors"].items()))
+    manifest["source"]["sha256"] = hashlib.sha256(lines.encode()).hexdigest()
     (out / "manifest.json").write_text(json.dumps(manifest))
     return out
 

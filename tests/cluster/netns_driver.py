@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from mlxdist.cluster.coordinator import deliver, discover_nodes  # noqa: E402
+from mlxdist.cluster.nodes import deliver, discover_nodes  # noqa: E402
 from mlxdist.cluster.health import Monitor  # noqa: E402
 from mlxdist.cluster.secret import load_secret  # noqa: E402
 
@@ -34,16 +34,18 @@ def nodes(a: dict) -> list:
 
 
 def serve(a: dict) -> None:
-    """A ClusterEngine over the nodes found by mDNS, one greedy request; with
+    """A ClusterEngine over the nodes found by mDNS (running `plan`, a plan file, when
+    given), one greedy request; with
     `progress_at`, a line is printed when that many tokens have come (the test then
     cuts something), and the request runs on through any re-placement."""
     from mlxdist.cluster.coordinator import open_cluster_engine
     from mlxdist.runtime.api import GenerationRequest
+    from mlxdist.runtime.config import EngineConfig
 
     # what `mlxdist serve OUT --nodes auto` calls (mDNS bound to our namespace address)
     engine = open_cluster_engine(a["out"], "auto", a["cluster"], a["secret_file"],
-                                 browse_s=3.0, mdns_addresses=[a["address"]],
-                                 startup_timeout_s=60)
+                                 browse_s=3.0, mdns_addresses=[a["address"]], plan=a.get("plan"),
+                                 config=EngineConfig(startup_timeout_s=60))
     try:
         out({"placement": [v.name for v in engine.placement]})
         for round_ in range(a.get("rounds", 1)):
@@ -77,7 +79,7 @@ def main() -> None:
         serve(a)
         return
     if cmd == "status":
-        from mlxdist.cluster.coordinator import query_nodes
+        from mlxdist.cluster.nodes import query_nodes
 
         secret, _ = load_secret(Path(a["secret_file"]), create=False)
         views = query_nodes([([h], a.get("port", 52415), "", h) for h in a["hosts"]],

@@ -134,6 +134,7 @@ def first_difference(a: str, b: str) -> str:
 
 def test_node_killed_mid_stream_named_text_continues_and_moves_back(trial):
     from mlxdist.cluster.coordinator import open_cluster_engine
+    from mlxdist.runtime.config import EngineConfig
 
     nodes, out, expected, text = trial
     said = Said()
@@ -143,7 +144,7 @@ def test_node_killed_mid_stream_named_text_continues_and_moves_back(trial):
     logger.setLevel(logging.INFO)
     pa, pb = nodes.ports["nodeA"], nodes.ports["nodeB"]
     engine = open_cluster_engine(out, f"127.0.0.1:{pa},127.0.0.1:{pb}", CLUSTER, nodes.secret,
-                                 startup_timeout_s=120)
+                                 config=EngineConfig(startup_timeout_s=120))
     try:
         assert [v.name for v in engine.placement] == ["nodeA", "nodeB"]
         tokens, plain, _ = stream(engine)
@@ -169,7 +170,7 @@ def test_node_killed_mid_stream_named_text_continues_and_moves_back(trial):
             [(0, "nodeA", 0, rec_split[0]), (1, "nodeA", rec_split[0], sum(rec_split))]
         assert {n.name: n.health for n in layout.nodes} == {"nodeA": "ok", "nodeB": "lost"}
         kinds = [e["event"] for e in engine.events()]
-        assert kinds[:3] == ["node_lost", "requests_healed", "replaced"], kinds
+        assert kinds[:4] == ["placed", "node_lost", "requests_healed", "replaced"], kinds
 
         assert nodes.procs["nodeB"].wait(timeout=20) == 0
         nodes.start("nodeB", port=pb)  # B comes back on its port, with its data dir

@@ -1,7 +1,7 @@
 """What a node reports becomes the planner's numbers (checked against the chip table and
 the placement package's own reserve rule, written out here)."""
 
-from mlxdist.cluster.coordinator import NodeView
+from mlxdist.cluster.nodes import NodeView
 from mlxdist.cluster.inventory import node_spec
 
 
@@ -31,3 +31,17 @@ def test_plan_auto_without_a_secret_describes_this_machine(tmp_path, monkeypatch
     # this machine alone cannot hold R1: a one-line refusal naming the bytes
     assert out.returncode != 0 and "Traceback" not in out.stderr
     assert "GB" in out.stderr
+
+
+def test_this_machine_is_the_nodes_own_probe() -> None:
+    """`mlxdist plan` with no cluster describes this machine with the probe a node
+    advertises: its memory is what the OS reports, some of it reserved."""
+    import os
+
+    from mlxdist.cluster.inventory import this_machine
+    from mlxdist.placement.specs import GB
+
+    n = this_machine()
+    assert n.memory_bytes == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") > GB
+    assert 0 < n.usable_bytes < n.memory_bytes
+    assert n.bandwidth > 0

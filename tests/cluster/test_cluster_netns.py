@@ -153,7 +153,7 @@ def test_cluster_command_table_and_json(cluster):
         == {"n0": [("eth0", True)], "n1": [("eth0", True)], "n2": [("eth0", False)]}
     assert links["n2"][0]["addresses"] == [f"{cluster.net.hosts[2].ip}/24"]
     r = cluster.net.run(0, base, env=cluster.env)
-    assert r.stdout.splitlines()[0].split() == ["NAME", "CHIP", "MEMORY", "LINKS", "SHARDS",
+    assert r.stdout.splitlines()[0].split() == ["NAME", "CHIP", "MEMORY", "LINKS", "SHARDS", "HELD",
                                                 "HEALTH", "ROLE"]
 
 

@@ -1,5 +1,6 @@
 """The control plane: handshake, refusals, malformed input, fuzzing. The raw client here
-follows docs/protocol.md with hashlib/hmac directly, not the code under test."""
+follows docs/protocol.md with hashlib/hmac and `cryptography`'s ChaCha20Poly1305 directly,
+not the code under test."""
 
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ import time
 
 import msgpack
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from mlxdist import PROTOCOL_VERSION
 from mlxdist.cluster.client import NodeClient
-from mlxdist.cluster.wire import Refused
+from mlxdist.framing import Refused
 
 from cluster_fixtures import CLUSTER, SECRET, node  # noqa: F401 (node: fixture)
 
@@ -87,16 +89,16 @@ def authenticate(port: int, secret: bytes = SECRET) -> tuple[RawClient, bytes, b
 
 def test_raw_client_from_the_spec_gets_status(node):
     c, _, t = authenticate(node.port)
-    key = mac(SECRET, b"session", t)
-    body = msgpack.packb({"t": "status"})
-    tag = hmac.new(key, b"c>s" + (0).to_bytes(8, "big") + body, hashlib.sha256).digest()
-    c.sock.sendall(frame(tag + body))
-    reply = read_frame(c.sock)
-    expect = hmac.new(key, b"s>c" + (0).to_bytes(8, "big") + reply[32:], hashlib.sha256).digest()
-    assert reply[:32] == expect
-    status = msgpack.unpackb(reply[32:])
-    assert status["t"] == "status" and status["node"]["name"] == "n0"
-    assert status["node"]["protocol"] == PROTOCOL_VERSION
+    aead = ChaCha20Poly1305(mac(SECRET, b"session", t))
+    for seq in range(2):  # the counters go on: frame 0, then frame 1, each way
+        body = msgpack.packb({"t": "status"})
+        c.sock.sendall(frame(aead.encrypt(b"c->s" + seq.to_bytes(8, "big"), body, None)))
+        reply = read_frame(c.sock)
+        assert b"Test Chip" not in reply  # sealed, not only tagged
+        status = msgpack.unpackb(aead.decrypt(b"s->c" + seq.to_bytes(8, "big"), reply, None))
+        assert status["t"] == "status" and status["node"]["name"] == "n0"
+        assert status["node"]["chip"] == "Test Chip"
+        assert status["node"]["protocol"] == PROTOCOL_VERSION
     c.close()
 
 
@@ -151,7 +153,7 @@ def test_replayed_authentication_is_refused(node):
 def test_forged_frame_after_auth_ends_the_connection(node):
     c, _, t = authenticate(node.port)
     body = msgpack.packb({"t": "status"})
-    c.sock.sendall(frame(b"\0" * 32 + body))  # wrong tag
+    c.sock.sendall(frame(body + b"\0" * 16))  # not sealed: does not open
     with pytest.raises((ConnectionError, OSError)):
         read_frame(c.sock)
     c.close()

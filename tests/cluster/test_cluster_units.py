@@ -1,14 +1,20 @@
-"""Pure pieces: the mDNS TXT record, stage placement after node loss, the secret file."""
+"""Pure pieces: the mDNS TXT record, the planner's stage placement on node views (first and
+after a node loss) and the links it prices, the secret file."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
-from mlxdist.cluster.coordinator import NodeView
 from mlxdist.cluster.discovery import decode_txt, encode_txt
-from mlxdist.cluster.engine import PlacementError, place_stages
+from mlxdist.cluster.interfaces import Interface
+from mlxdist.cluster.inventory import Conversion, cluster_spec
+from mlxdist.cluster.nodes import NodeView
 from mlxdist.cluster.secret import load_secret
 from mlxdist.errors import UserError
+from mlxdist.placement.specs import LINK_PRESETS
+from mlxdist.placement.model import LayerSpec, ModelSpec, Quant
 
 GiB = 1 << 30
 
@@ -45,22 +51,52 @@ def test_txt_garbage_does_not_crash():
     assert peer.shards == ()
 
 
-def view(name: str, free_gib: float) -> NodeView:
-    return NodeView(name, name, "10.0.0.1", 1, "ok", memory_available=int(free_gib * GiB))
+def view(name: str, total_gib: float, host: str = "10.0.0.1", thunderbolt: bool = False) -> NodeView:
+    return NodeView(name, name, host, 1, "ok", memory_total=int(total_gib * GiB),
+                    interfaces=(Interface("en1", (f"{host}/24",), thunderbolt),))
 
 
-def test_place_stages_first_and_after_loss():
-    a, b, c = view("a", 10), view("b", 10), view("c", 10)
-    sizes = [4 * GiB, 4 * GiB, 4 * GiB]
-    assert [v.name for v in place_stages([a, b, c], sizes)] == ["a", "b", "c"]
-    current = {0: "a", 1: "b", 2: "c"}
-    after = place_stages([a, b], sizes, current)  # c lost: its stage moves, others stay
-    assert [v.name for v in after[:2]] == ["a", "b"] and after[2].name in ("a", "b")
-    small = [view("a", 5), view("b", 6)]
-    with pytest.raises(PlacementError, match=r"stage 2 needs 4.00 GiB; b has 2.00 GiB free"):
-        place_stages(small, sizes, current)
-    with pytest.raises(PlacementError, match="no node is left"):
-        place_stages([], sizes, current)
+def conversion(stages: int = 3, stage_gib: float = 4) -> Conversion:
+    """Three 4 GiB stages of a 3-layer model without a KV cache."""
+    layers = tuple(LayerSpec(i, 1 << 20, 0, 0, 0, 0, 0, 0, 0, 1) for i in range(stages))
+    model = ModelSpec("m", "llama", 64, 10, Quant(), layers, 0, 0, False)
+    return Conversion(model, tuple((i, i + 1) for i in range(stages)), (int(stage_gib * GiB),) * stages, 4096)
+
+
+def test_stages_placed_first_and_after_loss():
+    # a 20 GiB node: 8 GB reserved, 95% of the rest is 11.9 GiB: room for two 4 GiB stages
+    conv = conversion()
+    a, b, c = view("a", 20), view("b", 20), view("c", 20)
+    req = conv.request(4)
+    assert conv.plan_on([a, b, c], req).group == ("a", "b", "c")
+    after = conv.plan_on([a, b], req, keep={0: "a", 1: "b", 2: "c"})  # c lost: its stage moves
+    assert after.group[:2] == ("a", "b") and after.group[2] in ("a", "b")
+    small = [view("a", 10), view("b", 10.5)]  # 95% of (10 GiB - 8 GB) = 2.42 GiB, and 2.90
+    with pytest.raises(UserError, match=r"its 3 stages need 12.00 GiB .* but the nodes offer 5.32 GiB "
+                                        r"\(a 2.42, b 2.90\): 6.68 GiB missing"):
+        conv.plan_on(small, req, keep={0: "a", 1: "b", 2: "c"})
+    with pytest.raises(UserError, match="no nodes to place the model on"):
+        conv.plan_on([], req, keep={0: "a", 1: "b", 2: "c"})
+
+
+def test_links_priced_from_interfaces():
+    tb = [view("a", 20, "10.0.0.1", True), view("b", 20, "10.0.0.2", True)]
+    cl = cluster_spec(tb)
+    assert cl.default_link == "tb-tcp"
+    assert (cl.link("a", "b").bandwidth, cl.link("a", "b").latency_s) == LINK_PRESETS["tb-tcp"]
+    mixed = cluster_spec([view("a", 20, "127.0.0.1"), view("b", 20, "10.0.0.2"), view("c", 20, "10.0.0.3")])
+    assert (mixed.link("a", "b").bandwidth, mixed.link("a", "b").latency_s) == LINK_PRESETS["loopback"]
+    assert (mixed.link("b", "c").bandwidth, mixed.link("b", "c").latency_s) == LINK_PRESETS["ethernet-10g"]
+    assert mixed.default_link == "ethernet-10g"
+
+
+def test_identical_machines_get_one_speed():
+    # two machines of one kind measured 10 and 12 GB/s: noise, both priced at 10; the
+    # larger one is another kind and keeps its own
+    same = [replace(view("a", 20), chip="Linux box", bandwidth_gbs=12.0),
+            replace(view("b", 20), chip="Linux box", bandwidth_gbs=10.0),
+            replace(view("c", 40), chip="Linux box", bandwidth_gbs=11.0)]
+    assert [n.bandwidth for n in cluster_spec(same).nodes] == [10e9, 10e9, 11e9]
 
 
 def test_secret_created_once_with_0600(tmp_path):
@@ -76,3 +112,16 @@ def test_secret_created_once_with_0600(tmp_path):
     short.chmod(0o600)
     with pytest.raises(UserError, match="too short"):
         load_secret(short)
+
+
+def test_expert_parallel_loss_names_the_lost_nodes_experts_in_one_line():
+    from mlxdist.cluster.engine import expert_ids, experts_lost
+    from mlxdist.placement.plan import Stage
+
+    assert expert_ids([0, 1, 2, 5, 7, 8]) == "0-2, 5, 7-8" and expert_ids([4]) == "4"
+    stage = Stage((0, 4), ("a", "b", "c"), (("a", (0, 1, 2)), ("b", (3, 4, 5)), ("c", (6, 7))))
+    v = lambda name: NodeView(name, name, "10.0.0.3", 52415, "ok")  # noqa: E731
+    msg = experts_lost(stage, [v("c")], [v("a"), v("b")], "rank 2 on c failed\ntraceback ...")
+    assert msg == ("c (10.0.0.3:52415) lost, which held experts 6-7 of the expert-parallel stage; no other "
+                   "node holds them, so requests cannot finish on the nodes left (a, b) "
+                   "(first report: rank 2 on c failed)")

@@ -108,9 +108,8 @@ def test_owned_experts_from_a_plan() -> None:
     from mlxdist.runtime.expert_parallel import owned_experts_from_plan
 
     nodes = [node_from_chip("a", "M3 Ultra", 512), node_from_chip("b", "M2 Ultra", 512)]
-    doc = place("deepseek-r1", nodes, context=4096, concurrency=1, link="tb5-rdma",
-                strategy="expert-parallel").to_json()
-    a, b = owned_experts_from_plan(doc, "a"), owned_experts_from_plan(doc, "b")
+    plan = place("deepseek-r1", nodes, context=4096, concurrency=1, link="tb5-rdma", strategy="expert-parallel")
+    a, b = owned_experts_from_plan(plan, "a"), owned_experts_from_plan(plan, "b")
     assert list(a) == list(b) == [(0, 61)]
     assert sorted(a[(0, 61)] + b[(0, 61)]) == list(range(256))
     assert len(a[(0, 61)]) > len(b[(0, 61)])  # 819 vs 800 GB/s: the faster node holds more

@@ -10,8 +10,9 @@ from hypothesis import strategies as st
 
 from mlxdist.errors import UserError
 from mlxdist.placement.cost import kv_tokens
-from mlxdist.placement.hardware import GB, NodeSpec, cluster_from_nodes, node_from_chip, parse_nodes
+from mlxdist.placement.specs import GB, cluster_from_nodes, node_from_chip, parse_nodes
 from mlxdist.placement.model import describe, load_model
+from mlxdist.placement.plan import Plan
 from mlxdist.placement.planner import Request, budget, plan
 from tests.conftest import run_mlxdist
 
@@ -59,14 +60,17 @@ def clusters(draw, model=None):
     return cluster_from_nodes(nodes, draw(st.sampled_from(["tb-tcp", "tb5-rdma"])))
 
 
-def independent_memory(model, stage_layers, ep_owned, first, last):
-    """Bytes a node holds, summed straight from the layer table (not the planner's prefix sums)."""
+def independent_memory(model, stage_layers, ep_owned, first, last, shared=True):
+    """Bytes a node holds, summed straight from the layer table (not the planner's prefix
+    sums). An expert-parallel member holds the shared experts only if it is the group's
+    first rank (`shared`), which runs them for all."""
     a, b = stage_layers
     layers = model.layers[a:b]
     if ep_owned is None:
         w = sum(x.total_bytes for x in layers) + (model.embedding if first else 0) + (model.head if last else 0)
     else:
-        w = sum(x.replicated_bytes + ep_owned * x.expert_bytes for x in layers) + model.embedding + model.head
+        w = sum(x.replicated_bytes - (0 if shared else x.shared_experts) + ep_owned * x.expert_bytes
+                for x in layers) + model.embedding + model.head
     return w
 
 
@@ -90,7 +94,7 @@ def test_never_more_than_usable_memory(model, data, context, concurrency) -> Non
             node = cluster.node(name)
             owned = len(stage.experts_of(name)) if stage.expert_parallel else None
             w = independent_memory(model, stage.layers, owned, stage.layers[0] == 0,
-                                   stage.layers[1] == model.num_layers)
+                                   stage.layers[1] == model.num_layers, shared=name == stage.nodes[0])
             kv = sum(x.kv_bytes_per_token for x in model.layers[slice(*stage.layers)]) * kv_tokens(context) * concurrency
             assert w + kv <= budget(node, req.headroom) <= node.usable_bytes
             load = next(ld for ld in p.loads if ld.node == name)
@@ -169,6 +173,49 @@ def test_nodes_json_and_reserve() -> None:
         parse_nodes({"nodes": [{"chip": "M4 Pro"}]})
 
 
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(model=models(), data=st.data(), strategy=st.sampled_from(["auto", "pipeline", "expert-parallel"]))
+def test_plan_json_round_trips(model, data, strategy) -> None:
+    """Plan.from_json is the exact inverse of to_json, through JSON text, for planner plans
+    of every strategy (single, pipeline, expert-parallel)."""
+    cluster = data.draw(clusters(model))
+    try:
+        p = plan(model, cluster, Request(context=4096, concurrency=2, strategy=strategy))
+    except UserError:
+        return
+    event(p.strategy)
+    doc = json.loads(json.dumps(p.to_json()))
+    assert Plan.from_json(doc) == p
+    assert Plan.from_json(doc).to_json() == doc
+
+
+def test_bad_plan_documents_are_named(tmp_path) -> None:
+    p = plan(describe({"model_type": "llama", "hidden_size": 1024, "num_attention_heads": 8,
+                       "num_key_value_heads": 8, "num_hidden_layers": 4, "intermediate_size": 2048,
+                       "vocab_size": 320}, bits=4),
+             cluster_from_nodes([node_from_chip("a", "M4 Pro", 64), node_from_chip("b", "M4 Pro", 64)], "tb-tcp"),
+             Request(context=512, concurrency=1, strategy="pipeline"))
+    doc = json.loads(json.dumps(p.to_json()))
+    bad = [({**doc, "format": 2}, "format is 2"),
+           ({k: v for k, v in doc.items() if k != "group"}, "group is missing"),
+           ({**doc, "stages": [{**doc["stages"][0], "layers": [0]}]}, r"stages\[0\].layers must be"),
+           ({**doc, "stages": [{**doc["stages"][0], "nodes": ["zz"]}]}, r"stages\[0\].nodes must name"),
+           ({**doc, "nodes": [{**doc["nodes"][0], "rank": 1}]}, r"nodes\[0\]: node 'a' is not rank 1"),
+           ({**doc, "bits": "4"}, "bits must be an integer"),
+           ([], "the document is not a JSON object")]
+    for d, match in bad:
+        with pytest.raises(ValueError, match=match):
+            Plan.from_json(d)
+    f = tmp_path / "plan.json"
+    f.write_text(json.dumps(doc))
+    assert Plan.load(f) == p
+    f.write_text("{")
+    with pytest.raises(UserError, match="is not a plan from `mlxdist plan --json`"):
+        Plan.load(f)
+    with pytest.raises(UserError, match="not found"):
+        Plan.load(tmp_path / "nope.json")
+
+
 def test_cli_plan_json_schema(tmp_path) -> None:
     nodes = tmp_path / "nodes.json"
     nodes.write_text(json.dumps({"nodes": [{"name": "mini", "chip": "M4 Pro", "memory_gb": 64, "count": 8}]}))
@@ -195,11 +242,3 @@ def test_cli_expert_parallel_json(tmp_path) -> None:
     (stage,) = json.loads(r.stdout)["stages"]
     assert stage["layers"] == [0, 61] and stage["nodes"] == ["a", "b"]
     assert stage["experts"] == {"a": list(range(128)), "b": list(range(128, 256))}
-
-
-def test_local_node_reads_this_machine() -> None:
-    from mlxdist.placement.local_node import local_node, total_memory_bytes
-
-    n = local_node()
-    assert isinstance(n, NodeSpec) and n.memory_bytes == total_memory_bytes() > GB
-    assert 0 < n.usable_bytes < n.memory_bytes

@@ -122,6 +122,44 @@ def test_layout_manifest_index(llama_out):
         p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "manifest.json")
 
 
+def test_manifest_types_read_what_convert_wrote(llama_out, tmp_path):
+    """Manifest.load reads the conversion back exactly (to_json gives the file's JSON), its
+    helpers say what the stages are, and the variants the format does not allow are
+    refused with the field named."""
+    from mlxdist.errors import UserError
+    from mlxdist.shard_format import Manifest, read_safetensors_header
+    from quantize.safetensors_io import read_header
+
+    doc = json.loads((llama_out / "manifest.json").read_text())
+    m = Manifest.load(llama_out)
+    assert m.to_json() == doc
+    assert m.stage_ranges() == [(0, 2), (2, 4)]
+    assert m.stage_bytes(llama_out) == [sum(p.stat().st_size for p in (llama_out / "stages" / str(k)).iterdir())
+                                        for k in (0, 1)]
+    weights = llama_out / "stages" / "1" / "weights.safetensors"
+    assert set(m.tensors_of(1)) == set(read_safetensors_header(weights))
+    assert {n: (t.dtype, t.shape, t.end - t.start) for n, t in read_header(weights).items()} == {
+        n: (t.dtype, t.shape, t.nbytes) for n, t in read_safetensors_header(weights).items()}
+    name = next(iter(doc["tensors"]))
+    variants = [
+        ({**doc, "tensors": [{"name": n, **t} for n, t in doc["tensors"].items()]}, "tensors must be an object"),
+        ({**doc, "tensors": {name: {k: v for k, v in doc["tensors"][name].items() if k != "stages"}}},
+         f"tensors.{name} lacks stages"),
+        ({**doc, "stages": [{**s, "stages": [s["stage"]]} for s in doc["stages"]]},
+         "stages\\[0\\] has keys the format does not define: stages"),
+        ({**doc, "tensors": {name: {**doc["tensors"][name], "dtype": "float32"}}}, "is not a safetensors dtype"),
+        ({**doc, "source": {"path": "x", "sha256": ""}}, "source lacks kind"),
+        ({**doc, "stages": doc["stages"][::-1]}, "stages\\[0\\] must be stage 0"),
+        ({**doc, "format_version": 2}, "format_version is 2"),
+    ]
+    for bad, match in variants:
+        with pytest.raises(ValueError, match=match):
+            Manifest.from_json(bad)
+    (tmp_path / "manifest.json").write_text(json.dumps(variants[0][0]))
+    with pytest.raises(UserError, match="is not a format-1 manifest: tensors must be an object"):
+        Manifest.load(tmp_path)
+
+
 def test_plan_file_and_mixed_recipe(llama_ckpt, tmp_path):
     import mlx_lm
 

@@ -79,7 +79,7 @@ def test_interrupted_while_finishing(llama_ckpt, tmp_path, monkeypatch):
 
     reference = convert(llama_ckpt, tmp_path / "ref", stages=2, progress=False)
     out = tmp_path / "out"
-    real_replace, real_write = qc.os.replace, qc._write_json
+    real_replace, real_write = qc.os.replace, qc.Manifest.write
 
     def replace_once(a, b):
         if str(b).endswith("stages/1/weights.safetensors"):
@@ -94,17 +94,15 @@ def test_interrupted_while_finishing(llama_ckpt, tmp_path, monkeypatch):
     monkeypatch.setattr(qc.os, "replace", real_replace)
     assert (out / "stages/0/weights.safetensors").exists() and not (out / "manifest.json").exists()
 
-    def no_manifest(path, obj):
-        if path.name == "manifest.json":
-            raise KeyboardInterrupt
-        real_write(path, obj)
+    def no_manifest(manifest, root):
+        raise KeyboardInterrupt
 
-    monkeypatch.setattr(qc, "_write_json", no_manifest)
+    monkeypatch.setattr(qc.Manifest, "write", no_manifest)
     try:
         convert(llama_ckpt, out, stages=2, progress=False)
     except KeyboardInterrupt:
         pass
-    monkeypatch.setattr(qc, "_write_json", real_write)
+    monkeypatch.setattr(qc.Manifest, "write", real_write)
     assert not (out / "manifest.json").exists()
     convert(llama_ckpt, out, stages=2, progress=False)
     assert _tree(out) == _tree(reference)

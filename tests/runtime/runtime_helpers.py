@@ -72,7 +72,8 @@ def write_shard_dir(model_dir: Path, out: Path, bounds: list[tuple[int, int]]) -
     config = json.loads((model_dir / "config.json").read_text())
     tied = "lm_head.weight" not in tensors
     n = len(bounds)
-    manifest_tensors = []
+    st_dtype = {"float32": "F32", "float16": "F16", "uint32": "U32"}
+    manifest_tensors: dict = {}
     out.mkdir(parents=True)
     for k, (a, b) in enumerate(bounds):
         stage = out / "stages" / str(k)
@@ -83,13 +84,16 @@ def write_shard_dir(model_dir: Path, out: Path, bounds: list[tuple[int, int]]) -
             keep = (a <= int(m.group(1)) < b) if m else (
                 (k == 0 or (k == n - 1 and tied)) if name.startswith("model.embed_tokens.")
                 else k == n - 1)
-            if keep:
-                mine[name] = arr
-                manifest_tensors.append({"name": name, "file": f"stages/{k}/weights.safetensors",
-                                         "stage": k, "layer": int(m.group(1)) if m else None,
-                                         "shape": list(arr.shape), "dtype": str(arr.dtype),
-                                         "bytes": arr.nbytes,
-                                         "sha256": hashlib.sha256(arr.tobytes()).hexdigest()})
+            if not keep:
+                continue
+            mine[name] = arr
+            if name in manifest_tensors:  # the tied embedding's copy on the last stage
+                manifest_tensors[name]["stages"].append(k)
+                continue
+            manifest_tensors[name] = {"file": f"stages/{k}/weights.safetensors", "stage": k, "stages": [k],
+                                      "layer": int(m.group(1)) if m else None, "shape": list(arr.shape),
+                                      "dtype": st_dtype[str(arr.dtype)], "bytes": arr.nbytes,
+                                      "sha256": hashlib.sha256(arr.tobytes()).hexdigest()}
         save_file(mine, str(stage / "weights.safetensors"))
         for p in model_dir.iterdir():
             if p.suffix in (".json", ".jinja") and p.name != "model.safetensors.index.json":
@@ -97,11 +101,15 @@ def write_shard_dir(model_dir: Path, out: Path, bounds: list[tuple[int, int]]) -
                 shutil.copyfile(p, out / p.name)
         (stage / "stage.json").write_text(json.dumps({
             "format_version": 1, "stage": k, "num_stages": n, "layers": [a, b],
-            "has_embedding": k == 0, "has_head": k == n - 1}))
+            "has_embedding": k == 0 or (k == n - 1 and tied), "has_head": k == n - 1}))
         (out / f"model-{k + 1:05d}-of-{n:05d}.safetensors").symlink_to(f"stages/{k}/weights.safetensors")
+    lines = "".join(f"{name} {t['sha256']}\n" for name, t in sorted(manifest_tensors.items()))
     (out / "manifest.json").write_text(json.dumps({
-        "format_version": 1, "source": {"path": str(model_dir), "sha256": ""}, "config": config,
-        "stages": [{"stage": k, "layers": list(bd), "files": [f"stages/{k}/weights.safetensors"]}
+        "format_version": 1,
+        "source": {"path": str(model_dir), "kind": "tensors-sha256", "sha256": hashlib.sha256(lines.encode()).hexdigest()},
+        "options": {"stages": [list(bd) for bd in bounds]}, "config": config,
+        "stages": [{"stage": k, "layers": list(bd), "files": [f"stages/{k}/weights.safetensors"],
+                    "bytes": (out / "stages" / str(k) / "weights.safetensors").stat().st_size}
                    for k, bd in enumerate(bounds)],
         "tensors": manifest_tensors}))
     return out

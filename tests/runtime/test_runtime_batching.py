@@ -12,6 +12,7 @@ import pytest
 from runtime_helpers import drain_concurrently, reference_top_logprobs, reference_tokens, tiny_models  # noqa: F401
 
 from mlxdist.runtime.api import GenerationRequest, SamplingParams
+from mlxdist.runtime.config import EngineConfig
 from mlxdist.runtime.engine import open_engine
 
 PROMPTS = [list(f"row {i}: {'abcdefghij' * (i % 3)} the end".encode()) for i in range(8)]
@@ -27,24 +28,24 @@ def _widest(eng) -> float:
     return eng.stats().get("widest", 0)
 
 
-@pytest.mark.parametrize("arch,ranks,split,opts", [
-    ("llama", 1, None, {}),
-    ("llama_q4", 1, None, {}),  # 4-bit weights (float32 compute on the CPU)
-    ("qwen3_moe", 1, None, {}),
-    ("llama", 2, [3, 3], {}),
-    ("deepseek_v3", 3, [1, 3, 2], {}),
-    ("llama", 2, [2, 4], {"handoff": "collective"}),
+@pytest.mark.parametrize("arch,ranks,split,handoff", [
+    ("llama", 1, None, "messages"),
+    ("llama_q4", 1, None, "messages"),  # 4-bit weights (float32 compute on the CPU)
+    ("qwen3_moe", 1, None, "messages"),
+    ("llama", 2, [3, 3], "messages"),
+    ("deepseek_v3", 3, [1, 3, 2], "messages"),
+    ("llama", 2, [2, 4], "collective"),
 ])
-def test_batched_rows_match_each_prompt_alone(tiny_models, arch, ranks, split, opts):
+def test_batched_rows_match_each_prompt_alone(tiny_models, arch, ranks, split, handoff):
     """Eight requests at once (on several ranks: prompt batches merged and rows MOVEd to
     even the groups out), each equal to its prompt alone in mlx-lm."""
     path = tiny_models[arch]
     refs = [reference_tokens(path, p, n) for p, n in zip(PROMPTS, LENGTHS)]
-    with open_engine(path, ranks=ranks, split=split, max_concurrent=8, **opts) as eng:
+    with open_engine(path, EngineConfig(max_concurrent=8, handoff=handoff), ranks=ranks, split=split) as eng:
         handles = [eng.submit(GenerationRequest(tuple(p), n)) for p, n in zip(PROMPTS, LENGTHS)]
         assert drain_concurrently(handles) == refs
         assert _widest(eng) >= 2  # rows did share forwards
-        if opts:
+        if handoff == "collective":
             assert eng.stats().get("runs", 0) >= 1  # and lock-step runs carried whole groups
 
 
@@ -57,7 +58,8 @@ def test_rows_join_and_leave_between_steps(tiny_models, ranks):
     longs = [PROMPTS[0], PROMPTS[6]][:ranks]
     long_refs = [reference_tokens(path, p, 40) for p in longs]
     refs = [reference_tokens(path, p, n) for p, n in zip(PROMPTS[1:5], LENGTHS[1:5])]
-    with open_engine(path, ranks=ranks, split=[3, 3] if ranks == 2 else None, max_concurrent=8) as eng:
+    split = [3, 3] if ranks == 2 else None
+    with open_engine(path, EngineConfig(max_concurrent=8), ranks=ranks, split=split) as eng:
         running, got = [], []
         for p in longs:  # one after the other: each its own group
             running.append(iter(eng.submit(GenerationRequest(tuple(p), 40))))
@@ -83,7 +85,7 @@ def test_seeded_rows_same_alone_and_in_any_batch(tiny_models, ranks):
     rows, it draws the same tokens."""
     path = tiny_models["llama"]
     split = [3, 3] if ranks == 2 else None
-    with open_engine(path, ranks=ranks, split=split, max_concurrent=8) as eng:
+    with open_engine(path, EngineConfig(max_concurrent=8), ranks=ranks, split=split) as eng:
         alone = [eng.submit(GenerationRequest(tuple(PROMPTS[i]), 12, s)).tokens() for i, s in enumerate(SAMPLED)]
         reqs = [GenerationRequest(tuple(PROMPTS[i]), 12, s) for i, s in enumerate(SAMPLED)]
         reqs += [GenerationRequest(tuple(p), n) for p, n in zip(PROMPTS[3:], LENGTHS[3:])]
@@ -100,7 +102,7 @@ def test_top_logprobs_per_row_in_a_batch(tiny_models):
     equal to mlx-lm's for its prompt alone."""
     path = tiny_models["llama"]
     want = {i: reference_top_logprobs(path, PROMPTS[i], 5, k) for i, k in ((0, 3), (2, 5))}
-    with open_engine(path, max_concurrent=8) as eng:
+    with open_engine(path, EngineConfig(max_concurrent=8)) as eng:
         handles = {i: eng.submit(GenerationRequest(tuple(PROMPTS[i]), 5, logprobs=k))
                    for i, k in ((0, 3), (1, 0), (2, 5), (3, 0))}
         events = {}
@@ -124,7 +126,7 @@ def test_prompt_chunks_interleave_with_decoding(tiny_models):
     path = tiny_models["llama"]
     long_prompt = list(b"a long prompt " * 8)  # 112 tokens: 28 chunks of 4
     order: list[str] = []
-    with open_engine(path, max_concurrent=4, prefill_step=4) as eng:
+    with open_engine(path, EngineConfig(max_concurrent=4, prefill_step=4)) as eng:
         running = eng.submit(GenerationRequest(tuple(PROMPTS[1]), 200))
         events = iter(running)
         next(events)
@@ -142,7 +144,7 @@ def test_prefix_copies_into_a_batch_row(tiny_models):
     """A retained prefix is copied into each of several concurrent rows."""
     path = tiny_models["llama"]
     first = PROMPTS[2]
-    with open_engine(path, max_concurrent=4, prompt_cache=2) as eng:
+    with open_engine(path, EngineConfig(max_concurrent=4, prompt_cache=2)) as eng:
         answer = eng.generate(first, max_tokens=6)
         follow = [first + answer + list(f" next {i}".encode()) for i in range(3)]
         refs = [reference_tokens(path, p, 7) for p in follow]
@@ -155,7 +157,7 @@ def test_prefix_copies_into_a_batch_row(tiny_models):
 def test_expert_parallel_batches(tiny_models, ranks):
     path = tiny_models["deepseek_v3"]
     refs = [reference_tokens(path, p, n) for p, n in zip(PROMPTS[:4], LENGTHS[:4])]
-    with open_engine(path, ranks=ranks, expert_parallel=True, max_concurrent=4) as eng:
+    with open_engine(path, EngineConfig(expert_parallel=True, max_concurrent=4), ranks=ranks) as eng:
         handles = [eng.submit(GenerationRequest(tuple(p), n)) for p, n in zip(PROMPTS[:4], LENGTHS[:4])]
         assert drain_concurrently(handles) == refs
         assert _widest(eng) >= 2
@@ -172,7 +174,7 @@ def test_ranks_sharing_one_gpu_run_one_group(tiny_models, monkeypatch):
     monkeypatch.setenv("MLXDIST_GROUPS", "1")
     path = tiny_models["llama"]
     refs = [reference_tokens(path, p, n) for p, n in zip(PROMPTS, LENGTHS)]
-    with open_engine(path, ranks=2, split=[3, 3], max_concurrent=8) as eng:
+    with open_engine(path, EngineConfig(max_concurrent=8), ranks=2, split=[3, 3]) as eng:
         handles = [eng.submit(GenerationRequest(tuple(p), n)) for p, n in zip(PROMPTS, LENGTHS)]
         assert drain_concurrently(handles) == refs
         assert _widest(eng) >= 5 and not eng.stats().get("moves", 0)

@@ -14,6 +14,7 @@ from mlx.utils import tree_flatten
 from runtime_helpers import reference_tokens, run_cli, tiny_models  # noqa: F401 (fixture)
 
 from mlxdist.runtime import stage as stage_mod
+from mlxdist.runtime.config import EngineConfig
 from mlxdist.runtime.engine import open_engine
 from mlxdist.runtime.stage import StageSpec, load_stage
 
@@ -102,5 +103,5 @@ def test_expert_parallel_converts_after_dropping_other_ranks_experts(tiny_models
     MoE over 2 expert-parallel ranks answers as mlx-lm on the float32 cast."""
     half = cast_copy(tiny_models["deepseek_v3"], tmp_path / "ds-f16", "float16")
     as_f32 = cast_copy(half, tmp_path / "ds-as-f32", "float32")
-    with open_engine(half, ranks=2, expert_parallel=True) as eng:
+    with open_engine(half, EngineConfig(expert_parallel=True), ranks=2) as eng:
         assert eng.generate(PROMPT, max_tokens=8) == reference_tokens(as_f32, PROMPT, 8)

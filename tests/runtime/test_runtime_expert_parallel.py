@@ -13,6 +13,7 @@ from runtime_helpers import ROOT, drain_concurrently, reference_tokens, run_cli,
 
 from mlxdist.errors import UserError
 from mlxdist.runtime.api import GenerationRequest, SamplingParams
+from mlxdist.runtime.config import EngineConfig
 from mlxdist.runtime.engine import open_engine
 
 PROMPT = list(b"Experts, divided.")
@@ -35,8 +36,8 @@ def tiny_deepseek(tmp_path_factory) -> Path:
     return path
 
 
-def _sampled(path: Path, **kw) -> list[int]:
-    with open_engine(path, **kw) as eng:
+def _sampled(path: Path) -> list[int]:
+    with open_engine(path) as eng:
         return eng.submit(GenerationRequest(tuple(PROMPT), N_TOK, SAMPLING)).tokens()
 
 
@@ -44,7 +45,7 @@ def _sampled(path: Path, **kw) -> list[int]:
 def test_expert_parallel_matches_single_process(tiny_deepseek, ranks):
     ref = reference_tokens(tiny_deepseek, PROMPT, N_TOK)
     seeded = _sampled(tiny_deepseek)
-    with open_engine(tiny_deepseek, ranks=ranks, expert_parallel=True, max_concurrent=4) as eng:
+    with open_engine(tiny_deepseek, EngineConfig(expert_parallel=True, max_concurrent=4), ranks=ranks) as eng:
         assert eng.generate(PROMPT, max_tokens=N_TOK) == ref
         assert eng.submit(GenerationRequest(tuple(PROMPT), N_TOK, SAMPLING)).tokens() == seeded
         prompts = [PROMPT, list(b"xyz")]
@@ -58,7 +59,7 @@ def test_expert_parallel_matches_single_process(tiny_deepseek, ranks):
 def test_top_logprobs_match_one_rank(tiny_deepseek):
     with open_engine(tiny_deepseek) as eng:
         want = list(eng.submit(GenerationRequest(tuple(PROMPT), 4, logprobs=3)))
-    with open_engine(tiny_deepseek, ranks=2, expert_parallel=True) as eng:
+    with open_engine(tiny_deepseek, EngineConfig(expert_parallel=True), ranks=2) as eng:
         got = list(eng.submit(GenerationRequest(tuple(PROMPT), 4, logprobs=3)))
     assert [e.token for e in got] == [e.token for e in want]
     for g, w in zip(got, want):
@@ -68,9 +69,9 @@ def test_top_logprobs_match_one_rank(tiny_deepseek):
 
 def test_expert_parallel_qwen3_moe_and_chunked_prefill(tiny_models, tiny_deepseek):
     path = tiny_models["qwen3_moe"]
-    with open_engine(path, ranks=2, expert_parallel=True) as eng:
+    with open_engine(path, EngineConfig(expert_parallel=True), ranks=2) as eng:
         assert eng.generate(PROMPT, max_tokens=N_TOK) == reference_tokens(path, PROMPT, N_TOK)
-    with open_engine(tiny_deepseek, ranks=2, expert_parallel=True, prefill_step=5) as eng:
+    with open_engine(tiny_deepseek, EngineConfig(expert_parallel=True, prefill_step=5), ranks=2) as eng:
         assert eng.generate(PROMPT, max_tokens=4) == reference_tokens(tiny_deepseek, PROMPT, 4, prefill_step=5)
 
 
@@ -99,18 +100,18 @@ def test_each_rank_holds_only_its_experts(tiny_deepseek):
 
 def test_refusals(tiny_models, tiny_deepseek):
     with pytest.raises(UserError, match="needs an MoE model"):
-        open_engine(tiny_models["llama"], ranks=2, expert_parallel=True)
+        open_engine(tiny_models["llama"], EngineConfig(expert_parallel=True), ranks=2)
     with pytest.raises(UserError, match="only 4 routed experts"):
-        open_engine(tiny_models["qwen3_moe"], ranks=5, expert_parallel=True)
+        open_engine(tiny_models["qwen3_moe"], EngineConfig(expert_parallel=True), ranks=5)
     with pytest.raises(UserError, match="--split is for pipeline"):
-        open_engine(tiny_deepseek, ranks=2, split=[2, 2], expert_parallel=True)
+        open_engine(tiny_deepseek, EngineConfig(expert_parallel=True), ranks=2, split=[2, 2])
 
 
 def test_lost_rank_regroups_and_finishes(tiny_deepseek):
     """A follower SIGKILLed mid-generation: the failure hook regroups onto 2 expert-parallel
     ranks, the request is re-prefilled and ends with the uninterrupted run's tokens."""
     ref = reference_tokens(tiny_deepseek, PROMPT, 100)
-    eng = open_engine(tiny_deepseek, ranks=3, expert_parallel=True, heartbeat_timeout_s=3.0,
+    eng = open_engine(tiny_deepseek, EngineConfig(expert_parallel=True, heartbeat_timeout_s=3.0), ranks=3,
                       on_failure=lambda e, msg: e.regroup(ranks=2))
     try:
         assert tokens_across_a_kill(eng, 2, PROMPT, 100, before=3) == ref
@@ -133,18 +134,19 @@ def test_uneven_experts_from_a_plan(tiny_deepseek):
     import json
 
     from mlxdist.placement import NodeSpec, place
+    from mlxdist.placement.plan import Plan
     from mlxdist.runtime.ep_stage import experts_from_plan
 
     GB = 1 << 30
     nodes = [NodeSpec("big", 64 * GB, 800e9, 1e14, 0), NodeSpec("small", 64 * GB, 200e9, 1e14, 0)]
-    plan = json.loads(json.dumps(place(str(tiny_deepseek), nodes, context=256, concurrency=1,
-                                       strategy="expert-parallel").to_json()))
+    plan = Plan.from_json(json.loads(json.dumps(place(str(tiny_deepseek), nodes, context=256, concurrency=1,
+                                                      strategy="expert-parallel").to_json())))
     experts = experts_from_plan(plan)
     assert len(experts) == 2 and len(experts[0]) != len(experts[1])
-    with open_engine(tiny_deepseek, ranks=2, expert_parallel=True, experts=experts) as eng:
+    with open_engine(tiny_deepseek, EngineConfig(expert_parallel=True, experts=experts), ranks=2) as eng:
         assert eng.generate(PROMPT, max_tokens=N_TOK) == reference_tokens(tiny_deepseek, PROMPT, N_TOK)
     with pytest.raises(UserError, match="every expert 0..15 to exactly one rank"):
-        open_engine(tiny_deepseek, ranks=2, expert_parallel=True, experts=[[0, 1], [2]])
+        open_engine(tiny_deepseek, EngineConfig(expert_parallel=True, experts=[[0, 1], [2]]), ranks=2)
 
 
 def test_openai_server_over_expert_parallel(tiny_deepseek):
@@ -157,7 +159,7 @@ def test_openai_server_over_expert_parallel(tiny_deepseek):
     messages = [{"role": "user", "content": "hi"}]
     with open_engine(tiny_deepseek) as eng:
         expected = eng.tokenizer.decode(eng.generate(eng.encode_chat(messages), max_tokens=6))
-    eng = open_engine(tiny_deepseek, ranks=2, expert_parallel=True)
+    eng = open_engine(tiny_deepseek, EngineConfig(expert_parallel=True), ranks=2)
     server = ApiServer(eng, "127.0.0.1", 0, quiet=True).start()
     try:
         c = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120)
@@ -166,3 +168,27 @@ def test_openai_server_over_expert_parallel(tiny_deepseek):
     finally:
         server.shutdown()
         eng.close()
+
+
+def test_engine_loads_the_parts_of_an_expert_parallel_conversion(tmp_path):
+    """`mlxdist quantize --plan` with an expert-parallel plan: each rank loads its node's
+    part (its routed experts only, checked against the manifest) and the engine's greedy
+    tokens equal mlx-lm's on the same conversion in one stage."""
+    import json
+
+    import make_checkpoint
+
+    from mlxdist.placement import NodeSpec, place
+    from quantize.convert import convert
+
+    ckpt = make_checkpoint.deepseek(tmp_path / "ckpt")
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**config, "torch_dtype": "float32"}))
+    GB = 1 << 30
+    nodes = [NodeSpec("big", 64 * GB, 800e9, 1e14, 0), NodeSpec("small", 64 * GB, 400e9, 1e14, 0)]
+    plan = place(str(ckpt), nodes, context=256, concurrency=1, strategy="expert-parallel")
+    (tmp_path / "plan.json").write_text(json.dumps(plan.to_json()))
+    parts = convert(ckpt, tmp_path / "parts", plan=tmp_path / "plan.json", progress=False)
+    whole = convert(ckpt, tmp_path / "whole", stages=1, progress=False)
+    with open_engine(parts, EngineConfig(expert_parallel=True), ranks=2) as eng:
+        assert eng.generate(PROMPT, max_tokens=N_TOK) == reference_tokens(whole, PROMPT, N_TOK)

@@ -12,6 +12,7 @@ import pytest
 from runtime_helpers import reference_tokens, tiny_models, tokens_across_a_kill  # noqa: F401 (fixture)
 
 from mlxdist.runtime.api import GenerationRequest
+from mlxdist.runtime.config import EngineConfig
 from mlxdist.runtime.engine import open_engine
 
 
@@ -33,7 +34,8 @@ def _alive(pid: int) -> bool:
     (signal.SIGSTOP, 2, "stopped answering"),
 ])
 def test_lost_rank_is_reported_and_everything_ends(tiny_models, sig, rank, words):
-    eng = open_engine(tiny_models["llama"], ranks=3, split=[2, 2, 2], heartbeat_timeout_s=3.0, restart=False)
+    eng = open_engine(tiny_models["llama"], EngineConfig(heartbeat_timeout_s=3.0, restart=False), ranks=3,
+                      split=[2, 2, 2])
     pids = {r: p.pid for r, p in eng._backend.launcher.procs.items()}
     try:
         h = eng.submit(GenerationRequest(tuple(b"go on and on"), 2000))
@@ -66,7 +68,7 @@ def test_regroup_hook_carries_requests_over(tiny_models):
     path = tiny_models["llama"]
     prompt = list(b"carry on")
     ref = reference_tokens(path, prompt, 200)
-    eng = open_engine(path, ranks=3, split=[2, 2, 2], heartbeat_timeout_s=3.0,
+    eng = open_engine(path, EngineConfig(heartbeat_timeout_s=3.0), ranks=3, split=[2, 2, 2],
                       on_failure=lambda e, msg: e.regroup(ranks=2, split=[3, 3]))
     try:
         assert tokens_across_a_kill(eng, 1, prompt, 200, before=5) == ref

@@ -20,6 +20,7 @@ import pytest
 from runtime_helpers import drain_concurrently, reference_tokens, tiny_models  # noqa: F401 (fixture)
 
 from mlxdist.runtime.api import GenerationRequest, SamplingParams
+from mlxdist.runtime.config import EngineConfig
 from mlxdist.runtime.engine import open_engine
 
 
@@ -37,7 +38,7 @@ def test_a_request_whose_sampler_fails_ends_alone(tiny_models, ranks):
     path = tiny_models["llama"]
     good_prompt = list(b"all is well")
     ref = reference_tokens(path, good_prompt, 24)
-    eng = open_engine(path, ranks=ranks, in_process=ranks == 1)
+    eng = open_engine(path, EngineConfig(in_process=ranks == 1), ranks=ranks)
     try:
         bad = eng.submit(GenerationRequest(tuple(b"poison"), 24,
                                            SamplingParams(temperature=0.7, repetition_penalty=-1.0)))
@@ -88,7 +89,7 @@ def test_local_ranks_restart_and_the_request_finishes_unchanged(tiny_models, sig
     path = tiny_models["llama"]
     prompt = list(b"keep going")
     ref = reference_tokens(path, prompt, 160)
-    eng = open_engine(path, ranks=2, heartbeat_timeout_s=2.0)
+    eng = open_engine(path, EngineConfig(heartbeat_timeout_s=2.0), ranks=2)
     old_pids = {r: p.pid for r, p in eng._backend.launcher.procs.items()}
     try:
         got, seen = _tokens_across(eng, sig, prompt, 160, before=4)
@@ -105,7 +106,7 @@ def test_local_ranks_restart_and_the_request_finishes_unchanged(tiny_models, sig
 
 
 def test_a_crash_loop_gives_up_and_says_why(tiny_models):
-    eng = open_engine(tiny_models["llama"], ranks=2, restart_limit=1)
+    eng = open_engine(tiny_models["llama"], EngineConfig(restart_limit=1), ranks=2)
     try:
         for round_ in range(2):
             _wait(lambda: eng.health().status in ("ok", "down"), what="settled")
@@ -124,7 +125,7 @@ def test_a_crash_loop_gives_up_and_says_why(tiny_models):
 def test_a_cancelled_prompt_stops_prefilling_between_chunks(tiny_models):
     """One process: each prompt chunk is waited for before the next is sent, so a cancel
     cuts a long prefill short (before, every chunk was queued on the device at once)."""
-    eng = open_engine(tiny_models["llama"], ranks=1, prefill_step=8)
+    eng = open_engine(tiny_models["llama"], EngineConfig(prefill_step=8), ranks=1)
     try:
         prompt = tuple((i * 7) % 250 + 1 for i in range(1600))  # 200 chunks
         h = eng.submit(GenerationRequest(prompt, 4))

@@ -5,24 +5,38 @@ message; a caller's log_dir is never removed."""
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 
+from mlxdist.runtime.config import EngineConfig
 from mlxdist.runtime.launcher import LocalLauncher, WorkerSpec
+
+FAKE_WORKER = """
+import sys
+from mlxdist.runtime.launcher import WorkerSpec
+assert sys.argv[1:] == ["-m", "mlxdist.runtime.worker"], sys.argv  # nothing else on the command line
+spec = WorkerSpec.from_msgpack(sys.stdin.buffer.read())
+for i in range(1, 8):
+    print(f"line {i}", flush=True)
+print(f"boom: rank {spec.rank} of {spec.ranks}", file=sys.stderr, flush=True)
+sys.exit(3)
+"""
 
 
 def fake_python(tmp_path: Path) -> str:
-    """Stands in for the worker's interpreter: says something per rank and exits 3."""
+    """Stands in for the worker's interpreter: reads its spec from stdin as the worker
+    does, says something per rank and exits 3."""
     script = tmp_path / "fake-python"
-    script.write_text('#!/bin/sh\nfor i in 1 2 3 4 5 6 7; do echo "line $i"; done\n'
-                      'echo "boom: rank $4 of $6" >&2\nexit 3\n')
+    script.write_text(f"#!{sys.executable}\n{FAKE_WORKER}")
     script.chmod(0o755)
     return str(script)
 
 
 def specs(launcher: LocalLauncher, n: int) -> list[WorkerSpec]:
     return [WorkerSpec(rank=r, ranks=n, hostfile=launcher.hostfile_path(), model_dir="m", start=r, end=r + 1,
-                       num_layers=n, control="127.0.0.1:1", session="s") for r in range(n)]
+                       num_layers=n, control="127.0.0.1:1", session="s", config=EngineConfig())
+            for r in range(n)]
 
 
 def run_to_exit(launcher: LocalLauncher, n: int) -> None:

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from runtime_helpers import drain_concurrently, reference_tokens, tiny_models  # noqa: F401 (fixture)
 
 from mlxdist.runtime.api import GenerationRequest, SamplingParams
+from mlxdist.runtime.config import EngineConfig
 from mlxdist.runtime.engine import open_engine
 from mlxdist.runtime.lockstep import RunPlan
 
@@ -55,7 +56,8 @@ def test_lockstep_matches_single_process(tiny_models, arch, split):
     ref = reference_tokens(path, PROMPT, n_tok)
     with open_engine(path) as one:
         seeded = one.submit(GenerationRequest(tuple(PROMPT), n_tok, SAMPLING)).tokens()
-    with open_engine(path, ranks=len(split), split=split, max_concurrent=4, handoff="collective") as eng:
+    config = EngineConfig(max_concurrent=4, handoff="collective")
+    with open_engine(path, config, ranks=len(split), split=split) as eng:
         assert eng.generate(PROMPT, max_tokens=n_tok) == ref
         assert eng.generate(PROMPT, max_tokens=1) == ref[:1]
         assert eng.submit(GenerationRequest(tuple(PROMPT), n_tok, SAMPLING)).tokens() == seeded
@@ -82,7 +84,7 @@ def test_requests_joining_and_leaving_a_run(tiny_models):
     ref = reference_tokens(path, PROMPT, n_tok)
     other = list(b"another prompt")
     ref_other = reference_tokens(path, other, 8)
-    with open_engine(path, ranks=2, split=[2, 4], max_concurrent=2, handoff="collective") as eng:
+    with open_engine(path, EngineConfig(max_concurrent=2, handoff="collective"), ranks=2, split=[2, 4]) as eng:
         first = eng.submit(GenerationRequest(tuple(PROMPT), n_tok))
         got, joined = [], threading.Event()
         for ev in first:
@@ -109,7 +111,7 @@ def test_lone_stream_runs_when_ranks_poll(tiny_models, monkeypatch):
     monkeypatch.setenv("MLXDIST_RING_SELECT", "0")
     path = tiny_models["llama"]
     ref = reference_tokens(path, PROMPT, 8)
-    with open_engine(path, ranks=2, split=[3, 3], handoff="collective") as eng:
+    with open_engine(path, EngineConfig(handoff="collective"), ranks=2, split=[3, 3]) as eng:
         assert eng.generate(PROMPT, max_tokens=8) == ref
     assert _runs(eng) == 1
 
@@ -120,7 +122,7 @@ def test_top_logprobs_fall_back_to_messages(tiny_models):
 
     path = tiny_models["llama"]
     ref = reference_top_logprobs(path, PROMPT, 4, 3)
-    with open_engine(path, ranks=2, split=[4, 2], handoff="collective") as eng:
+    with open_engine(path, EngineConfig(handoff="collective"), ranks=2, split=[4, 2]) as eng:
         events = list(eng.submit(GenerationRequest(tuple(PROMPT), 4, logprobs=3)))
     assert [[i for i, _ in ev.top_logprobs] for ev in events] == [[i for i, _ in want] for want in ref]
 

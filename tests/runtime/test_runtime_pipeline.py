@@ -9,6 +9,7 @@ import pytest
 from runtime_helpers import drain_concurrently, reference_tokens, tiny_models  # noqa: F401 (fixture)
 
 from mlxdist.runtime.api import GenerationRequest, SamplingParams
+from mlxdist.runtime.config import EngineConfig
 from mlxdist.runtime.engine import open_engine
 
 PROMPT = list(b"Pipelines keep every stage busy.")
@@ -34,7 +35,7 @@ def test_ranks_match_single_process(tiny_models, arch, split):
     path = tiny_models[arch]
     ref = reference_tokens(path, PROMPT, N_TOK)
     seeded = _seeded(path)
-    with open_engine(path, ranks=len(split), split=split, max_concurrent=4) as eng:
+    with open_engine(path, EngineConfig(max_concurrent=4), ranks=len(split), split=split) as eng:
         assert eng.generate(PROMPT, max_tokens=N_TOK) == ref
         assert eng.submit(GenerationRequest(tuple(PROMPT), N_TOK, SAMPLING)).tokens() == seeded
         if len(split) in (2, 4):  # 4 concurrent requests, each as alone
@@ -48,7 +49,7 @@ def test_ranks_match_single_process(tiny_models, arch, split):
 
 def test_chunked_prefill_across_ranks(tiny_models):
     path = tiny_models["deepseek_v3"]
-    with open_engine(path, ranks=2, split=[2, 4], prefill_step=5) as eng:
+    with open_engine(path, EngineConfig(prefill_step=5), ranks=2, split=[2, 4]) as eng:
         assert eng.generate(PROMPT, max_tokens=5) == reference_tokens(path, PROMPT, 5, prefill_step=5)
 
 

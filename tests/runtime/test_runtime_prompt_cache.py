@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 from runtime_helpers import reference_tokens, tiny_models  # noqa: F401 (fixture)
 
+from mlxdist.runtime.config import EngineConfig
 from mlxdist.runtime.engine import open_engine
 
 FIRST = list(b"Pipelines keep every stage busy.")
@@ -38,8 +39,8 @@ def _reused(eng) -> int:
     return int(eng.stats().get("reused_tokens", 0))
 
 
-@pytest.mark.parametrize("ranks,opts", [(1, {}), (2, {}), (3, {"handoff": "collective"})])
-def test_next_turn_reuses_the_shared_prefix(tiny_models, ranks, opts):
+@pytest.mark.parametrize("ranks,handoff", [(1, "messages"), (2, "messages"), (3, "collective")])
+def test_next_turn_reuses_the_shared_prefix(tiny_models, ranks, handoff):
     path = tiny_models["deepseek_v3"]
     first_ref = reference_tokens(path, FIRST, N1)
     second = FIRST + first_ref[:3] + list(b" and then?")  # a chat's next turn
@@ -48,7 +49,8 @@ def test_next_turn_reuses_the_shared_prefix(tiny_models, ranks, opts):
     other = list(b"an unrelated prompt")
     other_next = other + list(b"!")
     want_other_next = reference_chain(path, [(other, 0, N2), (other_next, len(other), N2)])[1]
-    with open_engine(path, ranks=ranks, prompt_cache=1, max_concurrent=1, **opts) as eng:
+    config = EngineConfig(prompt_cache=1, max_concurrent=1, handoff=handoff)
+    with open_engine(path, config, ranks=ranks) as eng:
         assert eng.generate(FIRST, max_tokens=N1) == want_first
         assert eng.generate(second, max_tokens=N2) == want_second
         # one retained sequence at most: `other` (nothing shared) takes the free slot, and
@@ -73,7 +75,7 @@ def test_one_prefix_serves_concurrent_requests(tiny_models):
     want = [reference_chain(path, [(FIRST, 0, N1), (t, len(FIRST), N2)])[1] for t in turns]
     again = reference_chain(path, [(FIRST, 0, N1), (turns[0], len(FIRST), N2),
                                    (turns[0], len(turns[0]) - 1, N2)])[2]
-    with open_engine(path, ranks=2, split=[3, 3], prompt_cache=2, max_concurrent=2) as eng:
+    with open_engine(path, EngineConfig(prompt_cache=2, max_concurrent=2), ranks=2, split=[3, 3]) as eng:
         eng.generate(FIRST, max_tokens=N1)
         handles = [eng.submit(GenerationRequest(tuple(t), N2)) for t in turns]
         assert drain_concurrently(handles) == want

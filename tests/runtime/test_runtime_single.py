@@ -7,6 +7,7 @@ import pytest
 from runtime_helpers import drain_concurrently, reference_tokens, tiny_models  # noqa: F401 (fixture)
 
 from mlxdist.runtime.api import GenerationRequest, SamplingParams
+from mlxdist.runtime.config import EngineConfig
 from mlxdist.runtime.engine import open_engine
 
 PROMPT = list(b"The quick brown fox jumps over the lazy dog.")
@@ -21,7 +22,7 @@ def test_greedy_matches_mlx_lm(tiny_models, arch):
 
 def test_chunked_prefill_matches_mlx_lm(tiny_models):
     path = tiny_models["deepseek_v3"]
-    with open_engine(path, prefill_step=8) as eng:
+    with open_engine(path, EngineConfig(prefill_step=8)) as eng:
         assert eng.generate(PROMPT, max_tokens=6) == reference_tokens(path, PROMPT, 6, prefill_step=8)
 
 
@@ -29,7 +30,7 @@ def test_concurrent_requests_match_alone_and_seeded_sampling(tiny_models):
     path = tiny_models["llama"]
     prompts = [PROMPT, PROMPT[:10], list(b"hello"), list(b"another prompt here")]
     sampling = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, seed=7)
-    with open_engine(path, max_concurrent=4) as eng:
+    with open_engine(path, EngineConfig(max_concurrent=4)) as eng:
         alone = [eng.generate(p, max_tokens=8) for p in prompts]
         seeded = eng.submit(GenerationRequest(tuple(PROMPT), 8, sampling)).tokens()
         handles = [eng.submit(GenerationRequest(tuple(p), 8)) for p in prompts]

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from runtime_helpers import reference_tokens
 
+from mlxdist.runtime.config import EngineConfig
 from mlxdist.runtime.engine import open_engine
 from mlxdist.runtime.source import resolve_source
 
@@ -24,8 +25,8 @@ def smollm2_model(request) -> Path:
 
 
 def test_smollm2_ranks_match_mlx_lm(smollm2_model):
-    with open_engine(smollm2_model, ranks=2,
-                     split=_shard_split(smollm2_model), max_concurrent=2) as eng:
+    with open_engine(smollm2_model, EngineConfig(max_concurrent=2), ranks=2,
+                     split=_shard_split(smollm2_model)) as eng:
         prompt = eng.encode_chat([{"role": "user", "content": "Capital of France?"}])
         ref = reference_tokens(smollm2_model, prompt, 6)
         assert eng.generate(prompt, max_tokens=6) == ref

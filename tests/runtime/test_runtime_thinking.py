@@ -12,6 +12,7 @@ import pytest
 from runtime_helpers import drain_concurrently, reference_tokens, tiny_models  # noqa: F401
 
 from mlxdist.runtime.api import GenerationRequest, SamplingParams, Thinking
+from mlxdist.runtime.config import EngineConfig
 from mlxdist.runtime.engine import open_engine
 from mlxdist.runtime.thinking import ThinkState, resume
 
@@ -33,7 +34,7 @@ def test_budget_forces_the_closing_text_then_the_answer_goes_on(tiny_models, ran
     n = 14
     free = reference_tokens(path, PROMPT, n)
     split = [3, 3] if ranks == 2 else None
-    with open_engine(path, ranks=ranks, split=split, max_concurrent=8) as eng:
+    with open_engine(path, EngineConfig(max_concurrent=8), ranks=ranks, split=split) as eng:
         reqs = [GenerationRequest(tuple(PROMPT), n, thinking=Thinking((), CLOSE, inside=True, budget=b))
                 for b in (0, 4, None)]
         handles = [eng.submit(r) for r in reqs]
@@ -78,7 +79,7 @@ def test_model_opens_its_thinking_and_closes_it_itself(tiny_models):
     free = reference_tokens(path, PROMPT, n)
     open_, close = (free[0],), tuple(free[6:8])
     end = _find(free, close, 1) + 2  # where the thinking ends (it may close before 8)
-    with open_engine(path, ranks=1, max_concurrent=4) as eng:
+    with open_engine(path, EngineConfig(max_concurrent=4), ranks=1) as eng:
         big = _events(eng, GenerationRequest(tuple(PROMPT), n, thinking=Thinking(open_, close, budget=100)))
         small = _events(eng, GenerationRequest(tuple(PROMPT), n, thinking=Thinking(open_, close, budget=2)))
     assert [e.token for e in big] == free
@@ -97,7 +98,7 @@ def test_n_choices_run_their_prompt_once(tiny_models, ranks):
     prompt = PROMPT * 6
     split = [3, 3] if ranks == 2 else None
     params = [SamplingParams(temperature=0.9, seed=10 + i) for i in range(4)]
-    with open_engine(path, ranks=ranks, split=split, max_concurrent=8) as eng:
+    with open_engine(path, EngineConfig(max_concurrent=8), ranks=ranks, split=split) as eng:
         together = drain_concurrently([eng.submit(GenerationRequest(tuple(prompt), 10, p)) for p in params])
         stats = _settled(eng, lambda st: st.get("prefills", 0) + st.get("prefix_shared", 0) >= 4)
         greedy = drain_concurrently([eng.submit(GenerationRequest(tuple(prompt), 10)) for _ in range(3)])

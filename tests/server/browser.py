@@ -212,7 +212,7 @@ class Served:
     def rank_pid(self, rank: int) -> int:
         from test_server_healing import rank_pid
 
-        return rank_pid(self.model, rank)
+        return rank_pid(self.proc, rank)
 
 
 SERVING = re.compile(r"serving \S+ at (http://\S+?)/v1\b")

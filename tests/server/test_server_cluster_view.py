@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from mlxdist.runtime.config import EngineConfig
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -78,7 +80,7 @@ def test_layout_of_one_process_and_local_ranks(tiny, ranks):
     from mlxdist.runtime.engine import open_engine
     from mlxdist.server.app import ApiServer
 
-    engine = open_engine(tiny, ranks=ranks, in_process=ranks == 1)
+    engine = open_engine(tiny, EngineConfig(in_process=ranks == 1), ranks=ranks)
     server = ApiServer(engine, "127.0.0.1", 0, quiet=True).start()
     try:
         status, view = get(server.url + "/v1/cluster")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import openai
 import pytest
-from test_server_serve_cli import free_port, processes_mentioning, wait_health
+from test_server_serve_cli import free_port, wait_health, worker_ranks
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -28,10 +28,8 @@ def health(url: str) -> tuple[int, dict]:
         return e.code, json.load(e)
 
 
-def rank_pid(model: Path, rank: int) -> int:
-    (pid,) = [p for p in processes_mentioning(str(model))
-              if f"--rank {rank} " in Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode()]
-    return pid
+def rank_pid(proc: subprocess.Popen, rank: int) -> int:
+    return worker_ranks(proc.pid)[rank]
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +83,7 @@ def test_a_killed_rank_heals_and_the_stream_finishes_unchanged(served):
     url, model, proc = served
     c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=180)
     reference = _stream(c)
-    victim = rank_pid(model, 1)
+    victim = rank_pid(proc, 1)
     t_kill: list[int] = []
 
     def kill() -> None:
@@ -96,5 +94,5 @@ def test_a_killed_rank_heals_and_the_stream_finishes_unchanged(served):
     assert t_kill  # the kill happened mid-stream
     status, body = health(url)
     assert status == 200 and body["status"] == "ok", body  # healed (tools/soak.py times it)
-    assert rank_pid(model, 1) != victim
+    assert rank_pid(proc, 1) != victim
     assert _stream(c) == reference

@@ -18,6 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 engine_mod = pytest.importorskip("mlxdist.runtime.engine", reason="the runtime engine is not merged yet")
 
+from mlxdist.runtime.config import EngineConfig  # noqa: E402
 from mlxdist.server.app import ApiServer  # noqa: E402
 
 MAX_TOKENS = 12
@@ -49,7 +50,7 @@ def reference(tiny_llama):
 
 
 def serve(model: Path, ranks: int) -> tuple[ApiServer, object]:
-    engine = engine_mod.open_engine(str(model), ranks=ranks, max_concurrent=4)
+    engine = engine_mod.open_engine(str(model), EngineConfig(max_concurrent=4), ranks=ranks)
     return ApiServer(engine, "127.0.0.1", 0, quiet=True).start(), engine
 
 

@@ -40,7 +40,7 @@ def wait_health(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
 
 
 def processes_mentioning(text: str) -> list[int]:
-    """PIDs whose command line mentions `text` (the rank workers name the model path)."""
+    """PIDs whose command line mentions `text` (the server names the model path)."""
     pids = []
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
@@ -50,6 +50,20 @@ def processes_mentioning(text: str) -> list[int]:
             except OSError:
                 pass
     return pids
+
+
+def worker_ranks(server_pid: int) -> dict[int, int]:
+    """rank -> pid of the server's rank workers (`python -m mlxdist.runtime.worker`, its
+    spec on stdin: the rank is told by the log its stdout goes to, rank<N>.log)."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        try:
+            if (d.name.isdigit() and b"mlxdist.runtime.worker" in (d / "cmdline").read_bytes()
+                    and int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == server_pid):
+                out[int(os.readlink(d / "fd" / "1").rsplit("rank", 1)[1].split(".")[0])] = int(d.name)
+        except (OSError, ValueError, IndexError):
+            pass
+    return out
 
 
 def group_alive(pgid: int) -> bool:
@@ -81,8 +95,11 @@ def test_serve_with_key_then_stop(tmp_path, sig, local):
         r = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
                                       max_tokens=4, temperature=0)
         assert r.usage.completion_tokens >= 1 and r.choices[0].finish_reason in ("stop", "length")
+        workers = []
         if Path("/proc/self/cmdline").exists():
-            assert len(processes_mentioning(str(model))) >= (2 if "--local" in local else 1)  # server and ranks
+            assert processes_mentioning(str(model)) == [proc.pid]  # the ranks' argv names nothing
+            workers = worker_ranks(proc.pid)
+            assert sorted(workers) == ([0, 1] if "--local" in local else [])
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=30)
         assert proc.returncode == 0, err
@@ -94,6 +111,7 @@ def test_serve_with_key_then_stop(tmp_path, sig, local):
         assert not group_alive(proc.pid)  # no rank process left behind
         if Path("/proc/self/cmdline").exists():
             assert processes_mentioning(str(model)) == []
+            assert not [p for p in workers.values() if Path(f"/proc/{p}").exists()]
     finally:
         if proc.poll() is None or group_alive(proc.pid):
             try:

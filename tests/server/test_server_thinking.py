@@ -18,6 +18,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
 from runtime_helpers import reference_tokens, tiny_models  # noqa: E402,F401
 
+from mlxdist.runtime.config import EngineConfig
 from mlxdist.runtime.engine import open_engine  # noqa: E402
 from mlxdist.server.app import ApiServer  # noqa: E402
 
@@ -44,7 +45,8 @@ def thinking_model(tiny_models, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module", params=[1, 2], ids=["1rank", "2ranks"])
 def client(request, thinking_model):
     ranks = request.param
-    with open_engine(thinking_model, ranks=ranks, split=[3, 3] if ranks == 2 else None, max_concurrent=8) as eng:
+    split = [3, 3] if ranks == 2 else None
+    with open_engine(thinking_model, EngineConfig(max_concurrent=8), ranks=ranks, split=split) as eng:
         server = ApiServer(eng, "127.0.0.1", 0, quiet=True, efforts={"none": 0, "low": 7, "medium": 12,
                                                                      "high": 100, "minimal": 3}).start()
         try:

@@ -15,6 +15,7 @@ import pytest
 
 pytest.importorskip("quantize.convert", reason="the converter is not merged yet")
 
+from mlxdist.runtime.config import EngineConfig
 from mlxdist.runtime.engine import open_engine  # noqa: E402
 from mlxdist.server.app import ApiServer  # noqa: E402
 
@@ -23,7 +24,7 @@ QUESTION = "Tom has 3 apples and buys 4 more. How many apples does he have? End 
 
 @pytest.fixture(scope="module")
 def served(smollm2_mlx):
-    with open_engine(smollm2_mlx, ranks=2, max_concurrent=8) as eng:
+    with open_engine(smollm2_mlx, EngineConfig(max_concurrent=8), ranks=2) as eng:
         server = ApiServer(eng, "127.0.0.1", 0, quiet=True).start()
         try:
             yield server, openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=300)

@@ -1,6 +1,6 @@
 """Nodes, links and the built-in table of Apple chips.
 
-Numbers only: the cluster package (or a nodes.json, or `local_node.py`) supplies them;
+Numbers only: the cluster package (its nodes, or this machine) or a nodes.json supplies them;
 nothing here opens a socket or imports MLX.
 """
 

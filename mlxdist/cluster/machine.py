@@ -1,9 +1,9 @@
-"""What a node tells others about itself: chip, memory, GPU cores, memory bandwidth, and
-its addresses per interface with the Thunderbolt ones marked."""
+"""What a node tells others about itself: chip, memory, GPU cores and measured memory
+bandwidth. The one probe of this machine: the node daemon advertises it, and `mlxdist plan`
+describes this machine with it when no cluster answers."""
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import platform
@@ -17,13 +17,6 @@ import numpy as np
 
 
 @dataclass(frozen=True)
-class Interface:
-    name: str
-    addresses: tuple[str, ...]
-    thunderbolt: bool = False
-
-
-@dataclass(frozen=True)
 class Hardware:
     chip: str
     memory_total: int
@@ -32,7 +25,7 @@ class Hardware:
     bandwidth_gbs: float  # measured: numpy copy, read + write bytes per second
 
 
-def _run(cmd: list[str], timeout: float = 5.0) -> str:
+def run_quiet(cmd: list[str], timeout: float = 5.0) -> str:
     try:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout).stdout
     except (OSError, subprocess.SubprocessError):
@@ -41,7 +34,7 @@ def _run(cmd: list[str], timeout: float = 5.0) -> str:
 
 def chip_name() -> str:
     if platform.system() == "Darwin":
-        name = _run(["sysctl", "-n", "machdep.cpu.brand_string"]).strip()
+        name = run_quiet(["sysctl", "-n", "machdep.cpu.brand_string"]).strip()
         if name:
             return name
     try:
@@ -55,7 +48,7 @@ def chip_name() -> str:
 
 def memory_total() -> int:
     if platform.system() == "Darwin":
-        out = _run(["sysctl", "-n", "hw.memsize"]).strip()
+        out = run_quiet(["sysctl", "-n", "hw.memsize"]).strip()
         if out.isdigit():
             return int(out)
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -69,7 +62,7 @@ def memory_available() -> int:
     except OSError:
         pass
     if platform.system() == "Darwin":  # free + inactive + speculative pages
-        out = _run(["vm_stat"])
+        out = run_quiet(["vm_stat"])
         page = re.search(r"page size of (\d+)", out)
         pages = sum(int(m) for m in re.findall(
             r"Pages (?:free|inactive|speculative):\s+(\d+)", out))
@@ -82,7 +75,7 @@ def gpu_cores() -> int:
     if platform.system() != "Darwin":
         return 0
     try:
-        data = json.loads(_run(["system_profiler", "SPDisplaysDataType", "-json"], 15) or "{}")
+        data = json.loads(run_quiet(["system_profiler", "SPDisplaysDataType", "-json"], 15) or "{}")
         for gpu in data.get("SPDisplaysDataType", []):
             if str(gpu.get("sppci_cores", "")).isdigit():
                 return int(gpu["sppci_cores"])
@@ -125,47 +118,3 @@ def probe_hardware(cache_dir: Path | None = None) -> Hardware:
         tmp.write_text(json.dumps(asdict(hw)))
         tmp.replace(cache)
     return hw
-
-
-def thunderbolt_devices() -> set[str]:
-    """Interface names that are Thunderbolt (macOS: from networksetup's port list)."""
-    if platform.system() != "Darwin":
-        return set()
-    devices, port = set(), ""
-    for line in _run(["networksetup", "-listallhardwareports"]).splitlines():
-        if line.startswith("Hardware Port:"):
-            port = line.split(":", 1)[1].strip()
-        elif line.startswith("Device:") and "thunderbolt" in port.lower():
-            devices.add(line.split(":", 1)[1].strip())
-    return devices
-
-
-def list_interfaces(only: tuple[str, ...] = (), thunderbolt: tuple[str, ...] = (),
-                    addresses: tuple[str, ...] = ()) -> tuple[Interface, ...]:
-    """IPv4 addresses per interface, without link-local ones, and without loopback unless
-    named (`--interface lo`, `--address 127.0.0.1`: a cluster on one machine). `only`
-    restricts to named interfaces; `thunderbolt` marks more interfaces as Thunderbolt
-    (Linux, tests); `addresses` restricts to those addresses."""
-    import ifaddr  # a dependency of zeroconf
-
-    tb = thunderbolt_devices() | set(thunderbolt)
-    found = []
-    for adapter in ifaddr.get_adapters():
-        name = adapter.nice_name
-        if only and name not in only:
-            continue
-        ips = []
-        for ip in adapter.ips:
-            if not isinstance(ip.ip, str):
-                continue  # IPv6 entries are tuples; the ring backend speaks IPv4 here
-            addr = ipaddress.ip_address(ip.ip)
-            named = name in only or ip.ip in addresses
-            if addr.is_link_local or (addr.is_loopback and not named):
-                continue
-            if addresses and ip.ip not in addresses:
-                continue
-            ips.append(f"{ip.ip}/{ip.network_prefix}")
-        if ips:
-            marked = name in tb or name.startswith("bridge") and platform.system() == "Darwin"
-            found.append(Interface(name, tuple(ips), marked))
-    return tuple(found)

@@ -1,0 +1,206 @@
+"""An expert-parallel plan served across three network namespaces (tools/netns.py), each
+running `mlxdist node`, found by mDNS only: a tiny DeepSeek checkpoint in the HF format
+(8 routed experts), `mlxdist plan --strategy expert-parallel --json` for the three nodes,
+`mlxdist quantize --plan` (one part per node, docs/shard-format.md), then `mlxdist serve
+OUT --nodes auto --plan plan.json` asked through the official openai client. The
+reference is single-process mlx-lm on the same model converted whole. Each node is sent
+only its own part, and `mlxdist cluster` reports the bytes it holds. A node lost
+mid-generation ends the request with an error naming it and its experts (they exist
+nowhere else)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import needs_root
+
+from cluster_fixtures import stop_process
+from test_cluster_netns import CLUSTER, DRIVER, ROOT, Cluster, Events, netns
+
+pytestmark = [needs_root, pytest.mark.root, pytest.mark.skipif(
+    netns.available() is not None, reason=f"network namespaces: {netns.available()}")]
+PROMPT = [256, 72, 101, 108, 108, 111, 44, 32, 119]
+
+
+def mlxdist(*args: str) -> str:
+    r = subprocess.run([sys.executable, "-m", "mlxdist", *args], capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
+class EPCluster(Cluster):
+    """The three namespaces' nodes and an expert-parallel conversion planned for them."""
+
+    def __init__(self, net: netns.TestNet, tmp: Path) -> None:
+        import make_checkpoint  # tools/, on the path since test_cluster_netns
+
+        self.net, self.tmp, self.procs = net, tmp, {}
+        self.secret_file = tmp / "secret"
+        self.secret_file.write_text("e" * 64)
+        self.secret_file.chmod(0o600)
+        self.env = dict(os.environ, PYTHONPATH=str(ROOT), MLXDIST_CLUSTER=CLUSTER,
+                        MLXDIST_SECRET_FILE=str(self.secret_file), MLXDIST_MDNS_ADDRESSES=net.hosts[0].ip)
+        ckpt = make_checkpoint.deepseek(tmp / "ckpt")
+        config = json.loads((ckpt / "config.json").read_text())
+        # float32 floats: the CPU backend then runs exactly what mlx-lm runs
+        (ckpt / "config.json").write_text(json.dumps({**config, "torch_dtype": "float32"}))
+        # three equal nodes on a fast link, many requests: EP over all three is the fastest
+        (tmp / "nodes.json").write_text(json.dumps({"link": "tb5-rdma", "nodes": [
+            {"name": f"n{i}", "memory_gb": 16, "reserve_gb": 0, "bandwidth_gbs": 1, "tflops": 0.01}
+            for i in range(3)]}))
+        self.plan_file = tmp / "plan.json"
+        self.plan_file.write_text(mlxdist("plan", str(ckpt), "--nodes", str(tmp / "nodes.json"), "--strategy",
+                                          "expert-parallel", "--context", "128", "--concurrency", "8", "--json"))
+        self.plan = json.loads(self.plan_file.read_text())
+        self.out = tmp / "moe"
+        mlxdist("quantize", str(ckpt), str(self.out), "--plan", str(self.plan_file), "--quiet")
+        whole = tmp / "whole"
+        mlxdist("quantize", str(ckpt), str(whole), "--stages", "1", "--quiet")
+        self.max_tokens = 12
+        self.expected = reference(whole, PROMPT, self.max_tokens)
+        self.tokenizer_dir = whole
+
+
+def reference(out: Path, prompt: list[int], max_tokens: int) -> list[int]:
+    """Greedy tokens of single-process mlx-lm on the unsliced conversion."""
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+    from mlx_lm.utils import load_model
+
+    model, _ = load_model(out)
+    return [int(t) for t, _ in generate_step(mx.array(prompt), model, max_tokens=max_tokens,
+                                             sampler=lambda lp: mx.argmax(lp, axis=-1))]
+
+
+@pytest.fixture(scope="module")
+def ep(tmp_path_factory):
+    net = netns.TestNet(3)
+    c = None
+    try:
+        net.up()
+        c = EPCluster(net, tmp_path_factory.mktemp("nsep"))
+        for i in range(3):
+            c.start_node(i)
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline:  # until all three answer
+            views = c.driver("discover", expect=3, browse=3)[0]
+            if len(views) == 3 and all(v["health"] == "ok" for v in views):
+                break
+            time.sleep(0.5)
+        yield c
+    finally:
+        if c:
+            c.stop()
+        net.down()
+
+
+def test_the_plan_is_expert_parallel_over_the_three_nodes(ep):
+    [stage] = ep.plan["stages"]
+    assert ep.plan["group"] == stage["nodes"] == ["n0", "n1", "n2"]
+    assert sorted(e for ids in stage["experts"].values() for e in ids) == list(range(8))
+
+
+def test_served_over_openai_each_node_holding_only_its_experts(ep):
+    """`mlxdist serve OUT --nodes auto --plan plan.json`: the greedy completion is the text
+    of mlx-lm's tokens (the server's detokenizer's); each node's store holds its part alone (its experts' rows only),
+    byte-equal to the conversion's; `mlxdist cluster` reports the bytes each holds."""
+    from mlx_lm.utils import load_tokenizer
+
+    from mlxdist.shard_format import Manifest, read_safetensors_header
+
+    serve = ep.net.popen(0, [sys.executable, "-m", "mlxdist", "serve", str(ep.out), "--nodes", "auto",
+                             "--plan", str(ep.plan_file), "--port", "8097", "--quiet"], env=ep.env,
+                         cwd=str(ROOT), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, lines = time.monotonic() + 120, []
+        while time.monotonic() < deadline:
+            line = serve.stderr.readline()
+            lines.append(line)
+            if not line or "serving" in line:
+                break
+        assert "serving" in lines[-1], "".join(lines)
+        n = ep.max_tokens
+        code = ("import json; from openai import OpenAI; "
+                "c = OpenAI(base_url='http://127.0.0.1:8097/v1', api_key='x'); "
+                f"r = c.completions.create(model='moe', prompt={PROMPT}, max_tokens={n}, temperature=0); "
+                "import urllib.request; v = json.load(urllib.request.urlopen('http://127.0.0.1:8097/v1/cluster')); "
+                "print(json.dumps([r.choices[0].text, r.usage.completion_tokens, v]))")
+        r = ep.net.run(0, [sys.executable, "-c", code], env=ep.env, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        text, count, view = json.loads(r.stdout)
+        experts = ep.plan["stages"][0]["experts"]  # layout() and events() over the nodes
+        assert [(st["node"], st["experts"]["owned"]) for st in view["stages"]] == [
+            (node, experts[node]) for node in ep.plan["group"]], view["stages"]
+        assert view["events"][0]["event"] == "placed" and "n0, n1, n2" in view["events"][0]["message"]
+        detok = load_tokenizer(ep.tokenizer_dir).detokenizer  # as the server writes text (ids it
+        detok.reset()  # has no bytes for show as "!", which `decode` drops)
+        for t in ep.expected:
+            detok.add_token(t)
+        detok.finalize()
+        assert count == n and text == detok.text, (text, ep.expected)
+
+        r = ep.net.run(0, [sys.executable, "-m", "mlxdist", "cluster", "--cluster", CLUSTER, "--secret-file",
+                           str(ep.secret_file), "--address", ep.net.hosts[0].ip, "--browse", "3", "--json"],
+                       env=ep.env, timeout=60)
+        assert r.returncode == 0, r.stderr
+        held = {n["name"]: (n["shards"], n["held_bytes"], n["role"]) for n in json.loads(r.stdout)["nodes"]}
+    finally:
+        stop_process(serve)
+    (stage,) = Manifest.load(ep.out).stages
+    for rank, part in enumerate(stage.parts):
+        i = int(part.node[1:])
+        src = ep.out / part.dir
+        sent = sorted(src.iterdir()) + [ep.out / "manifest.json"]
+        assert held[part.node] == (["moe/0"], sum(f.stat().st_size for f in sent), f"rank {rank}"), held
+        store = ep.data_dir(i) / "shards"
+        assert [p.name for p in store.iterdir()] == ["moe"] and [p.name for p in (store / "moe").iterdir()] == ["0"]
+        copy = store / "moe" / "0"
+        assert sorted(p.name for p in copy.iterdir() if not p.name.startswith(".")) == sorted(f.name for f in sent)
+        for f in sent:
+            assert hashlib.sha256((copy / f.name).read_bytes()).digest() == hashlib.sha256(f.read_bytes()).digest()
+        head = read_safetensors_header(copy / "weights.safetensors")
+        routed = {name: t.shape for name, t in head.items() if ".switch_mlp." in name}
+        assert routed and all(shape[0] == len(part.experts) for shape in routed.values()), routed
+        assert json.loads((copy / "stage.json").read_text())["experts"] == list(part.experts)
+        print(f"\n{part.node}: experts {list(part.experts)}, {held[part.node][1]} bytes held")
+
+
+def test_node_lost_ends_the_request_naming_its_experts(ep):
+    """Everything in n2's namespace dies mid-generation: its experts are on no other node,
+    so the request ends (not hangs) with one line naming n2 and experts 6-7; the engine
+    tokens before the loss are mlx-lm's."""
+    ids = ep.plan["stages"][0]["experts"]["n2"]
+    p = ep.net.popen(0, [sys.executable, DRIVER, "serve", json.dumps({
+        "cluster": CLUSTER, "secret_file": str(ep.secret_file), "address": ep.net.hosts[0].ip,
+        "out": str(ep.out), "plan": str(ep.plan_file), "prompt": PROMPT, "max_tokens": 400,
+        "progress_at": 4})], env=ep.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+    events = Events(p)
+    try:
+        first = events.until(lambda ev: any("progress" in e for e in ev), 120)
+        assert first and first[0]["placement"] == ["n0", "n1", "n2"], first
+        assert any("progress" in e for e in first), first
+        t_kill = time.time()
+        netns.kill_processes(ep.net.hosts[2].ns)
+        [result] = events.until(lambda ev: len(ev) >= 1, 60)
+        assert time.time() - t_kill < 60
+        n = min(len(result["tokens"]), ep.max_tokens)
+        assert n >= 4 and result["tokens"][:n] == ep.expected[:n], result["tokens"]
+        err = result["error"]
+        assert err and "\n" not in err and "n2" in err and f"experts {ids[0]}-{ids[-1]}" in err, err
+        [rec] = result["recoveries"]
+        assert rec["lost"] == ["n2"] and rec["fatal"] == err, rec
+        print(f"\nnode loss ended the request after {time.time() - t_kill:.1f} s: {err}")
+        assert p.wait(timeout=60) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(timeout=5)
