@@ -16,11 +16,14 @@ every node of the first plan answers again and nothing is in flight, the model m
 to it.
 
 An expert-parallel plan (one stage over the whole group, docs/placement.md) runs rank r on
-`plan.group[r]` from the part of the conversion holding that node's experts only
-(`stages/0/nodes/<node>/`, the only shard the node is sent). Its experts exist nowhere
-else, so a lost node cannot be re-placed: every request in flight ends with an error
-naming the node and its experts (a worker that failed on nodes that all still answer is
-restarted where it ran, its requests carried over).
+`plan.group[r]` from the parts of the conversion it holds (`stages/0/nodes/<node>/`, each
+holding one node's experts only; at first each node is sent its own part alone). A lost
+node's parts exist only on the coordinator, so they are re-placed whole: the planner
+(`plan_expert_parts`) keeps every other part where it runs and gives each orphaned part
+to a survivor with room, which is sent it, and the requests are carried over as above;
+only when nothing fits does every request end with an error naming the node and its
+experts. The model does not move back to a node that returns (take-back is for pipeline
+plans only).
 """
 
 from __future__ import annotations
@@ -65,20 +68,31 @@ def expert_ids(ids: Sequence[int]) -> str:
     return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
 
 
-def experts_lost(stage: Stage, lost: Sequence[NodeView], alive: Sequence[NodeView], message: str) -> str:
+def experts_lost(stage: Stage, lost: Sequence[NodeView], alive: Sequence[NodeView], message: str,
+                 refusal: str = "") -> str:
     """The one-line error that ends the requests of an expert-parallel `stage` when nodes
-    are lost: their experts are held by no other node, so no request can finish without them."""
+    are lost: their experts are held by no other node, so no request can finish without
+    them; `refusal`, the planner's, says why no node left can take them."""
     held = "; ".join(f"{where(v)} lost, which held experts {expert_ids(stage.experts_of(v.name))}"
                      for v in lost)
     left = ", ".join(v.name for v in alive) or "none"
     first = (message.strip().splitlines() or [""])[0]
+    why = f" and none of them can take them: {refusal}" if refusal else ""
     return (f"{held} of the expert-parallel stage; no other node holds them, so requests cannot finish "
-            f"on the nodes left ({left}) (first report: {first})")
+            f"on the nodes left ({left}){why} (first report: {first})")
 
 
 def names(views: Sequence[NodeView]) -> list[str]:
     """Node names, each once, in order."""
     return list(dict.fromkeys(v.name for v in views))
+
+
+def parts_moved(parts: Sequence[tuple[str, Sequence[int]]], before: dict[int, str], after: dict[int, str]) -> str:
+    """'part of n2 (experts 6-7) moved from n2 to n0, ...' for the expert parts whose node
+    changed (`before`/`after`: part -> node name)."""
+    out = [f"part of {parts[i][0]} (experts {expert_ids(parts[i][1])}) moved from {before[i]} to {after[i]}"
+           for i in sorted(after) if before.get(i) != after[i]]
+    return ", ".join(out) or "no part moved"
 
 
 def moved(before: Sequence[NodeView], after: Sequence[NodeView]) -> str:
@@ -118,51 +132,66 @@ class ClusterEngine:
         self._home = plan  # where each stage runs when every node is up
         self._placed_at = time.time()
         with self._lock:  # a failure hook waits until we are set up
-            self._group = self._launcher(self.placement)  # the current group's launcher
+            self._group = self._launcher(plan)  # the current group's launcher
             self._inner = open_engine(self.out_dir, self.config, ranks=len(self.placement),
                                       split=self.split, launcher=self._group,
                                       on_failure=self._on_failure)
         self._stop = threading.Event()
-        threading.Thread(target=self._take_back_loop, name="mlxdist-take-back",
-                         daemon=True).start()
+        if not self.expert_parallel:  # expert parts are not moved back to a returning node
+            threading.Thread(target=self._take_back_loop, name="mlxdist-take-back",
+                             daemon=True).start()
         self.model_name = config.model_name or model
         self.tokenizer = self._inner.tokenizer
         self.context_length = self._inner.context_length
         self.max_concurrent = self._inner.max_concurrent
 
     # -- placement and moving -------------------------------------------------------------
-    def _shard_of(self, rank: int, v: NodeView) -> tuple[Path, int]:
-        """What rank `rank` on `v` runs from: (directory to deliver, stage number). A
-        pipeline rank k: stage k's directory; an expert-parallel rank: the node's part of
-        stage 0, holding its experts only."""
-        if self.expert_parallel:
-            return self.out_dir / part_dir(0, v.name), 0
-        return self.out_dir / stage_dir(rank), rank
+    def _shards(self, plan: Plan) -> list[list[tuple[Path, int]]]:
+        """What each rank of `plan` runs from: [(directory to deliver, held as stage)]. A
+        pipeline rank k: stage k's directory, as stage k; an expert-parallel rank: the
+        parts of stage 0 it runs, in its row order, part i held as stage i of the model
+        (so one node can hold several)."""
+        if not self.expert_parallel:
+            return [[(self.out_dir / stage_dir(k), k)] for k in range(len(plan.group))]
+        parts = self.conversion.parts[0]
+        return [[(self.out_dir / part_dir(0, parts[i][0]), i) for i in mine]
+                for mine in self.conversion.parts_of(plan)]
 
-    def _launcher(self, placement: list[NodeView]) -> ClusterLauncher:
-        """Deliver each node the stages (or the part) `placement` gives it; the launcher
-        for rank k on placement[k]."""
-        shards = [self._shard_of(k, v) for k, v in enumerate(placement)]
+    def _launcher(self, plan: Plan) -> ClusterLauncher:
+        """Deliver each node the stages (or parts) `plan` gives it; the launcher for rank
+        k on its node, from the (first) stage it runs."""
+        placement, shards = ranks_on(plan, self.nodes), self._shards(plan)
         assignments: dict[str, list] = {}
-        for v, (path, stage) in zip(placement, shards):
-            assignments.setdefault(v.node_id, []).append((path, self.model, stage))
+        for v, held in zip(placement, shards):
+            assignments.setdefault(v.node_id, []).extend((path, self.model, stage) for path, stage in held)
         deliver({v.node_id: v for v in placement}, assignments, self.cluster, self.secret)
-        return ClusterLauncher([Placement(v, self.model, stage) for v, (_, stage) in zip(placement, shards)],
+        return ClusterLauncher([Placement(v, self.model, held[0][1]) for v, held in zip(placement, shards)],
                                self.cluster, self.secret)
 
     def _move(self, plan: Plan) -> None:
         """Run the model as `plan` says from now on; requests in flight are carried over
-        (re-prefilled with their tokens so far; their text goes on where it stopped)."""
+        (re-prefilled with their tokens so far; their text goes on where it stopped). An
+        expert-parallel plan's ranks get their experts from it (the runtime then loads
+        each rank's parts, its rows theirs concatenated)."""
         placement = ranks_on(plan, self.nodes)
-        launcher = self._launcher(placement)
-        self._inner.regroup(ranks=len(placement), split=self.split, launcher=launcher)
+        launcher = self._launcher(plan)
+        if self.expert_parallel:
+            st = plan.stages[0]
+            self.config = replace(self.config, experts=tuple(st.experts_of(n) for n in st.nodes))
+        self._inner.regroup(ranks=len(placement), split=self.split, launcher=launcher, config=self.config)
         self._group, self.plan, self.placement = launcher, plan, placement
 
     def _replan(self, alive: Sequence[NodeView]) -> Plan:
-        """The planner's placement on the nodes that answer, each stage kept where it runs
-        now if it fits there, KV caches for what the first plan counted."""
+        """The planner's placement on the nodes that answer, each stage (expert part) kept
+        where it runs now if it fits there, KV caches for what the first plan counted."""
         first = Request(context=self._home.context, concurrency=self._home.concurrency)
+        if self.expert_parallel:
+            return self.conversion.parts_on(alive, first, self._part_nodes(self.plan))
         return self.conversion.plan_on(alive, first, {k: v.name for k, v in enumerate(self.placement)})
+
+    def _part_nodes(self, plan: Plan) -> dict[int, str]:
+        """Expert part -> the node an expert-parallel `plan` runs it on."""
+        return {i: node for node, mine in zip(plan.group, self.conversion.parts_of(plan)) for i in mine}
 
     def _alive(self, timeout: float = 2.0) -> list[NodeView]:
         """The nodes that answer a ping within `timeout` s, asked all at once."""
@@ -196,12 +225,10 @@ class ClusterEngine:
             lost = [v for v in dict((v.node_id, v) for v in self.placement).values()
                     if v.node_id not in up]
             what = f"{', '.join(map(where, lost))} lost" if lost else "a worker failed"
-            before, fatal = list(self.placement), None
+            before, before_plan, fatal = list(self.placement), self.plan, None
             if sum(r["reason"] != "nodes back" for r in self.recoveries) >= self.max_recoveries:
                 fatal = f"{what}: {message} (gave up after {self.max_recoveries} re-placements)"
-            elif self.expert_parallel and lost:
-                fatal = experts_lost(self.plan.stages[0], lost, alive, message)
-            elif self.expert_parallel:  # every node answers: start the group again where it ran
+            elif self.expert_parallel and not lost:  # every node answers: start the group again where it ran
                 try:
                     self._move(self.plan)
                 except Exception as e:
@@ -210,7 +237,8 @@ class ClusterEngine:
                 try:
                     self._move(self._replan(alive))
                 except UserError as e:
-                    fatal = f"{what}: {message}; the model no longer fits on the nodes left: {e}"
+                    fatal = (experts_lost(self.plan.stages[0], lost, alive, message, str(e)) if self.expert_parallel
+                             else f"{what}: {message}; the model no longer fits on the nodes left: {e}")
                 except Exception as e:
                     fatal = f"{what}: {message}; re-placement failed: {type(e).__name__}: {e}"
             self.recoveries.append({"reason": message, "lost": [v.name for v in lost],
@@ -223,9 +251,11 @@ class ClusterEngine:
                 log.error("%s", fatal)
                 engine.fail(fatal)
                 return
-            log.warning("%s; %s; now on %s (in %.1f s; first report: %s)", what,
-                        moved(before, self.placement), [v.name for v in self.placement],
-                        time.monotonic() - t0, message)
+            change = (parts_moved(self.conversion.parts[0], self._part_nodes(before_plan),
+                                  self._part_nodes(self.plan)) if self.expert_parallel
+                      else moved(before, self.placement))
+            log.warning("%s; %s; now on %s (in %.1f s; first report: %s)", what, change,
+                        [v.name for v in self.placement], time.monotonic() - t0, message)
             log.info("plan: %s", self.plan.reason)
 
     def _take_back_loop(self, interval_s: float = 2.0) -> None:

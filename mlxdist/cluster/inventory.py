@@ -23,7 +23,7 @@ from mlxdist.placement.specs import CHIPS, GB, LINK_PRESETS, Cluster, LinkSpec, 
     default_reserve
 from mlxdist.placement.model import ModelSpec, load_model
 from mlxdist.placement.plan import Plan
-from mlxdist.placement.planner import Request, plan_stages
+from mlxdist.placement.planner import Request, plan_expert_parts, plan_stages
 from mlxdist.shard_format import Manifest
 
 # What a link kind (nodes.link_kind) costs, as the planner's presets. Thunderbolt carries
@@ -121,6 +121,27 @@ class Conversion:
         nothing fits."""
         return plan_stages(self.model, cluster_spec(views), self.ranges, req, keep=keep,
                            stage_bytes=self.stage_bytes)
+
+
+    def parts_on(self, views: Sequence[NodeView], req: Request, keep: Mapping[int, str]) -> Plan:
+        """The planner's placement of the expert-parallel stage's parts on `views` (ring
+        order), each part of `keep` (part -> node name) kept where it runs when it fits
+        there, the others (a lost node's) whole on nodes with room; UserError if nothing
+        fits."""
+        return plan_expert_parts(self.model, cluster_spec(views), self.parts[0], req, keep=keep)
+
+    def parts_of(self, plan: Plan) -> tuple[tuple[int, ...], ...]:
+        """Per rank of an expert-parallel `plan` (its group order), the parts it runs, in
+        its row order: its expert ids are those parts' ids concatenated."""
+        first = {ids[0]: i for i, (_, ids) in enumerate(self.parts[0])}
+        out = []
+        for node in plan.group:
+            ids, mine, at = plan.stages[0].experts_of(node), [], 0
+            while at < len(ids):  # the part starting at each of its runs
+                mine.append(first[ids[at]])
+                at += len(self.parts[0][mine[-1]][1])
+            out.append(tuple(mine))
+        return tuple(out)
 
 
 def placement_nodes(browse_s: float = 2.0) -> list[NodeSpec]:

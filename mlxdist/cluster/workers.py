@@ -5,9 +5,9 @@ node already holds (resolved in its own data dir) and the hostfile (validated ad
 and carries the rank's `WorkerSpec` as the msgpack blob the worker will read: the node
 parses it with `WorkerSpec.from_msgpack` (types and bounds), checks what it must (layers
 inside the held stage, addresses, session, names, the options a node runs; expert
-parallel only from a held part whose experts are the spec's), fills in what
-only it knows (its stage directory, hostfile path, shard root), and runs only `python -m
-mlxdist.runtime.worker`, the spec on its stdin.
+parallel only from held parts of one stage whose experts, concatenated, are the spec's),
+fills in what only it knows (its stage directories, hostfile path, shard root), and runs
+only `python -m mlxdist.runtime.worker`, the spec on its stdin.
 """
 
 from __future__ import annotations
@@ -104,6 +104,8 @@ def _check_worker(w: WorkerSpec, ranks: int) -> None:
         raise LaunchError("a node runs no NCCL ranks (one host's GPUs: local ranks only)")
     if w.experts and not w.config.expert_parallel:
         raise LaunchError("bad spec: experts given for a rank that is not expert-parallel")
+    if w.parts and not w.config.expert_parallel:
+        raise LaunchError("bad spec: parts given for a rank that is not expert-parallel")
     _check_endpoint(w.control)
     if not SESSION_RE.match(w.session):
         raise LaunchError("bad session")
@@ -131,6 +133,37 @@ def held_experts(stage_dir: Path) -> tuple[int, ...] | None:
         raise LaunchError(f"stage {stage_dir.name}: {e}") from None
 
 
+def held_parts(stage_dir: Path, names: tuple[str, ...]) -> tuple[Path, ...]:
+    """The held parts a rank running several parts of an expert-parallel stage loads, in
+    the spec's order: `stage_dir` (the launch order's) for the first, then, for each other
+    part (named by its node, the last component of `stages/<k>/nodes/<node>`), the held
+    stage of the same model that is that node's part of the same stage of the same
+    conversion (its manifest.json the first's); else LaunchError."""
+    def meta(d: Path) -> tuple[int, str | None]:
+        m = StageJson.load(d)
+        return m.stage, m.node
+
+    try:
+        stage, first = meta(stage_dir)
+        manifest = (stage_dir / "manifest.json").read_bytes()
+    except (OSError, UserError) as e:
+        raise LaunchError(f"stage {stage_dir.name}: {e}") from None
+    if first != Path(names[0]).name:
+        raise LaunchError(f"the held part is {first}'s, not the spec's first part {Path(names[0]).name}'s")
+    out = [stage_dir]
+    for name in (Path(n).name for n in names[1:]):
+        for d in sorted(stage_dir.parent.iterdir()):
+            try:
+                if d != stage_dir and meta(d) == (stage, name) and (d / "manifest.json").read_bytes() == manifest:
+                    out.append(d)
+                    break
+            except (OSError, UserError):
+                continue
+        else:
+            raise LaunchError(f"{name}'s part of stage {stage} of this conversion is not held here")
+    return tuple(out)
+
+
 def worker_spec(spec: LaunchSpec, stage_dir: Path, hostfile_path: Path) -> WorkerSpec:
     """The coordinator's spec with this node's paths. A rank may run the whole layer range
     of a stage it holds, or a part of it (re-placement); only for the whole stage is the
@@ -144,10 +177,14 @@ def worker_spec(spec: LaunchSpec, stage_dir: Path, hostfile_path: Path) -> Worke
                           f"[{have_start}, {have_end})")
     whole = (w.start, w.end) == (have_start, have_end)
     experts = held_experts(stage_dir)
+    dirs = (stage_dir,)
     if w.config.expert_parallel:
         if experts is None:
             raise LaunchError("an expert-parallel rank runs only from a held part of an expert-parallel "
                               "stage; this stage holds every expert")
+        if w.parts:  # several parts: its rows are theirs, concatenated
+            dirs = held_parts(stage_dir, w.parts)
+            experts = tuple(e for d in dirs for e in held_experts(d) or ())
         if tuple(w.experts) != experts or not whole:
             raise LaunchError(f"the held part holds experts [{', '.join(map(str, experts))}] of layers "
                               f"[{have_start}, {have_end}), not the spec's [{', '.join(map(str, w.experts))}] "
@@ -156,7 +193,8 @@ def worker_spec(spec: LaunchSpec, stage_dir: Path, hostfile_path: Path) -> Worke
         raise LaunchError("the held stage is one node's part of an expert-parallel stage: it runs only "
                           "expert-parallel, with its own experts")
     shard_root = str(stage_dir) if whole and (stage_dir / "manifest.json").exists() else ""
-    return replace(w, hostfile=str(hostfile_path), model_dir=str(stage_dir), shard_root=shard_root)
+    return replace(w, hostfile=str(hostfile_path), model_dir=str(stage_dir), shard_root=shard_root,
+                   parts=tuple(str(d) for d in dirs) if w.parts else ())
 
 
 class Workers:

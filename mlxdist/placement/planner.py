@@ -14,7 +14,9 @@ to the candidate listed first (fewer nodes, then the bandwidth split).
 
 `plan_stages` answers the serving question: a conversion's stages are cut already, so
 only which node runs each stage is chosen (the same cost model, the same budgets); it is
-what `mlxdist serve --nodes` places with, first and after a node loss.
+what `mlxdist serve --nodes` places with, first and after a node loss. `plan_expert_parts`
+does the same for an expert-parallel conversion's per-node parts after a node loss: the
+lost node's parts move whole to nodes with room.
 """
 
 from __future__ import annotations
@@ -490,3 +492,125 @@ def _stages_refusal(model: ModelSpec, cluster: Cluster, ranges: Sequence[tuple[i
     return (f"{head}; placed largest first, stage {k} (layers {a}-{b - 1}) needs "
             f"{need[k] / GiB:.2f} GiB but the most room left is {room[most] / GiB:.2f} GiB, on "
             f"{most} ({offer} in all): {(need[k] - room[most]) / GiB:.2f} GiB missing")
+
+
+# -- fixed expert parts: an expert-parallel conversion's per-node parts on the nodes at hand --
+
+
+def _ep_group(assign: Sequence[str | None], order: Sequence[str]) -> tuple[str, ...]:
+    """The nodes that hold parts, in ring order: the expert-parallel group, rank 0 first."""
+    held = set(n for n in assign if n is not None)
+    return tuple(n for n in order if n in held)
+
+
+def _ep_need(p: Profile, parts: Sequence[tuple[str, tuple[int, ...]]], assign: Sequence[str | None],
+             order: Sequence[str], kv: int) -> dict[str, int]:
+    """Each holder's bytes: every non-expert weight, the experts of all its parts, and the
+    KV caches; the shared experts only on rank 0 (as `make_expert_parallel` counts them)."""
+    group = _ep_group(assign, order)
+    count = {n: 0 for n in group}
+    for (_, ids), n in zip(parts, assign):
+        if n is not None:
+            count[n] += len(ids)
+    return {n: p.ep_weights(0, p.L, count[n], shared=rank == 0) + kv for rank, n in enumerate(group)}
+
+
+def _ep_place(p: Profile, parts: Sequence[tuple[str, tuple[int, ...]]], assign: Sequence[str | None],
+              order: Sequence[str], cap: dict[str, int], kv: int,
+              only: str | None = None) -> tuple[tuple[str, ...] | None, int | None]:
+    """Give each unplaced part, largest first, to the node (`only`, or any) that has the
+    most room left after taking it, every node staying within its budget. Returns the
+    assignment (None if a part fitted nowhere) and the first part that fitted nowhere."""
+    out = list(assign)
+    for i in sorted((i for i, n in enumerate(out) if n is None), key=lambda i: (-len(parts[i][1]), i)):
+        best, best_room = None, None
+        for name in [only] if only is not None else order:
+            trial = out[:i] + [name] + out[i + 1:]
+            need = _ep_need(p, parts, trial, order, kv)
+            if all(need[n] <= cap[n] for n in need) and (best_room is None or cap[name] - need[name] > best_room):
+                best, best_room = name, cap[name] - need[name]
+        if best is None:
+            return None, i
+        out[i] = best
+    need = _ep_need(p, parts, out, order, kv)
+    if any(need[n] > cap[n] for n in need):  # kept parts alone overflow a node
+        return None, None
+    return tuple(out), None  # type: ignore[arg-type]
+
+
+def _parts_plan(model: ModelSpec, cl: Cluster, parts: Sequence[tuple[str, tuple[int, ...]]],
+                assign: Sequence[str], req: Request, cp: CostParams, p: Profile, kv: int, reason: str) -> Plan:
+    """The expert-parallel plan of an assignment of parts to nodes: each holder's experts
+    are its parts' ids concatenated in part order (its stacked rows, in that order)."""
+    group = _ep_group(assign, [n.name for n in cl.nodes])
+    experts = tuple((n, tuple(e for (_, ids), m in zip(parts, assign) if m == n for e in ids)) for n in group)
+    owned = {n: len(ids) for n, ids in experts}
+    single, cyc, pre, comm, busy = ep_times(p, cl, cp, group, owned, req.context, req.concurrency)
+    loads = tuple(
+        NodeLoad(n, cl.node(n).chip, p.ep_weights(0, p.L, owned[n], shared=rank == 0), kv,
+                 cl.node(n).usable_bytes, t * 1e3, ((0, p.L),), owned[n])
+        for rank, (n, t) in enumerate(zip(group, busy)))
+    return Plan(model.name, model.model_type, model.quant.bits, req.context, req.concurrency,
+                "expert-parallel", group, (Stage((0, p.L), group, experts),), loads,
+                Estimate(single * 1e3, cyc * 1e3, req.concurrency / cyc, pre, comm * 1e3), reason,
+                cl.default_link)
+
+
+def plan_expert_parts(model: ModelSpec, cluster: Cluster, parts: Sequence[tuple[str, tuple[int, ...]]],
+                      req: Request, keep: Mapping[int, str] | None = None,
+                      cp: CostParams = CostParams()) -> Plan:
+    """Place an expert-parallel conversion's per-node parts, which the shards on disk fix
+    (each: the node it was cut for, its expert ids in row order), on `cluster`'s nodes,
+    and return the fastest assignment that fits as an expert-parallel `Plan` over the
+    nodes holding parts (ring order), each node's experts its parts' ids concatenated in
+    part order. What `serve --nodes` re-places with after a node loss: a part's experts
+    exist only in that part, so a lost node's parts must go whole to nodes left.
+
+    `keep` (part -> the node it runs on; default: the node it was cut for) keeps every
+    part whose node is in `cluster` where it is; the others (orphans) go, largest first,
+    to the node with the most room left, or all to one node, each candidate tried, and
+    the cost model (`ep_times`) picks among those. A node fits what it holds when every
+    non-expert weight, its parts' experts and the KV caches for context x concurrency stay
+    within its budget; the shared experts count on the group's first rank only. Only
+    when no candidate fits may kept parts move too (largest first on the most room).
+    Nothing fits, or fewer than two nodes would hold parts: a one-line UserError."""
+    p = Profile(model)
+    if req.context < 1 or req.concurrency < 1:
+        raise UserError("--context and --concurrency must be at least 1")
+    flat = sorted(e for _, ids in parts for e in ids)
+    if len(parts) < 2 or flat != list(range(p.E)) or not all(ids for _, ids in parts):
+        raise UserError(f"{model.name}: expert parts must be two or more, together holding each of its "
+                        f"{plural(p.E, 'routed expert')} once")
+    order = [n.name for n in cluster.nodes]
+    cap = {n: budget(cluster.node(n), req.headroom) for n in order}
+    kv = p.kv_bytes(0, p.L, req.context, req.concurrency)
+    where = dict(keep) if keep is not None else {i: node for i, (node, _) in enumerate(parts)}
+    held = [where.get(i) if where.get(i) in cap else None for i in range(len(parts))]
+
+    def tried(pool: list[tuple[str, tuple[str, ...] | None]]) -> list[Plan]:
+        seen: dict[tuple[str, ...], str] = {}
+        for why, assign in pool:
+            if assign is not None and len(_ep_group(assign, order)) >= 2:
+                seen.setdefault(assign, why)
+        return [_parts_plan(model, cluster, parts, a, req, cp, p, kv, why) for a, why in seen.items()]
+
+    kept = [("parts kept where they ran, the others on the nodes with most room",
+             _ep_place(p, parts, held, order, cap, kv)[0])]
+    if None in held:
+        kept += [(f"parts kept where they ran, the others on {name}",
+                  _ep_place(p, parts, held, order, cap, kv, only=name)[0]) for name in order]
+    fresh, stuck = _ep_place(p, parts, [None] * len(parts), order, cap, kv)
+    for plans in (tried(kept), tried([("parts largest first on the node with most room", fresh)])):
+        if plans:
+            return _chosen(plans, req)
+    if stuck is None:  # everything fits, but only on one node: no group to run expert-parallel
+        raise UserError(f"{model.name}: its expert parts fit together only on one node; an expert-parallel "
+                        f"stage runs on two or more")
+    node, ids = parts[stuck]
+    offer = ", ".join(f"{n} {c / GiB:.2f}" for n, c in cap.items())
+    raise UserError(f"{model.name}: placed largest first, {node}'s expert part (experts "
+                    f"{', '.join(map(str, ids))}) fits on no node beside every non-expert weight and the "
+                    f"KV cache for {plural(req.context, 'token')} x {plural(req.concurrency, 'request')} "
+                    f"({offer} GiB usable; each node needs {p.ep_weights(0, p.L, 0, shared=False) / GiB:.2f} "
+                    f"GiB + {kv / GiB:.2f} GiB of KV cache before any expert, "
+                    f"{p.s(p.xbytes, 0, p.L) / GiB:.3f} GiB per expert)")

@@ -384,9 +384,10 @@ class GroupEngine:
         self.events_log = (self.events_log + [{"t": time.time(), "event": kind, "message": message, **extra}])[-50:]
 
     def regroup(self, model_path: str | os.PathLike | None = None, ranks: int | None = None,
-                split: Sequence[int] | None = None, launcher: Any = None) -> None:
-        """Re-placement hook: stop the current group, start a new one (other ranks, split
-        or launcher; the same config), and carry every unfinished request over by
+                split: Sequence[int] | None = None, launcher: Any = None,
+                config: EngineConfig | None = None) -> None:
+        """Re-placement hook: stop the current group, start a new one (other ranks, split,
+        launcher, or config: e.g. each rank's experts), and carry every unfinished request over by
         re-prefilling its prompt plus the tokens generated so far. Its client sees a pause.
         Greedy requests continue with exactly the tokens an uninterrupted run gives."""
         from mlxdist.runtime.source import resolve_source
@@ -397,6 +398,8 @@ class GroupEngine:
         old.close()
         if launcher is not None:
             self._launcher = launcher
+        if config is not None:
+            self.config = config
         n = ranks or len(getattr(old, "hosts", [None]))
         experts = self.config.experts
         source = resolve_source(Path(model_path or self.model_path), n, split,
@@ -447,11 +450,12 @@ def _host_name(host: str) -> str:
 
 
 def _stage_weight_bytes(source: Any, plan: Any) -> int:
-    """The bytes of a stage's weights: its shard files; for an unsharded model directory,
-    the model's files in proportion to the stage's layers (expert-parallel: its share of
-    the ranks)."""
+    """The bytes of a stage's weights: its shard files (every part it runs); for an
+    unsharded model directory, the model's files in proportion to the stage's layers
+    (expert-parallel: its share of the ranks)."""
     if plan.shard:
-        return sum(f.stat().st_size for f in Path(plan.model_dir).glob("*.safetensors"))
+        dirs = plan.parts or (plan.model_dir,)
+        return sum(f.stat().st_size for d in dirs for f in Path(d).glob("*.safetensors"))
     total = sum(f.stat().st_size for f in Path(source.root).glob("*.safetensors"))
     if source.expert_parallel:
         return total // max(1, len(source.stages))

@@ -50,7 +50,8 @@ class WorkerGroupBackend:
                             model_dir=str(p.model_dir), start=p.start, end=p.end,
                             num_layers=p.num_layers, control=control, session=self.session, config=config,
                             shard_root=str(source.root) if p.shard else "", host=hosts[p.rank],
-                            experts=source.experts[p.rank] if source.experts else (), nccl=nccl)
+                            experts=source.experts[p.rank] if source.experts else (), nccl=nccl,
+                            parts=tuple(str(d) for d in p.parts))
                  for p in source.stages]
         self.hosts = hosts
         self.chans: dict[int, Channel] = {}

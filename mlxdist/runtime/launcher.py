@@ -45,6 +45,9 @@ class WorkerSpec:
     host: str = "127.0.0.1"  # how this rank is named in messages
     experts: tuple[int, ...] = ()  # with config.expert_parallel: this rank's expert ids; (): an even split
     nccl: str = ""  # with handoff nccl: HOST:PORT of NCCL's rank 0
+    # with config.expert_parallel, a rank running several parts of the stage (after a node
+    # loss): their directories (`stages/<k>/nodes/<node>`), in row order, model_dir the first
+    parts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_fields(self)

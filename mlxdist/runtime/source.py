@@ -15,7 +15,10 @@ from mlxdist.shard_format import MANIFEST, Manifest, Part
 @dataclass(frozen=True)
 class StagePlan:
     """One rank's part: layers [start, end) of num_layers, loaded from `model_dir`.
-    `shard` is True when model_dir is a shard-format stage directory (verified before use)."""
+    `shard` is True when model_dir is a shard-format stage directory (verified before use).
+    `parts`: when the rank runs several parts of an expert-parallel stage (after a node
+    loss), their directories in row order, model_dir the first: its stacked experts are
+    theirs concatenated, everything else the first's."""
 
     rank: int
     start: int
@@ -23,6 +26,7 @@ class StagePlan:
     num_layers: int
     model_dir: Path
     shard: bool = False
+    parts: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -126,19 +130,33 @@ def _expert_parallel_source(path: Path, config: dict[str, Any], ranks: int, spli
 
 def _parts_source(path: Path, config: dict[str, Any], parts: Sequence[Part], ranks: int,
                   owned: tuple[tuple[int, ...], ...]) -> ModelSource:
-    """An expert-parallel conversion cut into per-node parts: rank r loads part r (the
-    plan's ring order), which holds exactly its experts, in the part's row order."""
+    """An expert-parallel conversion cut into per-node parts. Without `owned`, rank r loads
+    part r (the plan's ring order), which holds exactly its experts in its row order. With
+    `owned` (a re-placement may give a rank several parts), each rank's expert ids must be
+    whole parts' ids concatenated: it loads those parts, its rows in that order."""
     num_layers = int(config["num_hidden_layers"])
     nodes = ", ".join(p.node for p in parts)
-    if ranks != len(parts):
-        raise UserError(f"{path} holds the experts in {plural(len(parts), 'part')} ({nodes}): "
-                        f"run it on {plural(len(parts), 'rank')}")
-    mine = tuple(p.experts for p in parts)
-    if owned and [sorted(o) for o in owned] != [sorted(m) for m in mine]:
-        raise UserError(f"{path}: the experts asked for are not the parts' ({nodes}); "
-                        f"a part holds only the experts it was converted with")
-    stages = tuple(StagePlan(r, 0, num_layers, num_layers, path / p.dir, True) for r, p in enumerate(parts))
-    return ModelSource(path, config, stages, expert_parallel=True, experts=mine)
+    if not owned:
+        if ranks != len(parts):
+            raise UserError(f"{path} holds the experts in {plural(len(parts), 'part')} ({nodes}): "
+                            f"run it on {plural(len(parts), 'rank')}")
+        return ModelSource(path, config, tuple(StagePlan(r, 0, num_layers, num_layers, path / p.dir, True)
+                                               for r, p in enumerate(parts)),
+                           expert_parallel=True, experts=tuple(p.experts for p in parts))
+    by_first = {p.experts[0]: p for p in parts}
+    stages = []
+    for r, mine in enumerate(owned):
+        held, i = [], 0
+        while i < len(mine):
+            p = by_first.get(mine[i])
+            if p is None or tuple(mine[i:i + len(p.experts)]) != p.experts:
+                raise UserError(f"{path}: rank {r}'s experts {list(mine)} are not whole parts' ({nodes}) in "
+                                f"their row order; a part holds only the experts it was converted with")
+            held.append(path / p.dir)
+            i += len(p.experts)
+        stages.append(StagePlan(r, 0, num_layers, num_layers, held[0], True,
+                                tuple(held) if len(held) > 1 else ()))
+    return ModelSource(path, config, tuple(stages), expert_parallel=True, experts=owned)
 
 
 def _manifest(path: Path) -> Manifest | None:

@@ -17,7 +17,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -195,11 +195,23 @@ def _restrict(model: nn.Module, spec: StageSpec, tied: bool) -> None:
             model.pop("lm_head")
 
 
+def _part_tensors(parts: Sequence[Path]) -> dict[str, mx.array]:
+    """Several parts of one expert-parallel stage as one (lazily): each stacked routed
+    expert tensor (`switch_mlp`'s weight/scales/biases, expert axis first) the parts'
+    concatenated in part order, every other tensor the first part's (identical in all)."""
+    loaded = [{k: v for f in weight_files(Path(d)) for k, v in mx.load(f).items()} for d in parts]
+    return {name: mx.concatenate([w[name] for w in loaded], axis=0) if ".switch_mlp." in name else v
+            for name, v in loaded[0].items()}
+
+
 def load_stage(model_dir: str | Path, spec: StageSpec, files: list[str] | None = None,
-               presanitized: bool = False, prepare: Callable[[nn.Module], Any] | None = None) -> LoadedStage:
+               presanitized: bool = False, prepare: Callable[[nn.Module], Any] | None = None,
+               parts: Sequence[Path] = ()) -> LoadedStage:
     """Build the model from config.json, drop every layer outside `spec`, and load only
     the stage's tensors (lazily, straight from the safetensors files). `prepare(model)`
     runs before anything is read (expert parallel drops other ranks' experts there).
+    `parts`: several parts of an expert-parallel stage to load as one (model_dir the
+    first), their routed experts stacked in part order.
     On MLX's CPU backend float16/bfloat16 tensors are loaded as float32 (see
     computes_half_as_float32); on Metal and CUDA they keep their dtype."""
     from mlx_lm.utils import _get_classes, infer_quant_config
@@ -213,11 +225,12 @@ def load_stage(model_dir: str | Path, spec: StageSpec, files: list[str] | None =
     tied = "lm_head" not in model
     _restrict(model, spec, tied)
 
-    weights: dict[str, mx.array] = {}
-    for f in files if files is not None else weight_files(model_dir):
-        for name, value in mx.load(f).items():  # lazy: nothing is read until evaluated
-            if _keep_tensor(name, spec, tied) or (not presanitized and not LAYER_KEY.match(name)):
-                weights[name] = value
+    # lazy: nothing is read until evaluated
+    stored = _part_tensors(parts) if parts else {
+        name: value for f in (files if files is not None else weight_files(model_dir))
+        for name, value in mx.load(f).items()}
+    weights = {name: value for name, value in stored.items()
+               if _keep_tensor(name, spec, tied) or (not presanitized and not LAYER_KEY.match(name))}
     if not presanitized and hasattr(model, "sanitize"):
         weights = model.sanitize(weights)  # mlx-lm's own renames; they use args, not layers
     weights = {_to_local(k, spec): v for k, v in weights.items() if _keep_tensor(k, spec, tied)}

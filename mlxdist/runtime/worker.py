@@ -107,11 +107,15 @@ def run(a: WorkerSpec, chan: Channel) -> None:
     from mlxdist.runtime.ring_link import RingLink
 
     start, end = a.start, a.end
-    plan = StagePlan(a.rank, start, end, a.num_layers, Path(a.model_dir), bool(a.shard_root))
+    plan = StagePlan(a.rank, start, end, a.num_layers, Path(a.model_dir), bool(a.shard_root),
+                     tuple(Path(d) for d in a.parts))
     if a.shard_root:
+        from dataclasses import replace
+
         from mlxdist.runtime.shards import verify_stage
 
-        verify_stage(Path(a.shard_root), plan)
+        for d in plan.parts or (plan.model_dir,):  # each part against the manifest
+            verify_stage(Path(a.shard_root), replace(plan, model_dir=d))
     if a.config.expert_parallel:
         return run_expert_parallel(a, chan, plan)
     stage = load_stage(plan.model_dir, StageSpec(start, end, a.num_layers), presanitized=plan.shard)
@@ -144,7 +148,8 @@ def run_expert_parallel(a: WorkerSpec, chan: Channel, plan) -> None:
     owned: list[int] = []
     mine = list(a.experts) or None
     stage = load_stage(plan.model_dir, StageSpec(plan.start, plan.end, plan.num_layers), presanitized=plan.shard,
-                       prepare=lambda model: owned.extend(keep_own_experts(model.model, group, mine)))
+                       prepare=lambda model: owned.extend(keep_own_experts(model.model, group, mine)),
+                       parts=plan.parts)
     print(f"rank {a.rank}: expert parallel, all {plan.num_layers} layers, {len(owned)} experts "
           f"({owned[0]}..{owned[-1]})", file=sys.stderr, flush=True)
     bcast = Broadcast(group)

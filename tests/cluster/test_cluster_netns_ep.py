@@ -4,9 +4,9 @@ running `mlxdist node`, found by mDNS only: a tiny DeepSeek checkpoint in the HF
 `mlxdist quantize --plan` (one part per node, docs/shard-format.md), then `mlxdist serve
 OUT --nodes auto --plan plan.json` asked through the official openai client. The
 reference is single-process mlx-lm on the same model converted whole. Each node is sent
-only its own part, and `mlxdist cluster` reports the bytes it holds. A node lost
-mid-generation ends the request with an error naming it and its experts (they exist
-nowhere else)."""
+only its own part (part i held as stage i of the model), and `mlxdist cluster` reports
+the bytes it holds. A node lost mid-generation: its part goes whole to a survivor with
+room and the request finishes with mlx-lm's tokens."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from mlxdist.shard_format import Manifest
 from tests.conftest import needs_root
 
 from cluster_fixtures import stop_process
@@ -66,7 +67,8 @@ class EPCluster(Cluster):
         whole = tmp / "whole"
         mlxdist("quantize", str(ckpt), str(whole), "--stages", "1", "--quiet")
         self.max_tokens = 12
-        self.expected = reference(whole, PROMPT, self.max_tokens)
+        self.long = reference(whole, PROMPT, 120)  # greedy: its first tokens are a shorter run's
+        self.expected = self.long[:self.max_tokens]
         self.tokenizer_dir = whole
 
 
@@ -115,7 +117,7 @@ def test_served_over_openai_each_node_holding_only_its_experts(ep):
     byte-equal to the conversion's; `mlxdist cluster` reports the bytes each holds."""
     from mlx_lm.utils import load_tokenizer
 
-    from mlxdist.shard_format import Manifest, read_safetensors_header
+    from mlxdist.shard_format import read_safetensors_header
 
     serve = ep.net.popen(0, [sys.executable, "-m", "mlxdist", "serve", str(ep.out), "--nodes", "auto",
                              "--plan", str(ep.plan_file), "--port", "8097", "--quiet"], env=ep.env,
@@ -160,10 +162,11 @@ def test_served_over_openai_each_node_holding_only_its_experts(ep):
         i = int(part.node[1:])
         src = ep.out / part.dir
         sent = sorted(src.iterdir()) + [ep.out / "manifest.json"]
-        assert held[part.node] == (["moe/0"], sum(f.stat().st_size for f in sent), f"rank {rank}"), held
+        assert held[part.node] == ([f"moe/{rank}"], sum(f.stat().st_size for f in sent), f"rank {rank}"), held
         store = ep.data_dir(i) / "shards"
-        assert [p.name for p in store.iterdir()] == ["moe"] and [p.name for p in (store / "moe").iterdir()] == ["0"]
-        copy = store / "moe" / "0"
+        assert [p.name for p in store.iterdir()] == ["moe"] and [p.name for p in (store / "moe").iterdir()] == [
+            str(rank)]
+        copy = store / "moe" / str(rank)
         assert sorted(p.name for p in copy.iterdir() if not p.name.startswith(".")) == sorted(f.name for f in sent)
         for f in sent:
             assert hashlib.sha256((copy / f.name).read_bytes()).digest() == hashlib.sha256(f.read_bytes()).digest()
@@ -174,33 +177,38 @@ def test_served_over_openai_each_node_holding_only_its_experts(ep):
         print(f"\n{part.node}: experts {list(part.experts)}, {held[part.node][1]} bytes held")
 
 
-def test_node_lost_ends_the_request_naming_its_experts(ep):
-    """Everything in n2's namespace dies mid-generation: its experts are on no other node,
-    so the request ends (not hangs) with one line naming n2 and experts 6-7; the engine
-    tokens before the loss are mlx-lm's."""
-    ids = ep.plan["stages"][0]["experts"]["n2"]
+def test_node_lost_its_part_moves_and_the_request_finishes(ep):
+    """Everything in n2's namespace dies mid-generation: its part goes whole to a survivor
+    with room (sent it, sha256-equal to the conversion's), the group is n0, n1, and the
+    request, re-prefilled there, finishes with exactly mlx-lm's greedy tokens."""
     p = ep.net.popen(0, [sys.executable, DRIVER, "serve", json.dumps({
         "cluster": CLUSTER, "secret_file": str(ep.secret_file), "address": ep.net.hosts[0].ip,
-        "out": str(ep.out), "plan": str(ep.plan_file), "prompt": PROMPT, "max_tokens": 400,
+        "out": str(ep.out), "plan": str(ep.plan_file), "prompt": PROMPT, "max_tokens": len(ep.long),
         "progress_at": 4})], env=ep.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
     events = Events(p)
     try:
         first = events.until(lambda ev: any("progress" in e for e in ev), 120)
         assert first and first[0]["placement"] == ["n0", "n1", "n2"], first
-        assert any("progress" in e for e in first), first
         t_kill = time.time()
         netns.kill_processes(ep.net.hosts[2].ns)
-        [result] = events.until(lambda ev: len(ev) >= 1, 60)
-        assert time.time() - t_kill < 60
-        n = min(len(result["tokens"]), ep.max_tokens)
-        assert n >= 4 and result["tokens"][:n] == ep.expected[:n], result["tokens"]
-        err = result["error"]
-        assert err and "\n" not in err and "n2" in err and f"experts {ids[0]}-{ids[-1]}" in err, err
+        [result] = events.until(lambda ev: len(ev) >= 1, 120)
+        assert result["error"] is None and result["tokens"] == ep.long, result
         [rec] = result["recoveries"]
-        assert rec["lost"] == ["n2"] and rec["fatal"] == err, rec
-        print(f"\nnode loss ended the request after {time.time() - t_kill:.1f} s: {err}")
+        assert rec["lost"] == ["n2"] and rec["fatal"] is None and rec["group"] == ["n0", "n1"], rec
+        assert result["placement"] == ["n0", "n1"]
         assert p.wait(timeout=60) == 0
     finally:
         if p.poll() is None:
             p.kill()
             p.wait(timeout=5)
+    (stage,) = Manifest.load(ep.out).stages
+    lost = stage.parts[2]
+    assert lost.node == "n2"
+    adopted = [i for i in range(2) if (ep.data_dir(i) / "shards" / "moe" / "2").is_dir()]
+    assert len(adopted) == 1, adopted
+    copy = ep.data_dir(adopted[0]) / "shards" / "moe" / "2"
+    assert json.loads((copy / "stage.json").read_text())["node"] == "n2"
+    for f in sorted((ep.out / lost.dir).iterdir()):
+        assert (copy / f.name).read_bytes() == f.read_bytes(), f.name
+    print(f"\nn2 lost: its part re-placed on n{adopted[0]} in {rec['seconds']:.1f} s "
+          f"(noticed {rec['noticed_at'] - t_kill:.1f} s after the kill); {len(result['tokens'])} tokens exact")
