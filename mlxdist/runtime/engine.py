@@ -1,4 +1,5 @@
-"""`GroupEngine`, the runtime's Engine (the interface in api.py) over one MLX group: tokenizer, requests, text, stop strings; the pipeline behind it.
+"""`GroupEngine`, the runtime's Engine (the interface in api.py) over one MLX group:
+tokenizer, requests, text, stop strings; the pipeline behind it.
 
 `open_engine(path, config, ranks=1)` runs the single stage in a thread of this process;
 `ranks>1` starts one worker process per rank (see group.py) and drives rank 0 over the

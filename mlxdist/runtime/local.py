@@ -64,7 +64,12 @@ class InProcessBackend:
         if self._callbacks is None:  # closed before it was started
             return
         on_event, on_failure = self._callbacks
-        self.coord = Coordinator(StageRunner(stage), None, lambda msg: on_event(event_from_wire(msg)),
+
+        def emit(msg: dict) -> None:  # the coordinator's maps, as the engine's typed events
+            if (ev := event_from_wire(msg)) is not None:
+                on_event(ev)
+
+        self.coord = Coordinator(StageRunner(stage), None, emit,
                                  max_slots=self.config.max_concurrent, prefill_step=self.config.prefill_step,
                                  prompt_cache=self.config.prompt_cache)
         self._coord_ready.set()

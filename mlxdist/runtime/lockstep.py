@@ -56,7 +56,7 @@ class Runner(Protocol):
 
 class Leader(Protocol):
     """What rank 0's side of a run needs of the coordinator (coordinator.Coordinator):
-    its sequences and groups, and the three calls that admit, accept and read commands."""
+    its sequences and groups, and the calls that admit, accept, read commands and await an ACK."""
     link: RingLink | None
     runner: Runner
     groups: dict[int, Any]

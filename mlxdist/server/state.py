@@ -69,7 +69,14 @@ class Api:
         return Thinking(opening, closing, starts_inside, budget)
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+        """`fn(*args)` in the work pool. Once the server is shutting down (the pool is shut
+        down), a request still at work ends with a 503 instead of a traceback."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+        except RuntimeError as e:
+            if "after shutdown" not in str(e):
+                raise
+            raise ApiError(503, "the server is shutting down") from None
 
     def log(self, request: Request, status: int, t0: float) -> None:
         if self.quiet:

@@ -210,3 +210,21 @@ def test_mlx_lm_import_cannot_lower_the_open_file_limit():
         during = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, before)  # (soft may have been raised)
     assert during[1] == before[1] and (during[0] >= before[0] or during[0] == resource.RLIM_INFINITY)
+
+
+def test_work_asked_for_after_shutdown_is_a_503_not_a_traceback():
+    """A request still at work when the server shuts its pool down (a search between two
+    steps) ends with a 503 ApiError; the pool's own refusal is Python's RuntimeError."""
+    import asyncio
+
+    from mlxdist.server.protocol import ApiError
+    from mlxdist.server.state import Api
+
+    api = Api(FakeEngine(), None, 4, HttpLimits(), quiet=True)
+    assert asyncio.run(api.run(lambda x: x + 1, 1)) == 2
+    api.pool.shutdown(wait=True, cancel_futures=True)
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        api.pool.submit(lambda: None)
+    with pytest.raises(ApiError) as e:
+        asyncio.run(api.run(lambda: None))
+    assert e.value.status == 503
