@@ -14,6 +14,7 @@ import pytest
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from mlxdist.framing import MAX_FRAME, MAX_HANDSHAKE_FRAME, Channel, ProtocolError
+from tests.raw_frames import frame, read_frame
 
 KEY = bytes(range(32))
 PROMPT = "the launch code is 7-alpha-9, tell no one"
@@ -22,18 +23,6 @@ PROMPT = "the launch code is 7-alpha-9, tell no one"
 def nonce(label: bytes, counter: int) -> bytes:
     """docs/protocol.md: 4-byte direction label, then the frame counter as uint64 BE."""
     return label + counter.to_bytes(8, "big")
-
-
-def read_frame(sock: socket.socket) -> tuple[int, bytes]:
-    def exact(n: int) -> bytes:
-        buf = b""
-        while len(buf) < n:
-            part = sock.recv(n - len(buf))
-            assert part, "closed"
-            buf += part
-        return buf
-    (n,) = struct.unpack(">I", exact(4))
-    return n, exact(n)
 
 
 def sealed_frames(messages: list[dict], *, is_client: bool) -> list[bytes]:
@@ -45,8 +34,7 @@ def sealed_frames(messages: list[dict], *, is_client: bool) -> list[bytes]:
     frames = []
     for m in messages:
         chan.send(m)
-        n, body = read_frame(raw)
-        frames.append(struct.pack(">I", n) + body)
+        frames.append(frame(read_frame(raw)))
     chan.close()
     raw.close()
     return frames
@@ -155,7 +143,7 @@ def test_a_sender_refuses_a_frame_over_the_limit():
     with pytest.raises(ValueError):
         chan.send({"t": "chunk", "data": b"\0" * MAX_FRAME})
     chan.send({"t": "after"})  # nothing went out, the counter did not move: frame 0 next
-    n, body = read_frame(raw)
+    body = read_frame(raw)
     assert msgpack.unpackb(ChaCha20Poly1305(KEY).decrypt(nonce(b"c->s", 0), body, None)) == {"t": "after"}
     chan.close()
     raw.close()

@@ -20,26 +20,10 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from mlxdist import PROTOCOL_VERSION
 from mlxdist.cluster.client import NodeClient
 from mlxdist.framing import Refused
+from tests.raw_frames import frame, read_frame
 
 from cluster_fixtures import CLUSTER, SECRET, node  # noqa: F401 (node: fixture)
 
-
-
-def frame(body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + body
-
-
-def read_frame(sock: socket.socket) -> bytes:
-    def exact(n: int) -> bytes:
-        buf = b""
-        while len(buf) < n:
-            part = sock.recv(n - len(buf))
-            if not part:
-                raise ConnectionError("closed")
-            buf += part
-        return buf
-    (n,) = struct.unpack(">I", exact(4))
-    return exact(n)
 
 
 def transcript(hello: bytes, challenge: bytes) -> bytes:

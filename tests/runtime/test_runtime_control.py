@@ -8,7 +8,6 @@ import hashlib
 import hmac
 import os
 import socket
-import struct
 import threading
 
 import msgpack
@@ -17,25 +16,9 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from mlxdist.framing import ProtocolError
 from mlxdist.runtime import control
+from tests.raw_frames import frame, read_frame
 
 GROUP_KEY = os.urandom(32)
-
-
-def frame(body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + body
-
-
-def read_frame(sock: socket.socket) -> bytes:
-    def exact(n: int) -> bytes:
-        buf = b""
-        while len(buf) < n:
-            part = sock.recv(n - len(buf))
-            if not part:
-                raise ConnectionError("closed")
-            buf += part
-        return buf
-    (n,) = struct.unpack(">I", exact(4))
-    return exact(n)
 
 
 @pytest.fixture
