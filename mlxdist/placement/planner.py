@@ -154,19 +154,30 @@ def make_pipeline(model: ModelSpec, cluster: Cluster, nodes: list[NodeSpec], cou
 
 def make_expert_parallel(model: ModelSpec, cluster: Cluster, nodes: list[NodeSpec], owned: list[int],
                          req: Request, cp: CostParams, p: Profile, reason: str) -> Plan:
-    group = tuple(n.name for n in nodes)
-    single, cyc, pre, comm, busy = ep_times(p, cluster, cp, group, dict(zip(group, owned)),
-                                            req.context, req.concurrency)
+    """The whole model as one expert-parallel stage over `nodes`, node i holding the next
+    `owned[i]` routed experts (contiguous ids)."""
     experts, start = [], 0
     for n, c in zip(nodes, owned):
         experts.append((n.name, tuple(range(start, start + c))))
         start += c
+    return expert_parallel_plan(model, cluster, tuple(experts), req, cp, p, reason)
+
+
+def expert_parallel_plan(model: ModelSpec, cluster: Cluster, experts: tuple[tuple[str, tuple[int, ...]], ...],
+                         req: Request, cp: CostParams, p: Profile, reason: str) -> Plan:
+    """The plan of one expert-parallel stage over the nodes of `experts` (rank order, each
+    with its expert ids in row order), priced by `ep_times`; the shared experts count on
+    the first rank only, which runs them for all."""
+    group = tuple(n for n, _ in experts)
+    owned = {n: len(ids) for n, ids in experts}
+    single, cyc, pre, comm, busy = ep_times(p, cluster, cp, group, owned, req.context, req.concurrency)
+    kv = p.kv_bytes(0, p.L, req.context, req.concurrency)
     loads = tuple(
-        NodeLoad(n.name, n.chip, p.ep_weights(0, p.L, c, shared=rank == 0),
-                 p.kv_bytes(0, p.L, req.context, req.concurrency), n.usable_bytes, t * 1e3, ((0, p.L),), c)
-        for rank, (n, c, t) in enumerate(zip(nodes, owned, busy)))
+        NodeLoad(n, cluster.node(n).chip, p.ep_weights(0, p.L, owned[n], shared=rank == 0), kv,
+                 cluster.node(n).usable_bytes, t * 1e3, ((0, p.L),), owned[n])
+        for rank, (n, t) in enumerate(zip(group, busy)))
     return Plan(model.name, model.model_type, model.quant.bits, req.context, req.concurrency,
-                "expert-parallel", group, (Stage((0, p.L), group, tuple(experts)),), loads,
+                "expert-parallel", group, (Stage((0, p.L), group, experts),), loads,
                 Estimate(single * 1e3, cyc * 1e3, req.concurrency / cyc, pre, comm * 1e3), reason,
                 cluster.default_link)
 
@@ -206,21 +217,27 @@ def candidates(model: ModelSpec, cluster: Cluster, req: Request, cp: CostParams 
     return out
 
 
+def fastest(plans: Sequence[Plan]) -> tuple[Plan, Plan | None]:
+    """The fastest plan per stream at the request's concurrency (ties: the first listed)
+    and the runner-up, for the reason a plan gives."""
+    best = plans[0]
+    for x in plans[1:]:
+        if x.estimate.step_ms_at_concurrency < best.estimate.step_ms_at_concurrency * (1 - 1e-9):
+            best = x
+    others = sorted((x for x in plans if x is not best), key=lambda x: x.estimate.step_ms_at_concurrency)
+    return best, (others[0] if others else None)
+
+
 def best_plan(model: ModelSpec, cluster: Cluster, req: Request, cp: CostParams = CostParams()) -> Plan | None:
-    best: Plan | None = None
     considered = candidates(model, cluster, req, cp)
-    for plan in considered:
-        if best is None or plan.estimate.step_ms_at_concurrency < best.estimate.step_ms_at_concurrency * (1 - 1e-9):
-            best = plan
-    if best is None:
+    if not considered:
         return None
-    others = sorted(considered, key=lambda x: x.estimate.step_ms_at_concurrency)
-    runner = next((x for x in others if x is not best), None)
-    fastest = ("the only plan that fits" if len(considered) == 1
-               else f"the fastest of {len(considered)} plans that fit")
+    best, runner = fastest(considered)
+    fits = ("the only plan that fits" if len(considered) == 1
+            else f"the fastest of {len(considered)} plans that fit")
     why = (f"{best.strategy} over {plural(len(best.group), 'node')}, {best.reason}: "
            f"{best.estimate.step_ms_at_concurrency:.1f} ms/token per stream at concurrency {req.concurrency}, "
-           f"{fastest}")
+           f"{fits}")
     if runner is not None:
         why += (f" (next: {runner.strategy} over {plural(len(runner.group), 'node')}, {runner.reason}, "
                 f"{runner.estimate.step_ms_at_concurrency:.1f} ms)")
@@ -457,18 +474,14 @@ def plan_stages(model: ModelSpec, cluster: Cluster, ranges: Sequence[tuple[int, 
 
 
 def _chosen(plans: list[Plan], req: Request) -> Plan:
-    """The fastest (per stream at the request's concurrency; ties: the first), with why."""
-    best = plans[0]
-    for x in plans[1:]:
-        if x.estimate.step_ms_at_concurrency < best.estimate.step_ms_at_concurrency * (1 - 1e-9):
-            best = x
+    """The fastest assignment (`fastest`), with why."""
+    best, runner = fastest(plans)
     why = (f"{best.reason}: {best.estimate.step_ms_at_concurrency:.1f} ms/token per stream at "
            f"concurrency {req.concurrency}, "
            + ("the only assignment that fits" if len(plans) == 1
               else f"the fastest of {len(plans)} assignments that fit"))
-    others = sorted((x for x in plans if x is not best), key=lambda x: x.estimate.step_ms_at_concurrency)
-    if others:
-        why += f" (next: {others[0].reason}, {others[0].estimate.step_ms_at_concurrency:.1f} ms)"
+    if runner is not None:
+        why += f" (next: {runner.reason}, {runner.estimate.step_ms_at_concurrency:.1f} ms)"
     return replace(best, reason=why)
 
 
@@ -506,7 +519,7 @@ def _ep_group(assign: Sequence[str | None], order: Sequence[str]) -> tuple[str, 
 def _ep_need(p: Profile, parts: Sequence[tuple[str, tuple[int, ...]]], assign: Sequence[str | None],
              order: Sequence[str], kv: int) -> dict[str, int]:
     """Each holder's bytes: every non-expert weight, the experts of all its parts, and the
-    KV caches; the shared experts only on rank 0 (as `make_expert_parallel` counts them)."""
+    KV caches; the shared experts only on rank 0 (as `expert_parallel_plan` counts them)."""
     group = _ep_group(assign, order)
     count = {n: 0 for n in group}
     for (_, ids), n in zip(parts, assign):
@@ -539,21 +552,12 @@ def _ep_place(p: Profile, parts: Sequence[tuple[str, tuple[int, ...]]], assign: 
 
 
 def _parts_plan(model: ModelSpec, cl: Cluster, parts: Sequence[tuple[str, tuple[int, ...]]],
-                assign: Sequence[str], req: Request, cp: CostParams, p: Profile, kv: int, reason: str) -> Plan:
+                assign: Sequence[str], req: Request, cp: CostParams, p: Profile, reason: str) -> Plan:
     """The expert-parallel plan of an assignment of parts to nodes: each holder's experts
     are its parts' ids concatenated in part order (its stacked rows, in that order)."""
     group = _ep_group(assign, [n.name for n in cl.nodes])
     experts = tuple((n, tuple(e for (_, ids), m in zip(parts, assign) if m == n for e in ids)) for n in group)
-    owned = {n: len(ids) for n, ids in experts}
-    single, cyc, pre, comm, busy = ep_times(p, cl, cp, group, owned, req.context, req.concurrency)
-    loads = tuple(
-        NodeLoad(n, cl.node(n).chip, p.ep_weights(0, p.L, owned[n], shared=rank == 0), kv,
-                 cl.node(n).usable_bytes, t * 1e3, ((0, p.L),), owned[n])
-        for rank, (n, t) in enumerate(zip(group, busy)))
-    return Plan(model.name, model.model_type, model.quant.bits, req.context, req.concurrency,
-                "expert-parallel", group, (Stage((0, p.L), group, experts),), loads,
-                Estimate(single * 1e3, cyc * 1e3, req.concurrency / cyc, pre, comm * 1e3), reason,
-                cl.default_link)
+    return expert_parallel_plan(model, cl, experts, req, cp, p, reason)
 
 
 def plan_expert_parts(model: ModelSpec, cluster: Cluster, parts: Sequence[tuple[str, tuple[int, ...]]],
@@ -592,7 +596,7 @@ def plan_expert_parts(model: ModelSpec, cluster: Cluster, parts: Sequence[tuple[
         for why, assign in pool:
             if assign is not None and len(_ep_group(assign, order)) >= 2:
                 seen.setdefault(assign, why)
-        return [_parts_plan(model, cluster, parts, a, req, cp, p, kv, why) for a, why in seen.items()]
+        return [_parts_plan(model, cluster, parts, a, req, cp, p, why) for a, why in seen.items()]
 
     kept = [("parts kept where they ran, the others on the nodes with most room",
              _ep_place(p, parts, held, order, cap, kv)[0])]
