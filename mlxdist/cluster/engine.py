@@ -115,15 +115,11 @@ class ClusterEngine:
         # workers beat every 0.5 s; 2.5 s of silence (at most) leaves room to notice a loss in < 5 s.
         # A failed group is not the end of its requests: the runtime calls _on_failure,
         # which re-places and hands them over with GroupEngine.regroup (text state and all)
-        self.config = replace(config, heartbeat_timeout_s=min(config.heartbeat_timeout_s, 2.5))
         self.conversion = conversion
         # an expert-parallel plan: every rank all layers (no split), each its part's experts
         self.expert_parallel = any(st.expert_parallel for st in plan.stages)
         self.split = None if self.expert_parallel else conversion.split
-        if self.expert_parallel:
-            st = plan.stages[0]
-            self.config = replace(self.config, expert_parallel=True,
-                                  experts=tuple(st.experts_of(n) for n in st.nodes))
+        self.config = self._config_for(plan, replace(config, heartbeat_timeout_s=min(config.heartbeat_timeout_s, 2.5)))
         self.recoveries: list[dict] = []  # what happened, for tests and /metrics
         self._lock = threading.RLock()  # submits wait while the model moves
         self._fatal: str | None = None
@@ -175,11 +171,16 @@ class ClusterEngine:
         each rank's parts, its rows theirs concatenated)."""
         placement = ranks_on(plan, self.nodes)
         launcher = self._launcher(plan)
-        if self.expert_parallel:
-            st = plan.stages[0]
-            self.config = replace(self.config, experts=tuple(st.experts_of(n) for n in st.nodes))
+        self.config = self._config_for(plan, self.config)
         self._inner.regroup(ranks=len(placement), split=self.split, launcher=launcher, config=self.config)
         self._group, self.plan, self.placement = launcher, plan, placement
+
+    def _config_for(self, plan: Plan, config: EngineConfig) -> EngineConfig:
+        """`config` running an expert-parallel `plan`: each rank's experts as it gives them."""
+        if not self.expert_parallel:
+            return config
+        st = plan.stages[0]
+        return replace(config, expert_parallel=True, experts=tuple(st.experts_of(n) for n in st.nodes))
 
     def _replan(self, alive: Sequence[NodeView]) -> Plan:
         """The planner's placement on the nodes that answer, each stage (expert part) kept
