@@ -29,7 +29,7 @@ from mlxdist.runtime.launcher import WorkerSpec, start_worker
 from mlxdist.shard_format import StageJson
 
 JOB_RE = re.compile(r"^[0-9a-f]{8,32}$")
-SESSION_RE = re.compile(r"^[0-9a-f]{8,64}$")
+SESSION_RE = re.compile(r"^(?:[0-9a-f]{2}){4,32}$")  # a key as hex: whole bytes (the worker reads it with bytes.fromhex)
 HOST_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 BACKENDS = ("ring",)
 HANDOFFS = ("messages", "collective")  # nccl needs one host's GPUs: local ranks only
