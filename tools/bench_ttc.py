@@ -36,7 +36,8 @@ one small request (max_tokens 8), so an absent feature costs a second, not a run
 verifier call is a prefill of question + solution: slow on a CPU); such a row is marked
 `subset_of_problems` and carries `greedy_accuracy_same_problems` to compare against.
 
-`n_vs_sequential`: one problem's prompt, --compare-n choices in one request (`n`) against
+`n_vs_sequential`: (`--compare-repeats K`: K times, problems 0..K-1, each ratio and the
+median reported) one problem's prompt, --compare-n choices in one request (`n`) against
 as many requests with n=1 sent one after the other, the same max_tokens, temperature and
 seeds (choice i of the n request and sequential request i both use seed + i). Each arm's
 prompt starts with its own tag, so neither finds the other's prompt in the prefix cache;
@@ -467,6 +468,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--verifier-dir", type=Path, default=None, help="the verifier model (default: the model itself)")
     p.add_argument("--compare-n", type=int, default=8, help="choices of the n-vs-sequential comparison")
     p.add_argument("--compare-max-tokens", type=int, default=128)
+    p.add_argument("--compare-repeats", type=int, default=1,
+                   help="run the n-vs-sequential comparison this many times, on problems 0..K-1 (each a fresh "
+                        "prompt), and report every ratio and their median")
     p.add_argument("--no-compare", action="store_true", help="skip the n-vs-sequential comparison")
     p.add_argument("--request-timeout", type=float, default=3600)
     p.add_argument("--ready-timeout", type=float, default=900, help="seconds to wait for the server to load")
@@ -543,13 +547,23 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 log(f"{strategy}: {r['status']}: {r.get('reason') or r.get('error')}")
         if not args.no_compare:
-            c = compare_n(url, problems[0], args)
-            report["n_vs_sequential"] = c
-            if c["status"] == "ok":
-                log(f"n={c['n']} in one request {c['n_request']['wall_s']:.1f} s against {c['n']} sequential "
-                    f"{c['sequential']['wall_s']:.1f} s: ratio {c['ratio_n_over_sequential']}")
-            else:
-                log(f"n vs sequential: {c['error']}")
+            runs = []
+            for k in range(args.compare_repeats):
+                c = compare_n(url, problems[k % len(problems)], args)
+                runs.append(c)
+                if c["status"] == "ok":
+                    log(f"n={c['n']} in one request {c['n_request']['wall_s']:.1f} s against {c['n']} sequential "
+                        f"{c['sequential']['wall_s']:.1f} s: ratio {c['ratio_n_over_sequential']}")
+                else:
+                    log(f"n vs sequential: {c['error']}")
+            report["n_vs_sequential"] = runs[0]
+            if len(runs) > 1:
+                ratios = sorted(c["ratio_n_over_sequential"] for c in runs if c["status"] == "ok")
+                report["n_vs_sequential_repeats"] = runs[1:]
+                report["n_vs_sequential_ratios"] = ratios
+                if ratios:
+                    report["n_vs_sequential_median"] = ratios[len(ratios) // 2] if len(ratios) % 2 else \
+                        round((ratios[len(ratios) // 2 - 1] + ratios[len(ratios) // 2]) / 2, 3)
         report["server_metrics_end"] = {k: v for k, v in read_metrics(url).items() if METRIC_KEYS.search(k)}
     except KeyboardInterrupt:
         report["interrupted"] = True

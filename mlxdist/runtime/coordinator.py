@@ -244,7 +244,9 @@ class Coordinator:
         return (best, share) if best is not None else (None, 0)
 
     def _trimmable(self, s: Sequence) -> bool:
-        caches = self.runner.caches.get(s.slot) if s.group is None else self.runner.groups[s.group].caches
+        if s.group is not None:
+            return self.runner.groups[s.group].trimmable()
+        caches = self.runner.caches.get(s.slot)
         return caches is None or all(c.is_trimmable() for c in caches)
 
     def _has_work(self) -> bool:
@@ -566,9 +568,7 @@ class Coordinator:
         # the caches hold the prompt and every generated token but the last (never fed);
         # anything past that (a chained or lock-step step after the end) is trimmed on reuse
         held = s.prompt[:s.pos] + s.tokens[:-1]
-        caches = self.runner.groups[s.group].caches if s.group is not None else self.runner.caches.get(s.slot, [])
-        retain = bool(self.prompt_cache and s.setup_sent and held and not self.stopping
-                      and all(c.is_trimmable() for c in caches))
+        retain = bool(self.prompt_cache and s.setup_sent and held and not self.stopping and self._trimmable(s))
         if s.group is not None:
             self._send_leave(s, retain)
         self.stats["kv_bytes"] = self.runner.kv_bytes()  # this rank's caches, for the console

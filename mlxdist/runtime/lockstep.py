@@ -214,7 +214,7 @@ def run_candidates(coord: Leader) -> list[Any]:
            for s in coord.seqs.values()):
         return []  # (a thinking budget may force tokens, which a run's ticks cannot)
     groups = [coord.groups[g] for g in sorted(coord.groups)]
-    if not all(c.is_trimmable() for g in groups for c in coord.runner.groups[g.gid].caches):
+    if not all(coord.runner.groups[g.gid].trimmable() for g in groups):
         return []
     return groups
 

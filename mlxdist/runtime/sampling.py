@@ -124,10 +124,28 @@ def filtered(logprobs: mx.array, s: SlotSampler) -> mx.array:
     return x
 
 
-def draw(x: mx.array, noise: list[mx.array], temperature: float) -> mx.array:
+def draw(x: mx.array, noise: mx.array | list[mx.array], temperature: float) -> mx.array:
     """A categorical draw per row of `x` [B, V] at `temperature`, each with its own noise
     (the Gumbel-max trick: the largest of logit / T + Gumbel noise)."""
-    return mx.argmax(x * (1.0 / temperature) + (noise[0] if len(noise) == 1 else mx.concatenate(noise)), axis=-1)
+    if isinstance(noise, list):
+        noise = noise[0] if len(noise) == 1 else mx.concatenate(noise)
+    return mx.argmax(x * (1.0 / temperature) + noise, axis=-1)
+
+
+_split_rows = mx.vmap(mx.random.split)
+
+
+def rows_noise(samplers: list[SlotSampler], vocab: int) -> mx.array:
+    """The Gumbel noise [B, V] of several rows' next tokens, each row's from its own key
+    exactly as `SlotSampler.noise` draws it alone, but as one batched split and one batched
+    draw (a handful of operations for the batch instead of a handful per row: on a GPU each
+    is a kernel launch the host pays for)."""
+    if len(samplers) == 1:
+        return samplers[0].noise(vocab)
+    pairs = _split_rows(mx.stack([s.key for s in samplers]))  # [B, 2, 2]: (next key, subkey)
+    for i, s in enumerate(samplers):
+        s.key = pairs[i, 0]
+    return mx.vmap(lambda k: mx.random.gumbel(shape=(vocab,), key=k))(pairs[:, 1])
 
 
 def decode_top(words: np.ndarray) -> list[tuple[int, float]]:

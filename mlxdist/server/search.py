@@ -8,14 +8,17 @@ without one:
   generate(prefixes, n_each, stop, max_tokens, seeds) -> list[Completion]
       n_each continuations of every prefix (the assistant's text so far), prefix-major:
       result k continues prefixes[k // n_each] with seeds[k]. `stop` ends a step (None:
-      whole answers); `max_tokens` bounds each continuation.
+      whole answers); `max_tokens` bounds each continuation: one int for all, or a list
+      with one cap per prefix.
   score(solutions) -> list[float]
       a verifier's score in [0, 1] per (partial) solution.
 
 A step is a blank-line separated paragraph: generation stops at "\\n\\n". A path finishes
 when its last step ended without that stop (EOS or length), or states a final answer
-(answers.is_final). The final pick is always the weighted majority: the scores of the
-final solutions summed per extracted answer (ties: the earlier solution), and within the
+(answers.is_final), or has generated `max_tokens` in all (cut off by length: a request's
+max_tokens bounds every answer it returns, whatever the strategy; each step's cap is what
+is left of it). The final pick is always the weighted majority: the scores of the final
+solutions summed per extracted answer (ties: the earlier solution), and within the
 winning answer its best-scored solution. The single best-scored solution is reported too.
 
 Deterministic: every candidate's seed derives from the request's seed (best-of-N uses
@@ -45,7 +48,7 @@ class Completion:
     hit_stop: bool = False
 
 
-Generate = Callable[[list[str], int, "str | None", int, list[int]], Awaitable[list[Completion]]]
+Generate = Callable[[list[str], int, "str | None", "int | list[int]", list[int]], Awaitable[list[Completion]]]
 Score = Callable[[list[str]], Awaitable[list[float]]]
 
 
@@ -59,7 +62,7 @@ class SearchConfig:
     beam_width: int = 4
     max_steps: int = 40
     extract: str = "last_number"
-    max_tokens: int = 1024  # per answer (best_of_n) or per step
+    max_tokens: int = 1024  # per answer: a step search's path in all
     seed: int = 0
     starts_inside: bool = False  # the prompt leaves <think> open
 
@@ -128,7 +131,14 @@ def _extend(cfg: SearchConfig, parent: _Path, c: Completion, score: float) -> tu
         return path, _solution(cfg, text, score, c.finish_reason, path.tokens)
     if is_final(text, cfg.extract, cfg.starts_inside):
         return path, _solution(cfg, text[: -len(STEP)], score, "stop", path.tokens)
+    if path.tokens >= cfg.max_tokens:  # its max_tokens spent: cut off by length
+        return path, _solution(cfg, text[: -len(STEP)], score, "length", path.tokens)
     return path, None
+
+
+def _room(cfg: SearchConfig, paths: list[_Path]) -> list[int]:
+    """Each path's next step's cap: what is left of max_tokens."""
+    return [max(1, cfg.max_tokens - p.tokens) for p in paths]
 
 
 def _unfinished(cfg: SearchConfig, p: _Path) -> Solution:
@@ -157,7 +167,7 @@ async def beam_search(cfg: SearchConfig, generate: Generate, score: Score) -> Se
     while active and steps < cfg.max_steps:
         each = cfg.n * width if steps == 0 else cfg.n
         seeds = [derive_seed(cfg.seed, steps, k) for k in range(len(active) * each)]
-        outs = await generate([p.text for p in active], each, STEP, cfg.max_tokens, seeds)
+        outs = await generate([p.text for p in active], each, STEP, _room(cfg, active), seeds)
         parents = [active[k // each] for k in range(len(outs))]
         texts = [p.text + c.text + (STEP if c.hit_stop else "") for p, c in zip(parents, outs)]
         scores = await score(texts)
@@ -187,7 +197,8 @@ async def dvts(cfg: SearchConfig, generate: Generate, score: Score) -> SearchRes
         if not live:
             break
         seeds = [derive_seed(cfg.seed, t, steps, j) for t in live for j in range(cfg.n)]
-        outs = await generate([leaves[t].text for t in live], cfg.n, STEP, cfg.max_tokens, seeds)
+        outs = await generate([leaves[t].text for t in live], cfg.n, STEP, _room(cfg, [leaves[t] for t in live]),
+                              seeds)
         texts = [leaves[live[k // cfg.n]].text + c.text + (STEP if c.hit_stop else "") for k, c in enumerate(outs)]
         scores = await score(texts)
         steps, generated, calls = steps + 1, generated + sum(c.tokens for c in outs), calls + len(texts)

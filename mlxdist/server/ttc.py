@@ -304,7 +304,7 @@ class _Job:
             "verifier_usage": protocol.usage(*self.verifier_usage)}
         return self.completion_object(choices, "search", extension)
 
-    async def generate(self, prefixes: list[str], n_each: int, stop: str | None, max_tokens: int,
+    async def generate(self, prefixes: list[str], n_each: int, stop: str | None, max_tokens: int | list[int],
                        seeds: list[int]) -> list[search.Completion]:
         """The search's generate: prompt + prefix as the assistant's text so far, run `limit`
         requests at a time; a prefix that fills the context ends as cut off by length."""
@@ -312,7 +312,8 @@ class _Job:
         thinking = [self.thinking(p, len(t) - len(self.tokens)) for p, t in zip(prefixes, prompts)]
         stops = (stop,) if stop else self.params.stop
         out = [search.Completion("", 0, "length")] * (len(prefixes) * n_each)
-        todo = [(k, self.request(prompts[k // n_each], seeds[k], stops, max_tokens, 0, thinking[k // n_each]))
+        caps = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prefixes)
+        todo = [(k, self.request(prompts[k // n_each], seeds[k], stops, caps[k // n_each], 0, thinking[k // n_each]))
                 for k in range(len(out)) if len(prompts[k // n_each]) < self.engine.context_length]
         texts, tokens, last = [""] * len(todo), [0] * len(todo), [None] * len(todo)
 

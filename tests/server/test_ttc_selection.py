@@ -258,8 +258,10 @@ def test_beam_search_keeps_the_best_and_retires_finished_beams():
     # round 1 keeps B1 and D1 (0.9 each; C1 0.6 and A1 0.2 go); round 2 keeps D2 (0.8) and
     # "The answer is 5" (0.7), which finishes: one place left; round 3 keeps D3 (0.65) over
     # the final "6" (0.6); round 4 keeps "The answer is 6" (0.3), which finishes
-    assert [c[:4] for c in s.calls] == [([""], 4, "\n\n", 50), (["B1\n\n", "D1\n\n"], 2, "\n\n", 50),
-                                        (["D1\n\nD2\n\n"], 2, "\n\n", 50), (["D1\n\nD2\n\nD3\n\n"], 2, "\n\n", 50)]
+    # each step's cap is what its path has left of max_tokens (3 tokens a step here)
+    assert [c[:4] for c in s.calls] == [([""], 4, "\n\n", [50]), (["B1\n\n", "D1\n\n"], 2, "\n\n", [47, 47]),
+                                        (["D1\n\nD2\n\n"], 2, "\n\n", [44]),
+                                        (["D1\n\nD2\n\nD3\n\n"], 2, "\n\n", [41])]
     assert [(x.text, x.answer, x.finish_reason, x.tokens) for x in r.solutions] == [
         ("B1\n\nThe answer is 5", "5", "stop", 6), ("D1\n\nD2\n\nD3\n\nThe answer is 6", "6", "stop", 12)]
     assert [x.score for x in r.solutions] == [0.7, 0.3]
@@ -280,6 +282,23 @@ def test_beam_search_stops_at_max_steps():
     # both kept, both still open after the one step allowed: cut off, best first
     assert [(x.text, x.finish_reason, x.score) for x in r.solutions] == [("B", "length", 0.6), ("A", "length", 0.4)]
     assert (r.answer, r.chosen, r.steps) == (None, 0, 1)
+
+
+def test_step_search_paths_end_when_max_tokens_is_spent():
+    """max_tokens bounds a path in all: a step that reaches it ends the path, cut off by
+    length, though it ended at a blank line; the other path's next step gets what is left."""
+    rounds = [[step("A", 6), step("B", 10)], [end("The answer is 2", 2)]]
+    scores = {"A\n\n": 0.5, "B\n\n": 0.6, "A\n\nThe answer is 2": 0.7}
+    s = Script(rounds, scores)
+    r = asyncio.run(beam_search(SearchConfig("beam", n=1, beam_width=2, max_steps=10, max_tokens=10),
+                                s.generate, s.score))
+    assert [c[3] for c in s.calls] == [[10], [4]]
+    assert [(x.text, x.finish_reason, x.tokens) for x in r.solutions] == [("B", "length", 10),
+                                                                         ("A\n\nThe answer is 2", "stop", 8)]
+    d = Script([[step("P", 7), step("Q", 3)], [end("R", 2), end("S", 1)]],
+               {"P\n\n": 0.1, "Q\n\n": 0.9, "Q\n\nR": 0.5, "Q\n\nS": 0.4})
+    asyncio.run(dvts(SearchConfig("dvts", n=2, beam_width=1, max_steps=10, max_tokens=5), d.generate, d.score))
+    assert [c[3] for c in d.calls] == [[5], [2]]
 
 
 def test_dvts_subtrees_grow_greedily_and_vote():
