@@ -50,7 +50,7 @@ class EPCluster(Cluster):
         self.secret_file.chmod(0o600)
         self.env = dict(os.environ, PYTHONPATH=str(ROOT), MLXDIST_CLUSTER=CLUSTER,
                         MLXDIST_SECRET_FILE=str(self.secret_file), MLXDIST_MDNS_ADDRESSES=net.hosts[0].ip)
-        ckpt = make_checkpoint.deepseek(tmp / "ckpt")
+        ckpt = self.ckpt = make_checkpoint.deepseek(tmp / "ckpt")
         config = json.loads((ckpt / "config.json").read_text())
         # float32 floats: the CPU backend then runs exactly what mlx-lm runs
         (ckpt / "config.json").write_text(json.dumps({**config, "torch_dtype": "float32"}))
@@ -110,6 +110,31 @@ def test_the_plan_is_expert_parallel_over_the_three_nodes(ep):
     assert ep.plan["group"] == stage["nodes"] == ["n0", "n1", "n2"]
     assert sorted(e for ids in stage["experts"].values() for e in ids) == list(range(8))
 
+
+
+def test_plan_nodes_auto_places_the_experts_over_the_discovered_nodes(ep):
+    """`mlxdist plan --nodes auto --strategy expert-parallel`, run in a namespace: the
+    planner weighs the three live nodes that mDNS and the control plane found (their probed
+    memory and chips, not a nodes.json), places the experts on those it picks, and every
+    routed expert goes to exactly one of them."""
+    argv = [sys.executable, "-m", "mlxdist", "plan", str(ep.ckpt), "--nodes", "auto", "--strategy",
+            "expert-parallel", "--context", "128", "--concurrency", "8", "--json"]
+    for _ in range(5):  # a loaded machine's mDNS may answer after plan's browse: ask again
+        r = ep.net.run(0, argv, env=ep.env, timeout=120)
+        assert r.returncode == 0, r.stderr[-3000:]
+        plan = json.loads(r.stdout)
+        if "over 3 nodes" in plan["reason"]:  # all three were found
+            break
+    [stage] = plan["stages"]
+    # the cost model may use fewer than all (for this tiny model on CPU nodes it picks two of
+    # the three: fewer hops); it must have weighed all three
+    assert "over 3 nodes" in plan["reason"], plan["reason"]
+    assert plan["group"] == stage["nodes"] and set(stage["nodes"]) <= {"n0", "n1", "n2"}
+    assert len(stage["nodes"]) >= 2, plan
+    experts = stage["experts"]
+    owned = sorted(e for node in stage["nodes"] for e in experts[node])
+    assert owned == list(range(8))  # make_checkpoint.deepseek: 8 routed experts, each on one node
+    assert all(experts[node] for node in stage["nodes"])
 
 def test_served_over_openai_each_node_holding_only_its_experts(ep):
     """`mlxdist serve OUT --nodes auto --plan plan.json`: the greedy completion is the text
