@@ -213,7 +213,8 @@ def test_step_search_end_to_end(make_server, strategy):
     server = make_server(engine)
     judge = ScriptedEngine(verdict=lambda s: 0.5)
     server.api.verifier = judge
-    r = ask(server, {"search": {"strategy": strategy, "n": 2, "beam_width": 2, "max_steps": 5}}, seed=3)
+    r = ask(server, {"search": {"strategy": strategy, "n": 2, "beam_width": 2, "max_steps": 5}}, seed=3,
+            max_tokens=100)
     ext = r.model_extra["search"]
     solution = "Let x = 6*7.\n\nSo x = 42.\n\nThe answer is 42"
     assert [(c.message.content, c.finish_reason) for c in r.choices] == [(solution, "stop")] * 2
@@ -227,6 +228,11 @@ def test_step_search_end_to_end(make_server, strategy):
     assert sorted(engine.tokenizer.decode(q.prompt_tokens) for q in sent) == \
         sorted([PROMPT + p for p in STEPS for _ in range(4)])
     assert len({q.sampling.seed for q in sent}) == 12
+    # max_tokens bounds a path in all: each step may use what its path has left of the 100
+    step1, step2 = len("Let x = 6*7.") + 1, len("So x = 42.") + 1
+    caps = {PROMPT: 100, PROMPT + "Let x = 6*7.\n\n": 100 - step1,
+            PROMPT + "Let x = 6*7.\n\nSo x = 42.\n\n": 100 - step1 - step2}
+    assert all(q.max_tokens == caps[engine.tokenizer.decode(q.prompt_tokens)] for q in sent)
     assert engine.peak <= 4 and server.api.slots.active == 0
 
 
