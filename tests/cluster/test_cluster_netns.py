@@ -219,7 +219,8 @@ def test_model_served_across_namespaces_token_exact(cluster):
 def test_mlxdist_serve_nodes_auto_over_openai(cluster):
     """`mlxdist serve OUT --nodes auto` in n0's namespace (the server's hook into
     open_cluster_engine), asked with the official openai client: the greedy completion is
-    the text of the single-process tokens."""
+    the text of the single-process tokens; `n`, consensus and verifier search run over the
+    nodes too."""
     import importlib.util
 
     if importlib.util.find_spec("mlxdist.server.app") is None:
@@ -229,7 +230,8 @@ def test_mlxdist_serve_nodes_auto_over_openai(cluster):
     env = dict(cluster.env, MLXDIST_CLUSTER=CLUSTER, MLXDIST_SECRET_FILE=str(cluster.secret_file),
                MLXDIST_MDNS_ADDRESSES=cluster.net.hosts[0].ip)
     serve = cluster.net.popen(0, [sys.executable, "-m", "mlxdist", "serve", str(cluster.out),
-                                  "--nodes", "auto", "--port", "8099", "--quiet"], env=env,
+                                  "--nodes", "auto", "--port", "8099", "--quiet",
+                                  "--verifier", str(cluster.out)], env=env,
                               cwd=str(ROOT), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               text=True)
     try:
@@ -258,15 +260,21 @@ def test_mlxdist_serve_nodes_auto_over_openai(cluster):
                 "r = c.chat.completions.create(model='out', messages=m, n=3, max_tokens=8, temperature=0); "
                 "v = c.chat.completions.create(model='out', messages=m, max_tokens=8, temperature=0.8, seed=1, "
                 "extra_body={'consensus': {'n': 3, 'extract': 'regex:.'}}); "
+                "b = c.chat.completions.create(model='out', messages=m, max_tokens=6, temperature=0.8, seed=2, "
+                "extra_body={'search': {'strategy': 'best_of_n', 'n': 2, 'extract': 'regex:.'}}); "
                 "t = urllib.request.urlopen('http://127.0.0.1:8099/metrics').read().decode(); "
                 "print(json.dumps([[x.message.content for x in r.choices], v.model_extra['consensus'], "
-                "re.findall(r'^mlxdist_engine_(prefills|prefix_shared) (\\S+)$', t, re.M)]))")
+                "re.findall(r'^mlxdist_engine_(prefills|prefix_shared) (\\S+)$', t, re.M), "
+                "[len(b.choices), b.model_extra['search']]]))")
         r = cluster.net.run(0, [sys.executable, "-c", code], env=env, timeout=120)
         assert r.returncode == 0, r.stderr[-2000:]
-        texts, consensus, counters = json.loads(r.stdout)
+        texts, consensus, counters, (n_best, search) = json.loads(r.stdout)
         assert len(texts) == 3 and texts[0] == texts[1] == texts[2]
         assert len(consensus["candidates"]) == 3 and sum(v["count"] for v in consensus["votes"]) >= 1
         assert float(dict(counters).get("prefix_shared", 0)) >= 2  # the n=3 request's two copies at least
+        # verifier search over the nodes (`--verifier` the model itself: the same engine judges)
+        assert n_best == 2 and search["strategy"] == "best_of_n" and search["verifier_calls"] == 2
+        assert len(search["scores"]) == 2 and all(0.0 <= x <= 1.0 for x in search["scores"])
     finally:
         stop_process(serve)
 
