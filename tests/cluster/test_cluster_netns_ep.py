@@ -111,7 +111,6 @@ def test_the_plan_is_expert_parallel_over_the_three_nodes(ep):
     assert sorted(e for ids in stage["experts"].values() for e in ids) == list(range(8))
 
 
-
 def test_plan_nodes_auto_places_the_experts_over_the_discovered_nodes(ep):
     """`mlxdist plan --nodes auto --strategy expert-parallel`, run in a namespace: the
     planner weighs the three live nodes that mDNS and the control plane found (their probed
@@ -135,6 +134,7 @@ def test_plan_nodes_auto_places_the_experts_over_the_discovered_nodes(ep):
     owned = sorted(e for node in stage["nodes"] for e in experts[node])
     assert owned == list(range(8))  # make_checkpoint.deepseek: 8 routed experts, each on one node
     assert all(experts[node] for node in stage["nodes"])
+
 
 def test_served_over_openai_each_node_holding_only_its_experts(ep):
     """`mlxdist serve OUT --nodes auto --plan plan.json`: the greedy completion is the text
