@@ -17,12 +17,15 @@ from mlxdist.placement.planner import Request, plan
 from mlxdist.placement.report import format_table, non_apple_note
 
 
-def auto_cluster(link: str, reserve_gb: float | None) -> Cluster:
-    """The cluster's live nodes (mDNS and the control plane), else this machine."""
+def auto_cluster(link: str, reserve_gb: float | None) -> tuple[Cluster, str]:
+    """The cluster's live nodes (mDNS and the control plane), else this machine; and a line
+    saying which (the plan may use fewer nodes than were found: the user should see both)."""
     nodes = placement_nodes()
     if nodes:
-        return cluster_from_nodes(list(nodes), link)
-    return cluster_from_nodes([this_machine(None if reserve_gb is None else int(reserve_gb * GB))], link)
+        found = ", ".join(f"{n.name} ({n.chip}, {n.usable_bytes / GB:.0f} GB usable)" for n in nodes)
+        return cluster_from_nodes(list(nodes), link), f"found {len(nodes)} node(s) on the cluster: {found}"
+    me = this_machine(None if reserve_gb is None else int(reserve_gb * GB))
+    return cluster_from_nodes([me], link), f"no cluster nodes answered: planning for this machine alone ({me.name})"
 
 
 @click.command("plan")
@@ -49,7 +52,8 @@ def plan_command(model: str, nodes_spec: str, context: int, concurrency: int, bi
         raise UserError("--group-size must be 32, 64 or 128")
     spec = load_model(model, bits=bits, group_size=group_size)
     if nodes_spec == "auto":
-        cluster = auto_cluster(link or "tb-tcp", reserve_gb)
+        cluster, found = auto_cluster(link or "tb-tcp", reserve_gb)
+        click.echo(found, err=True)
     else:
         cluster = load_nodes_json(nodes_spec)
         if link is not None:

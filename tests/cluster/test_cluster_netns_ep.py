@@ -134,6 +134,9 @@ def test_plan_nodes_auto_places_the_experts_over_the_discovered_nodes(ep):
     owned = sorted(e for node in stage["nodes"] for e in experts[node])
     assert owned == list(range(8))  # make_checkpoint.deepseek: 8 routed experts, each on one node
     assert all(experts[node] for node in stage["nodes"])
+    # the user sees every node that was found, those the plan leaves out included
+    assert "found 3 node(s) on the cluster: " in r.stderr
+    assert all(f"{n} (" in r.stderr for n in ("n0", "n1", "n2")), r.stderr
 
 
 def test_served_over_openai_each_node_holding_only_its_experts(ep):
