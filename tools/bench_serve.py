@@ -4,7 +4,7 @@ stdout (progress on stderr).
 
     PYTHONPATH=. python tools/bench_serve.py [MODEL_DIR] [--clients 1,4,8,16] [--max-tokens 32]
         [--ranks 1,2] [--busy-streams 8] [--busy-tokens 400] [--probes 3] [--concurrency N]
-        [--no-mlx-lm] [--no-pipeline] [--no-prompt-cache-row] [--no-busy]
+        [--no-mlx-lm] [--no-pipeline] [--no-prompt-cache-row] [--no-busy] [--repeat-questions]
 
 MODEL_DIR is an mlx-lm model directory (mlx_lm.server needs one); mlxdist serves the same
 directory. Without it a random float32 llama is written with tools/tiny_models.py
@@ -20,8 +20,10 @@ For each server and client count: time to first token (mean, p50, max; the first
 text delta, as `ChatClient` times it), per-request decode tok/s (mean) and aggregate tok/s
 (all completion tokens / wall time), and against mlx_lm.server (one rank) measured in this
 run: `aggregate_vs_mlx_lm` (ours / theirs), `ttft_p50_vs_mlx_lm` and `ttft_vs_mlx_lm` (mean).
-Every request shares the chat template's prefix (the system prompt), which both servers'
-prompt caches reuse, each holding `--prompt-cache` (10, mlx_lm.server's default) KV
+Every client is a distinct user: its question carries a tag of its own (`(user 8.3) Name a
+fruit.`), so no request finds its whole prompt in a prompt cache (`--repeat-questions`: the
+bare questions, which repeat). Every request shares the chat template's prefix (the system
+prompt), which both servers' prompt caches reuse, each holding `--prompt-cache` (10, mlx_lm.server's default) KV
 caches; one more row runs mlxdist on one rank with `--prompt-cache 0` to show what its
 prefix cache is worth.
 
@@ -149,11 +151,20 @@ def one_request(url: str, question: str, max_tokens: int) -> dict:
             "start": answer.started, "first": answer.first_token, "end": answer.ended}
 
 
-def measure(url: str, clients: int, max_tokens: int) -> dict:
+def question(clients: int, i: int, repeat: bool) -> str:
+    """Client i's question at this client count: distinct users (a tag of their own before a
+    shared question, so no request finds its whole prompt in a prompt cache: only the chat
+    template's system prompt is shared), or with `repeat` the bare question (the same few
+    repeat within and across client counts, and whole-prompt cache hits make TTFT bimodal)."""
+    q = QUESTIONS[i % len(QUESTIONS)]
+    return q if repeat else f"(user {clients}.{i}) {q}"
+
+
+def measure(url: str, clients: int, max_tokens: int, repeat: bool = False) -> dict:
     one_request(url, "Warm up.", 4)
     t0 = time.monotonic()
     with ThreadPoolExecutor(clients) as pool:
-        results = list(pool.map(lambda i: one_request(url, QUESTIONS[i % len(QUESTIONS)], max_tokens),
+        results = list(pool.map(lambda i: one_request(url, question(clients, i, repeat), max_tokens),
                                  range(clients)))
     wall = time.monotonic() - t0
     ttfts = [r["ttft"] for r in results if r["ttft"] is not None]
@@ -262,7 +273,7 @@ def run_server(name: str, cmd: list[str], port: int, args, env: dict | None = No
         wait_ready(url, proc)
         out: dict = {"server": name, "command": " ".join(cmd[1:]), "runs": []}
         for c in args.clients:
-            out["runs"].append(measure(url, c, args.max_tokens))
+            out["runs"].append(measure(url, c, args.max_tokens, args.repeat_questions))
             log(f"{name}: {c} clients {out['runs'][-1]['aggregate_tok_s']:.1f} tok/s, "
                 f"TTFT p50 {out['runs'][-1]['ttft_p50_s']:.3f} s")
         if busy and args.busy_streams:
@@ -336,6 +347,9 @@ def main() -> None:
                    help="KV caches each server keeps for prefix reuse (mlx_lm.server's --prompt-cache-size, "
                         "mlxdist's --prompt-cache): the same on both sides, mlx-lm's default")
     p.add_argument("--no-busy", action="store_true", help="skip the busy-TTFT test")
+    p.add_argument("--repeat-questions", action="store_true",
+                   help="the bare questions, repeating within and across client counts (before 2026-12-03, third "
+                        "session, always so: whole-prompt cache hits made TTFT bimodal); default: distinct users")
     args = p.parse_args()
     if args.no_busy:
         args.busy_streams = 0
