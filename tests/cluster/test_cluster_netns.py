@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable, Iterator
 
 import pytest
 
@@ -108,21 +109,22 @@ class Cluster:
                 p.wait(timeout=5)
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def three_nodes(make: Callable[[netns.TestNet, Path], "Cluster"], tmp: Path,
+                ready: Callable[[list[dict]], bool]) -> Iterator["Cluster"]:
+    """A module fixture's body: three namespaces, a cluster made by `make` on them, its
+    three nodes started and polled (40 s at most) until `ready(views)` holds for what
+    discovery sees; the nodes and namespaces go away after."""
     net = netns.TestNet(3)
     c = None
     try:
         net.up()
-        c = Cluster(net, tmp_path_factory.mktemp("ns"))
+        c = make(net, tmp)
         for i in range(3):
             c.start_node(i)
         deadline = time.monotonic() + 40
-        while time.monotonic() < deadline:  # until every node sees both others healthy
+        while time.monotonic() < deadline:
             views = c.driver("discover", expect=3, browse=3)[0]
-            if len(views) == 3 and all(
-                    v["health"] == "ok" and len(v["peers"]) == 2
-                    and all(p["health"] == "ok" for p in v["peers"]) for v in views):
+            if len(views) == 3 and ready(views):
                 break
             time.sleep(0.5)
         yield c
@@ -130,6 +132,14 @@ def cluster(tmp_path_factory):
         if c:
             c.stop()
         net.down()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    # until every node sees both others healthy
+    yield from three_nodes(Cluster, tmp_path_factory.mktemp("ns"), lambda views: all(
+        v["health"] == "ok" and len(v["peers"]) == 2 and all(p["health"] == "ok" for p in v["peers"])
+        for v in views))
 
 
 def test_nodes_find_each_other_by_mdns(cluster):

@@ -24,7 +24,7 @@ from mlxdist.shard_format import Manifest
 from tests.conftest import needs_root
 
 from cluster_fixtures import stop_process
-from test_cluster_netns import CLUSTER, DRIVER, ROOT, Cluster, Events, netns
+from test_cluster_netns import CLUSTER, DRIVER, ROOT, Cluster, Events, netns, three_nodes
 
 pytestmark = [needs_root, pytest.mark.root, pytest.mark.skipif(
     netns.available() is not None, reason=f"network namespaces: {netns.available()}")]
@@ -85,24 +85,9 @@ def reference(out: Path, prompt: list[int], max_tokens: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def ep(tmp_path_factory):
-    net = netns.TestNet(3)
-    c = None
-    try:
-        net.up()
-        c = EPCluster(net, tmp_path_factory.mktemp("nsep"))
-        for i in range(3):
-            c.start_node(i)
-        deadline = time.monotonic() + 40
-        while time.monotonic() < deadline:  # until all three answer
-            views = c.driver("discover", expect=3, browse=3)[0]
-            if len(views) == 3 and all(v["health"] == "ok" for v in views):
-                break
-            time.sleep(0.5)
-        yield c
-    finally:
-        if c:
-            c.stop()
-        net.down()
+    # until all three answer
+    yield from three_nodes(EPCluster, tmp_path_factory.mktemp("nsep"),
+                           lambda views: all(v["health"] == "ok" for v in views))
 
 
 def test_the_plan_is_expert_parallel_over_the_three_nodes(ep):
