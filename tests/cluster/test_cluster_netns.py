@@ -109,6 +109,18 @@ class Cluster:
                 p.wait(timeout=5)
 
 
+def wait_serving(serve: subprocess.Popen, timeout: float) -> None:
+    """Read `mlxdist serve`'s stderr until its "serving" line (it exited, or `timeout` s
+    passed between lines: fail with what it printed)."""
+    deadline, lines = time.monotonic() + timeout, []
+    while time.monotonic() < deadline:
+        line = serve.stderr.readline()
+        lines.append(line)
+        if not line or "serving" in line:
+            break
+    assert "serving" in lines[-1], "".join(lines)
+
+
 def three_nodes(make: Callable[[netns.TestNet, Path], "Cluster"], tmp: Path,
                 ready: Callable[[list[dict]], bool]) -> Iterator["Cluster"]:
     """A module fixture's body: three namespaces, a cluster made by `make` on them, its
@@ -245,13 +257,7 @@ def test_mlxdist_serve_nodes_auto_over_openai(cluster):
                               cwd=str(ROOT), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               text=True)
     try:
-        deadline, lines = time.monotonic() + 90, []
-        while time.monotonic() < deadline:
-            line = serve.stderr.readline()
-            lines.append(line)
-            if not line or "serving" in line:
-                break
-        assert "serving" in lines[-1], "".join(lines)
+        wait_serving(serve, 90)
         n = 20
         code = ("import json; from openai import OpenAI; "
                 "c = OpenAI(base_url='http://127.0.0.1:8099/v1', api_key='x'); "

@@ -24,7 +24,7 @@ from mlxdist.shard_format import Manifest
 from tests.conftest import needs_root
 
 from cluster_fixtures import stop_process
-from test_cluster_netns import CLUSTER, DRIVER, ROOT, Cluster, Events, netns, three_nodes
+from test_cluster_netns import CLUSTER, DRIVER, ROOT, Cluster, Events, netns, three_nodes, wait_serving
 
 pytestmark = [needs_root, pytest.mark.root, pytest.mark.skipif(
     netns.available() is not None, reason=f"network namespaces: {netns.available()}")]
@@ -136,13 +136,7 @@ def test_served_over_openai_each_node_holding_only_its_experts(ep):
                              "--plan", str(ep.plan_file), "--port", "8097", "--quiet"], env=ep.env,
                          cwd=str(ROOT), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline, lines = time.monotonic() + 120, []
-        while time.monotonic() < deadline:
-            line = serve.stderr.readline()
-            lines.append(line)
-            if not line or "serving" in line:
-                break
-        assert "serving" in lines[-1], "".join(lines)
+        wait_serving(serve, 120)
         n = ep.max_tokens
         code = ("import json; from openai import OpenAI; "
                 "c = OpenAI(base_url='http://127.0.0.1:8097/v1', api_key='x'); "
