@@ -278,6 +278,7 @@ class Manifest:
         layers = doc["config"].get("num_hidden_layers")
         if isinstance(layers, int) and end != layers:
             raise ValueError(f"stages cover layers 0..{end}, config.json has {layers}")
+        _check_parts(stages, doc["config"])
         m = cls(SourceEntry.from_json(doc["source"], "source"), doc["options"], doc["config"], stages,
                 _tensors(doc["tensors"], "tensors"))
         for name, t in m.tensors.items():
@@ -329,6 +330,30 @@ class Manifest:
                 raise KeyError(f"stage {stage} is expert-parallel: name the node whose part to read")
             return entry.part(node).tensors
         return {n: t for n, t in self.tensors.items() if stage in t.stages}
+
+
+def _check_parts(stages: tuple[StageEntry, ...], config: dict[str, Any]) -> None:
+    """At most one stage is expert-parallel (has parts): the only stage (whole-group expert
+    parallelism), or, beside pipeline stages (a mixed plan's conversion), not the first,
+    which the group's rank 0 runs alone. Its parts give each node some experts and each of
+    the model's routed experts (config.json's n_routed_experts / num_experts) to exactly
+    one node."""
+    ep = [s.stage for s in stages if s.parts]
+    if len(ep) > 1:
+        raise ValueError(f"stages {', '.join(map(str, ep))} have parts: at most one stage is expert-parallel")
+    if not ep:
+        return
+    k = ep[0]
+    if k == 0 and len(stages) > 1:
+        raise ValueError("stages[0] has parts: beside pipeline stages the expert-parallel stage comes after the "
+                         "first stage, which rank 0 runs alone")
+    ids = sorted(e for p in stages[k].parts for e in p.experts)
+    declared = next((config[key] for key in ("n_routed_experts", "num_experts") if isinstance(config.get(key), int)),
+                    None)
+    n = declared if declared is not None else len(ids)
+    if ids != list(range(n)) or not all(p.experts for p in stages[k].parts):
+        raise ValueError(f"stages[{k}].parts must give each node some experts and each expert 0..{n - 1} to "
+                         f"exactly one node")
 
 
 # -- stage.json ---------------------------------------------------------------------------

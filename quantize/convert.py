@@ -2,7 +2,8 @@
 
     OUT/.partial/        work in progress (job, stage files, done records, tokenizer)
     OUT/stages/<k>/      config.json, tokenizer files, stage.json, weights.safetensors
-    OUT/stages/<k>/nodes/<node>/   the same, per node, for an expert-parallel stage of a plan
+    OUT/stages/<k>/nodes/<node>/   the same, per node, for a plan's expert-parallel stage (the
+                         whole model, or the one stage of a mixed plan; its other stages as above)
     OUT/model-*.safetensors -> stages/<k>/weights.safetensors, config.json, index (pipeline only)
     OUT/manifest.json    written last: its presence means the output is complete
 """
@@ -31,7 +32,7 @@ from quantize.progress import Progress
 from quantize.recipe import RECIPES
 from quantize.safetensors_io import Slot
 from quantize.source import open_source
-from quantize.stages import Cut, even_ranges, read_plan, stage_of
+from quantize.stages import Cut, check_expert_layers, even_ranges, read_plan, stage_of
 from quantize.writer import JobDir, StageFile, disk_error
 
 # seconds to pause after each group: lets the resume test kill a run part-way on any machine
@@ -113,6 +114,7 @@ def convert(src: str | Path, out: str | Path, bits: int | None = None, group_siz
     L = info.num_layers
     if plan is not None:
         cuts = read_plan(Path(plan), L, info.num_experts)
+        check_expert_layers(cuts, groups, str(plan))
     else:  # stages=0 is refused there, not taken for the default
         cuts = [Cut(r) for r in even_ranges(groups, L, 1 if stages is None else stages, info.tied)]
     options = {"bits": bits, "group_size": group_size, "recipe": recipe, "keep_mtp": keep_mtp, "dtype": dtype,

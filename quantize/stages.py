@@ -1,4 +1,5 @@
-"""Cutting the layers into stages, and an expert-parallel stage's experts into per-node parts."""
+"""Cutting the layers into stages, and an expert-parallel stage's experts into per-node parts
+(the only stage of a whole-group expert-parallel plan, or the one of a mixed plan)."""
 
 from __future__ import annotations
 
@@ -23,8 +24,9 @@ class Cut:
 
 def read_plan(path: Path, num_layers: int, num_experts: int) -> list[Cut]:
     """The stages of a placement plan: a plan from `mlxdist plan --json` (its expert-parallel
-    stages become per-node parts), or a hand-written {"stages": [{"layers": [start, end]},
-    ...]} (pipeline stages only; other keys ignored)."""
+    stage, whole-group or beside pipeline stages in a mixed plan, becomes per-node parts;
+    `Plan.load` refuses layouts the runtime cannot run), or a hand-written {"stages":
+    [{"layers": [start, end]}, ...]} (pipeline stages only; other keys ignored)."""
     try:
         doc = json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -58,6 +60,16 @@ def check_parts(cut: Cut, num_experts: int, what: str) -> None:
     if ids != list(range(num_experts)) or not all(mine for _, mine in cut.parts):
         raise UserError(f"{what}: stage {list(cut.layers)} must give each node some experts and every "
                         f"expert 0..{num_experts - 1} to exactly one node")
+
+
+def check_expert_layers(cuts: list[Cut], groups: list[Group], what: str) -> None:
+    """An expert-parallel stage (whole-model, or a mixed plan's) must hold routed experts
+    to divide: at least one MoE layer in its range."""
+    for c in cuts:
+        a, b = c.layers
+        if c.parts and not any(g.kind == "experts" and g.layer is not None and a <= g.layer < b for g in groups):
+            raise UserError(f"{what}: stage {list(c.layers)} is expert-parallel but none of its layers has "
+                            f"routed experts")
 
 
 def check_ranges(ranges: list[tuple[int, int]], num_layers: int, what: str) -> None:

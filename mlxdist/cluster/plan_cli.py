@@ -13,7 +13,7 @@ from mlxdist.cluster.inventory import placement_nodes, this_machine
 from mlxdist.errors import UserError
 from mlxdist.placement.specs import GB, LINK_PRESETS, Cluster, cluster_from_nodes, load_nodes_json
 from mlxdist.placement.model import load_model
-from mlxdist.placement.planner import Request, plan
+from mlxdist.placement.planner import REQUEST_STRATEGIES, Request, plan
 from mlxdist.placement.report import format_table, non_apple_note
 
 
@@ -40,7 +40,7 @@ def auto_cluster(link: str, reserve_gb: float | None) -> tuple[Cluster, str]:
 @click.option("--link", default=None, type=click.Choice(sorted(LINK_PRESETS)),
               help="link kind between nodes (default: nodes.json's, else tb-tcp)")
 @click.option("--strategy", default="auto", show_default=True,
-              type=click.Choice(["auto", "pipeline", "expert-parallel"]))
+              type=click.Choice(list(REQUEST_STRATEGIES)))
 @click.option("--reserve-gb", default=None, type=float, help="memory left to the OS per node (auto nodes)")
 @click.option("--json", "as_json", is_flag=True, help="print the plan as JSON")
 def plan_command(model: str, nodes_spec: str, context: int, concurrency: int, bits: int | None,

@@ -77,6 +77,14 @@ class Profile:
         held = self.s(self.rep, a, b) - (0 if shared else self.s(self.shared, a, b))
         return held + owned * self.s(self.xbytes, a, b) + ends
 
+    def member_weights(self, a: int, b: int, owned: int, shared: bool) -> int:
+        """A member of an expert-parallel stage over layers [a, b) (whole-model or in a
+        mixed plan): the layers' non-expert weights, `owned` experts per MoE layer, the
+        embedding if a == 0 and the head if b == L (every member's part holds them), the
+        shared experts only where `shared` (the stage's first member runs them for all)."""
+        held = self.s(self.rep, a, b) - (0 if shared else self.s(self.shared, a, b))
+        return held + owned * self.s(self.xbytes, a, b) + self.ends(a, b)
+
     def kv_bytes(self, a: int, b: int, context: int, concurrency: int) -> int:
         return self.s(self.kv, a, b) * kv_tokens(context) * concurrency
 
@@ -196,3 +204,77 @@ def ep_times(p: Profile, cl: Cluster, cp: CostParams, group: tuple[str, ...], ow
     P = cp.prefill_chunk
     pre, _, _ = step(P, P // 2)
     return single, cyc, P / pre, comm, busy1
+
+
+def chain_time(cl: Cluster, members: tuple[str, ...], nbytes: float) -> float:
+    """One chained sum over ring neighbours members[0] .. members[-1] (runtime/chain.py,
+    scheme "reduce"): the running sum first -> last, the total back last -> first, i.e.
+    2(m-1) neighbour hops of `nbytes`, one after the other (each link twice)."""
+    return sum(2 * hop_time(cl, a, b, nbytes) for a, b in zip(members, members[1:]))
+
+
+def _layer_key(x) -> tuple:
+    return (x.replicated_bytes, x.expert_bytes, x.kv_bytes_per_token, x.params_active, x.experts_per_token,
+            x.expert_params, x.attn_flops_per_position)
+
+
+def mixed_times(p: Profile, cl: Cluster, cp: CostParams,
+                stages: list[tuple[tuple[str, ...], int, int, dict[str, int] | None]],
+                context: int, concurrency: int) -> tuple[float, float, float, float, list[list[float]]]:
+    """(single-stream s/token, per-stream s/token at concurrency, prefill tok/s, comm
+    s/token, busy s per step per stage member) for a pipeline of stages (members, start,
+    end, owned): one member and owned None, a pipeline stage; several members, an
+    expert-parallel stage over those consecutive ring ranks, member t holding owned[t]
+    routed experts per MoE layer.
+
+    A stage's time for a step of b tokens: a pipeline stage, its node's busy time; an
+    expert-parallel stage, per layer the slowest member (each reads every non-expert
+    weight and its share of the experts touched), plus per MoE layer one chained sum of
+    the b hidden rows (`chain_time`: 2(m-1) hops). The hidden state goes round the ring
+    once: one hop per rank to the next (stage to stage, and inside an expert-parallel
+    stage member to member, so that every member has it), the last rank sending the
+    sampled token back to rank 0; the last stage's last rank runs the head. Streams share
+    the stages as in `pipeline_times`: m = min(c, S) micro-batches of ceil(c/m) tokens, a
+    step max(sum of stages, m x slowest stage)."""
+    pos = position(context, cp)
+    S = len(stages)
+    act = p.model.activation_bytes_per_token
+    ranks = [n for members, _, _, _ in stages for n in members]
+
+    def stage(i: int, tokens: int, pos_: int) -> tuple[float, float, list[float]]:
+        """(seconds the stage holds a micro-batch, of which on links, each member's busy)"""
+        members, a, b, owned = stages[i]
+        last = i == S - 1
+        inside = sum(hop_time(cl, x, y, act * tokens) for x, y in zip(members, members[1:]))
+        out = 0.0 if len(ranks) == 1 else hop_time(cl, members[-1], stages[(i + 1) % S][0][0],
+                                                   4 * tokens if last else act * tokens)
+        if owned is None:
+            t = p.busy_time(cl.node(members[0]), cl, cp, a, b, tokens, pos_, head=last)
+            return t + inside + out, inside + out, [t]
+        own = [0.0] * len(members)
+        slowest, cache = 0.0, {}
+        for layer in range(a, b):
+            key = _layer_key(p.model.layers[layer])
+            if key not in cache:
+                cache[key] = [p.busy_time(cl.node(n), cl, cp, layer, layer + 1, tokens, pos_, owned=owned[n])
+                              for n in members]
+            ts = cache[key]
+            slowest += max(ts)
+            own = [x + y for x, y in zip(own, ts)]
+        if last:  # the last member samples
+            head = p.busy_time(cl.node(members[-1]), cl, cp, 0, 0, tokens, 0, head=True)
+            slowest += head
+            own[-1] += head
+        chains = p.s(p.n_moe, a, b) * chain_time(cl, members, act * tokens)
+        return slowest + chains + inside + out, chains + inside + out, own
+
+    one = [stage(i, 1, pos) for i in range(S)]
+    single = sum(t for t, _, _ in one)
+    comm = sum(c for _, c, _ in one)
+    m = min(concurrency, S)
+    bt = ceil_div(concurrency, m)
+    cyc_stages = [stage(i, bt, pos)[0] for i in range(S)]
+    cycle = max(sum(cyc_stages), m * max(cyc_stages))
+    P = cp.prefill_chunk
+    prefill = P / max(stage(i, P, P // 2)[0] for i in range(S))
+    return single, cycle, prefill, comm, [own for _, _, own in one]

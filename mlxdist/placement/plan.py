@@ -15,14 +15,16 @@ from typing import Any
 from mlxdist.errors import UserError
 
 PLAN_FORMAT = 1
-STRATEGIES = ("single", "pipeline", "expert-parallel")
+STRATEGIES = ("single", "pipeline", "expert-parallel", "mixed")
 
 
 @dataclass(frozen=True)
 class Stage:
-    """A layer range [start, end). One node: a pipeline stage. Several nodes (always the
-    whole group, in ring order): an expert-parallel stage, attention replicated and the
-    routed experts divided as `experts` says."""
+    """A layer range [start, end). One node: a pipeline stage. Several nodes: an
+    expert-parallel stage, attention replicated and the routed experts divided as
+    `experts` says (each member some, each expert one member): the whole group in ring
+    order (strategy "expert-parallel"), or, in a mixed plan, some consecutive ranks after
+    rank 0 beside pipeline stages (`check_layout` says exactly what a plan may be)."""
 
     layers: tuple[int, int]
     nodes: tuple[str, ...]
@@ -76,13 +78,28 @@ class Plan:
     bits: int
     context: int
     concurrency: int
-    strategy: str  # "single", "pipeline" or "expert-parallel"
+    strategy: str  # "single", "pipeline", "expert-parallel" or "mixed"
     group: tuple[str, ...]  # the MLX group: node names in ring (rank) order
     stages: tuple[Stage, ...]
     loads: tuple[NodeLoad, ...]
     estimate: Estimate
     reason: str
     link: str
+
+    @property
+    def expert_parallel_stage(self) -> int | None:
+        """The index of the expert-parallel stage (a plan has at most one), or None."""
+        return next((k for k, s in enumerate(self.stages) if s.expert_parallel), None)
+
+    def stage_ranks(self) -> tuple[tuple[int, ...], ...]:
+        """The ranks running each stage, for a plan whose group is its stages' nodes in
+        stage order (every planner plan; `check_layout` requires it of mixed plans): stage
+        k runs on the next len(stages[k].nodes) ranks."""
+        out, r = [], 0
+        for s in self.stages:
+            out.append(tuple(range(r, r + len(s.nodes))))
+            r += len(s.nodes)
+        return tuple(out)
 
     def to_json(self) -> dict[str, Any]:
         e = self.estimate
@@ -131,6 +148,7 @@ class Plan:
             raise ValueError(f"strategy is {strategy!r}, not one of {', '.join(STRATEGIES)}")
         stages = tuple(_stage_from_json(s, f"stages[{i}]", group)
                        for i, s in enumerate(_field(doc, "", "stages", list)))
+        check_layout(group, stages, strategy)
         loads = tuple(_load_from_json(n, f"nodes[{i}]", group)
                       for i, n in enumerate(_field(doc, "", "nodes", list)))
         est = _field(doc, "", "estimate", dict)
@@ -209,6 +227,62 @@ def _stage_from_json(s: Any, where: str, group: tuple[str, ...]) -> Stage:
     if any(n not in nodes for n in experts):
         raise ValueError(f"{where}.experts names a node that is not in {where}.nodes")
     return Stage(layers, nodes, tuple((n, _ints(ids, f"{where}.experts.{n}")) for n, ids in experts.items()))
+
+
+def check_layout(group: tuple[str, ...], stages: tuple[Stage, ...], strategy: str) -> None:
+    """What a plan's stages may be, beyond each stage's own fields; ValueError naming the
+    first rule broken (`Plan.load` makes it a one-line UserError):
+
+    - an expert-parallel stage names each of its nodes once, gives each some experts and
+      no expert to two of them (that every expert 0..E-1 has a node, the plan cannot say
+      without the model: the planner, `mlxdist quantize --plan` and the runtime check it);
+    - at most one expert-parallel stage;
+    - alone, it is the whole group in ring order (strategy "expert-parallel");
+    - beside pipeline stages (strategy "mixed", MLX's ring backend having no sub-groups):
+      it does not include rank 0 (the group's first node runs a pipeline stage), its nodes
+      are consecutive in the group's ring order, and the group is the stages' nodes in
+      stage order (stage by stage, an expert-parallel stage's nodes in turn);
+    - a plan without one is "single" or "pipeline"."""
+    ep = [k for k, s in enumerate(stages) if s.expert_parallel]
+    for k in ep:
+        s, where = stages[k], f"stages[{k}]"
+        if len(set(s.nodes)) != len(s.nodes):
+            raise ValueError(f"{where}.nodes name a node twice")
+        if set(dict(s.experts)) != set(s.nodes) or not all(ids for _, ids in s.experts):
+            raise ValueError(f"{where}.experts must give each of its nodes some experts")
+        ids = [e for _, mine in s.experts for e in mine]
+        if len(set(ids)) != len(ids):
+            twice = next(e for e in ids if ids.count(e) > 1)
+            raise ValueError(f"{where}.experts give expert {twice} to more than one node")
+    if len(ep) > 1:
+        raise ValueError(f"stages {', '.join(map(str, ep))} are expert-parallel: a plan has at most one "
+                         f"expert-parallel stage")
+    if not ep:
+        if strategy not in ("single", "pipeline"):
+            raise ValueError(f"strategy is {strategy!r} but no stage is expert-parallel")
+        return
+    k = ep[0]
+    s, where = stages[k], f"stages[{k}]"
+    if len(stages) == 1:
+        if s.nodes != group:
+            raise ValueError(f"{where}: an expert-parallel plan's one stage runs on the whole group "
+                             f"{list(group)} in ring order, not {list(s.nodes)}")
+        if strategy != "expert-parallel":
+            raise ValueError(f"strategy is {strategy!r} but its one stage is expert-parallel over the group: "
+                             f"'expert-parallel'")
+        return
+    if strategy != "mixed":
+        raise ValueError(f"strategy is {strategy!r} but {where} is expert-parallel beside pipeline stages: 'mixed'")
+    if group and group[0] in s.nodes:
+        raise ValueError(f"{where}: a mixed plan's expert-parallel stage cannot include rank 0 ({group[0]}); "
+                         f"the group's first node runs a pipeline stage")
+    m = len(s.nodes)
+    if not any(group[r:r + m] == s.nodes for r in range(1, len(group) - m + 1)):
+        raise ValueError(f"{where}.nodes {list(s.nodes)} are not consecutive ranks in the group's ring order "
+                         f"{list(group)}")
+    ranks = tuple(n for st in stages for n in st.nodes)
+    if ranks != group:
+        raise ValueError(f"group {list(group)} is not the stages' nodes in stage order {list(ranks)}")
 
 
 def _load_from_json(n: Any, where: str, group: tuple[str, ...]) -> NodeLoad:

@@ -8,7 +8,13 @@ Candidates, all priced by `cost.py`:
 - for MoE models, the whole model as one expert-parallel stage over the k fastest nodes:
   attention, dense layers, shared experts, embedding and head on every node, each node
   holding a contiguous range of routed experts (in proportion to bandwidth, capped by
-  room), one all_sum per MoE layer (see docs/placement.md for why the whole group).
+  room), one all_sum per MoE layer (see docs/placement.md for why the whole group);
+- for MoE models, mixed plans over the k fastest nodes (k >= 3): a pipeline one of whose
+  stages is expert-parallel over consecutive ring ranks after rank 0 (every choice of
+  those ranks), its MoE combine a chained sum over the neighbour links (`mixed_times`);
+  layers split in proportion to speed or to room (or the pipeline stages filled first),
+  repaired like a pipeline's, the stage's experts in proportion to bandwidth within each
+  member's room.
 The objective is the per-stream time per token at the requested concurrency; ties go
 to the candidate listed first (fewer nodes, then the bandwidth split).
 
@@ -22,10 +28,12 @@ lost node's parts move whole to nodes with room.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 from mlxdist.errors import UserError, plural
-from mlxdist.placement.cost import CostParams, Profile, ceil_div, ep_times, pipeline_times, position
+from mlxdist.placement.cost import (
+    CostParams, Profile, ceil_div, chain_time, ep_times, mixed_times, pipeline_times, position,
+)
 from mlxdist.placement.specs import GB, LINK_PRESETS, GiB, Cluster, LinkSpec, NodeSpec
 from mlxdist.placement.model import ModelSpec
 from mlxdist.placement.plan import Estimate, NodeLoad, Plan, Stage
@@ -38,8 +46,11 @@ class Request:
     context: int = 32768
     concurrency: int = 4
     headroom: float = HEADROOM
-    allow_expert_parallel: bool = True
-    strategy: str = "auto"  # auto | pipeline | expert-parallel
+    allow_expert_parallel: bool = True  # expert-parallel and mixed plans
+    strategy: str = "auto"  # one of REQUEST_STRATEGIES
+
+
+REQUEST_STRATEGIES = ("auto", "pipeline", "expert-parallel", "mixed")  # `mlxdist plan --strategy`
 
 
 def budget(node: NodeSpec, headroom: float) -> int:
@@ -66,20 +77,28 @@ def _ranges(counts: list[int]) -> list[tuple[int, int]]:
 
 def _pipeline_fit(p: Profile, nodes: list[NodeSpec], counts: list[int], req: Request) -> list[int] | None:
     """Move layers off overfull stages onto the stages with the most room; None if stuck."""
-    counts = list(counts)
 
     def overflow(i: int, cs: list[int]) -> int:
         a, b = _ranges(cs)[i]
         used = p.stage_weights(a, b) + p.kv_bytes(a, b, req.context, req.concurrency) if b > a else 0
         return used - budget(nodes[i], req.headroom)
 
-    for _ in range(p.L * len(nodes) + 1):
-        over = [i for i in range(len(nodes)) if counts[i] and overflow(i, counts) > 0]
+    return _fit_counts(counts, overflow, p.L * len(nodes) + 1)
+
+
+def _fit_counts(counts: list[int], overflow, rounds: int) -> list[int] | None:
+    """Move layers, one at a time, from the first overfull stage to the stage with the
+    most room after taking it (`overflow(i, counts)`: bytes stage i lacks, negative: its
+    room); None if stuck or a stage is left empty."""
+    counts = list(counts)
+    n = len(counts)
+    for _ in range(rounds):
+        over = [i for i in range(n) if counts[i] and overflow(i, counts) > 0]
         if not over:
             return counts if all(counts) else None
         i = over[0]
         best, best_room = None, None
-        for j in range(len(nodes)):
+        for j in range(n):
             if j == i:
                 continue
             trial = list(counts)
@@ -182,39 +201,242 @@ def expert_parallel_plan(model: ModelSpec, cluster: Cluster, experts: tuple[tupl
                 cluster.default_link)
 
 
+# -- mixed plans: pipeline stages and one expert-parallel stage over consecutive ranks -------
+
+
+def _member_fixed(p: Profile, a: int, b: int, first: bool, req: Request) -> int:
+    """What a member of an expert-parallel stage over [a, b) holds before any expert."""
+    return p.member_weights(a, b, 0, shared=first) + p.kv_bytes(a, b, req.context, req.concurrency)
+
+
+def _stage_room(p: Profile, members: Sequence[NodeSpec], a: int, b: int, req: Request) -> list[int] | None:
+    """How many routed experts (per MoE layer) each member of an expert-parallel stage
+    over [a, b) has room for; None without a MoE layer in [a, b)."""
+    per_expert = p.s(p.xbytes, a, b)
+    if b <= a or not per_expert:
+        return None
+    return [(budget(n, req.headroom) - _member_fixed(p, a, b, t == 0, req)) // per_expert
+            for t, n in enumerate(members)]
+
+
+def _stage_experts(p: Profile, members: Sequence[NodeSpec], a: int, b: int, req: Request) -> list[int] | None:
+    """Each member's count of routed experts: in proportion to bandwidth, at least one
+    each, experts moved off a member without room to the one with most room left; None
+    if the members cannot hold every expert once."""
+    room = _stage_room(p, members, a, b, req)
+    if room is None or min(room) < 1 or sum(room) < p.E or len(members) > p.E:
+        return None
+    counts = [max(1, c) for c in _largest_remainder(p.E, [n.bandwidth for n in members])]
+    while sum(counts) > p.E:  # the ones given to members that got none
+        counts[max(range(len(counts)), key=lambda t: counts[t])] -= 1
+    for _ in range(p.E * len(members)):
+        over = [t for t in range(len(members)) if counts[t] > room[t]]
+        if not over:
+            break
+        t = over[0]
+        to = max((u for u in range(len(members)) if counts[u] < room[u]), key=lambda u: room[u] - counts[u])
+        counts[t] -= 1
+        counts[to] += 1
+    return counts if all(0 < c <= r for c, r in zip(counts, room)) else None
+
+
+def _mixed_overflow(p: Profile, unit: Sequence[NodeSpec], a: int, b: int, req: Request) -> float:
+    """Bytes a stage lacks over layers [a, b) (negative: its room): one node, its layers
+    and KV cache; an expert-parallel stage, what the member shortest of room lacks for
+    one expert, else the experts no member has room for, else the least of the members'
+    spare room and the spare expert room (inf without a MoE layer)."""
+    if len(unit) == 1:
+        used = p.stage_weights(a, b) + p.kv_bytes(a, b, req.context, req.concurrency) if b > a else 0
+        return used - budget(unit[0], req.headroom)
+    if b <= a:
+        return -min(budget(n, req.headroom) for n in unit)
+    room = _stage_room(p, unit, a, b, req)
+    if room is None:
+        return float("inf")
+    x = p.s(p.xbytes, a, b)
+    spare = [budget(n, req.headroom) - _member_fixed(p, a, b, t == 0, req) - x for t, n in enumerate(unit)]
+    if min(spare) < 0:
+        return -min(spare)
+    if sum(room) < p.E:
+        return (p.E - sum(room)) * x
+    return -min(min(spare), (sum(room) - p.E) * x)
+
+
+def _mixed_splits(p: Profile, cl: Cluster, units: list[list[NodeSpec]], req: Request,
+                  cp: CostParams) -> list[tuple[str, list[int]]]:
+    """Layer counts per stage to start from: in proportion to speed (1 / a stage's time
+    for an average layer, the expert-parallel stage's experts in proportion to bandwidth),
+    in proportion to room (the average layers each stage can hold), and the pipeline
+    stages filled first (each node as many average layers as it holds, the rest to the
+    expert-parallel stage)."""
+    pos = position(req.context, cp)
+    act = p.model.activation_bytes_per_token
+    avg = (p.stage_weights(0, p.L) - p.ends(0, p.L) + p.kv_bytes(0, p.L, req.context, req.concurrency)) / p.L
+    rep = (p.s(p.rep, 0, p.L) + p.kv_bytes(0, p.L, req.context, req.concurrency)) / p.L
+    x = p.s(p.xbytes, 0, p.L) / p.L
+    speed, room = [], []
+    for u in units:
+        if len(u) == 1:
+            speed.append(p.L / p.busy_time(u[0], cl, cp, 0, p.L, 1, pos))
+            room.append(max(budget(u[0], req.headroom) / avg, 1e-9))
+            continue
+        bw = sum(n.bandwidth for n in u)
+        t = max(p.busy_time(n, cl, cp, 0, p.L, 1, pos, owned=p.E * n.bandwidth / bw) for n in u)
+        t += p.s(p.n_moe, 0, p.L) * chain_time(cl, tuple(n.name for n in u), act)
+        speed.append(p.L / t)
+        fits = 0
+        for c in range(1, p.L + 1):
+            if sum(max(0, int((budget(n, req.headroom) - c * rep) // (c * x))) for n in u) < p.E:
+                break
+            fits = c
+        room.append(max(fits, 1e-9))
+    counts = [("layers in proportion to speed", _largest_remainder(p.L, speed)),
+              ("layers in proportion to room", _largest_remainder(p.L, room))]
+    fill = [max(1, int(budget(u[0], req.headroom) // avg)) if len(u) == 1 else 0 for u in units]
+    ep = next(i for i, u in enumerate(units) if len(u) > 1)
+    fill[ep] = p.L - sum(fill)  # below one: _at_least_one takes layers back from the largest
+    counts.append(("the pipeline stages filled first", fill))
+    return [(why, _at_least_one(c)) for why, c in counts]
+
+
+def _at_least_one(counts: list[int]) -> list[int]:
+    """The same total, every stage given at least one layer (taken from the largest)."""
+    counts = list(counts)
+    for i in range(len(counts)):
+        while counts[i] < 1:
+            counts[max(range(len(counts)), key=lambda j: counts[j])] -= 1
+            counts[i] += 1
+    return counts
+
+
+def _mixed_candidates(p: Profile, cl: Cluster, nodes: list[NodeSpec], req: Request, cp: CostParams
+                      ) -> Iterator[tuple[str, tuple[Stage, ...]]]:
+    """The mixed layouts over `nodes` (ring order) that fit, one at a time: for every run
+    nodes[i:j] of two or more consecutive nodes after the first, a pipeline stage on each
+    other node and one expert-parallel stage over the run, each of `_mixed_splits`
+    repaired."""
+    n = len(nodes)
+    seen = set()
+    if sum(budget(x, req.headroom) for x in nodes) < p.stage_weights(0, p.L) + p.kv_bytes(0, p.L, req.context,
+                                                                                          req.concurrency):
+        return  # not even a pipeline's bytes fit (an EP stage holds more: its members repeat attention)
+    for i in range(1, n - 1):
+        for j in range(i + 2, n + 1):
+            units = [[x] for x in nodes[:i]] + [list(nodes[i:j])] + [[x] for x in nodes[j:]]
+            if len(units) > p.L:
+                continue
+
+            def overflow(u: int, cs: list[int]) -> float:
+                a, b = _ranges(cs)[u]
+                return _mixed_overflow(p, units[u], a, b, req)
+
+            for why, counts in _mixed_splits(p, cl, units, req, cp):
+                fitted = _fit_counts(counts, overflow, p.L * len(units) + 1)
+                if fitted is None or (i, j, tuple(fitted)) in seen:
+                    continue
+                seen.add((i, j, tuple(fitted)))
+                stages = []
+                for u, (a, b) in zip(units, _ranges(fitted)):
+                    if len(u) == 1:
+                        stages.append(Stage((a, b), (u[0].name,)))
+                        continue
+                    owned = _stage_experts(p, u, a, b, req)
+                    if owned is None:
+                        break
+                    ids, start = [], 0
+                    for member, c in zip(u, owned):
+                        ids.append((member.name, tuple(range(start, start + c))))
+                        start += c
+                    stages.append(Stage((a, b), tuple(x.name for x in u), tuple(ids)))
+                else:
+                    yield why, tuple(stages)
+
+
+def describe_stages(stages: Sequence[Stage]) -> str:
+    """A mixed plan in words: "3 stages, stage 1 (layers 3-40) expert-parallel over b+c
+    (128/128 experts, chained combine)"."""
+    k = next(k for k, s in enumerate(stages) if s.expert_parallel)
+    s = stages[k]
+    counts = "/".join(str(len(ids)) for _, ids in s.experts)
+    a, b = s.layers
+    layers = f"layer {a}" if b == a + 1 else f"layers {a}-{b - 1}"
+    return (f"{plural(len(stages), 'stage')}, stage {k} ({layers}) expert-parallel over {'+'.join(s.nodes)} "
+            f"({counts} experts, chained combine)")
+
+
+def mixed_plan(model: ModelSpec, cluster: Cluster, stages: Sequence[Stage], req: Request, cp: CostParams,
+               p: Profile, reason: str) -> Plan:
+    """The plan of `stages` (pipeline stages of one node each and one expert-parallel stage
+    over consecutive nodes after the first, in ring order; the group is their nodes in
+    stage order), priced by `mixed_times`. A member of the expert-parallel stage holds the
+    stage's non-expert weights (the shared experts on its first member only), its experts,
+    the head if the stage is last, and the stage's KV cache."""
+    spec = [(s.nodes, s.layers[0], s.layers[1], {n: len(ids) for n, ids in s.experts} if s.expert_parallel else None)
+            for s in stages]
+    single, cyc, pre, comm, busy = mixed_times(p, cluster, cp, spec, req.context, req.concurrency)
+    loads = []
+    for s, own in zip(stages, busy):
+        a, b = s.layers
+        kv = p.kv_bytes(a, b, req.context, req.concurrency)
+        for t, (name, ms) in enumerate(zip(s.nodes, own)):
+            node = cluster.node(name)
+            if s.expert_parallel:
+                k = len(s.experts_of(name))
+                w = p.member_weights(a, b, k, shared=t == 0)
+            else:
+                k, w = p.E, p.stage_weights(a, b)
+            loads.append(NodeLoad(name, node.chip, w, kv, node.usable_bytes, ms * 1e3, ((a, b),), k))
+    return Plan(model.name, model.model_type, model.quant.bits, req.context, req.concurrency, "mixed",
+                tuple(n for s in stages for n in s.nodes), tuple(stages), tuple(loads),
+                Estimate(single * 1e3, cyc * 1e3, req.concurrency / cyc, pre, comm * 1e3), reason,
+                cluster.default_link)
+
+
 def candidates(model: ModelSpec, cluster: Cluster, req: Request, cp: CostParams = CostParams()) -> list[Plan]:
     """Every plan that fits, in tie-break order."""
+    return list(_candidates(model, cluster, req, cp, price=True))
+
+
+def _candidates(model: ModelSpec, cluster: Cluster, req: Request, cp: CostParams, price: bool
+                ) -> Iterator[Plan | None]:
+    """The plans that fit, one at a time, in tie-break order; without `price`, None for
+    each mixed one (whether anything fits needs no prices)."""
     p = Profile(model)
-    out: list[Plan] = []
+    if req.strategy not in REQUEST_STRATEGIES:
+        raise UserError(f"unknown strategy {req.strategy!r} (choose from {', '.join(REQUEST_STRATEGIES)})")
     for nodes in _candidate_sets(cluster):
-        if len(nodes) > p.L:
-            break
-        if req.strategy in ("auto", "pipeline"):
-            splits = [
-                ("layers in proportion to memory bandwidth", _largest_remainder(p.L, [n.bandwidth for n in nodes])),
-                ("layers in proportion to usable memory", _largest_remainder(p.L, [n.usable_bytes for n in nodes])),
-                ("fastest nodes filled first", _fill_fastest(p, nodes, req)),
-            ]
-            if len(nodes) == 1:
-                splits = [("one node holds every layer", [p.L])]
-            elif len({(n.bandwidth, n.flops, n.usable_bytes) for n in nodes}) == 1:
-                # identical nodes: the even split (as mlx-lm and exo), by design; the
-                # other splits could only trade the embedding/head imbalance for surprise
-                splits = [("the even split over identical nodes", splits[0][1])]
-            seen = set()
-            for why, counts in splits:
-                fitted = _pipeline_fit(p, nodes, counts, req)
-                if fitted is None or tuple(fitted) in seen:
-                    continue
-                seen.add(tuple(fitted))
-                out.append(make_pipeline(model, cluster, nodes, fitted, req, cp, p, why))
-        if (req.strategy in ("auto", "expert-parallel") and req.allow_expert_parallel and p.E
-                and len(nodes) > 1):
-            owned = _ep_experts(p, nodes, req)
-            if owned is not None:
-                out.append(make_expert_parallel(model, cluster, nodes, owned, req, cp, p,
-                                                "routed experts in proportion to bandwidth"))
-    return out
+        if len(nodes) <= p.L:  # a stage per node (a mixed plan's stages are fewer: it checks its own)
+            if req.strategy in ("auto", "pipeline"):
+                splits = [
+                    ("layers in proportion to memory bandwidth",
+                     _largest_remainder(p.L, [n.bandwidth for n in nodes])),
+                    ("layers in proportion to usable memory",
+                     _largest_remainder(p.L, [n.usable_bytes for n in nodes])),
+                    ("fastest nodes filled first", _fill_fastest(p, nodes, req)),
+                ]
+                if len(nodes) == 1:
+                    splits = [("one node holds every layer", [p.L])]
+                elif len({(n.bandwidth, n.flops, n.usable_bytes) for n in nodes}) == 1:
+                    # identical nodes: the even split (as mlx-lm and exo), by design; the
+                    # other splits could only trade the embedding/head imbalance for surprise
+                    splits = [("the even split over identical nodes", splits[0][1])]
+                seen = set()
+                for why, counts in splits:
+                    fitted = _pipeline_fit(p, nodes, counts, req)
+                    if fitted is None or tuple(fitted) in seen:
+                        continue
+                    seen.add(tuple(fitted))
+                    yield make_pipeline(model, cluster, nodes, fitted, req, cp, p, why)
+            if (req.strategy in ("auto", "expert-parallel") and req.allow_expert_parallel and p.E
+                    and len(nodes) > 1):
+                owned = _ep_experts(p, nodes, req)
+                if owned is not None:
+                    yield make_expert_parallel(model, cluster, nodes, owned, req, cp, p,
+                                               "routed experts in proportion to bandwidth")
+        if req.strategy in ("auto", "mixed") and req.allow_expert_parallel and p.E and len(nodes) > 2:
+            for why, stages in _mixed_candidates(p, cluster, nodes, req, cp):
+                yield (mixed_plan(model, cluster, stages, req, cp, p, f"{describe_stages(stages)}; {why}")
+                       if price else None)
 
 
 def fastest(plans: Sequence[Plan]) -> tuple[Plan, Plan | None]:
@@ -258,7 +480,7 @@ def plan(model: ModelSpec, cluster: Cluster, req: Request, cp: CostParams = Cost
 
 
 def _fits(model: ModelSpec, cluster: Cluster, req: Request) -> bool:
-    return bool(candidates(model, cluster, req, CostParams()))
+    return any(True for _ in _candidates(model, cluster, req, CostParams(), price=False))
 
 
 def refusal(model: ModelSpec, cluster: Cluster, req: Request, cp: CostParams, describe_model=None) -> str:

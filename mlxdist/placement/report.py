@@ -25,7 +25,7 @@ def format_table(p: Plan) -> str:
         "",
         f"model {p.model} ({p.model_type}) at {p.bits} bits, context {p.context} x "
         f"{plural(p.concurrency, 'request')}, links {p.link}",
-        f"strategy: {p.strategy}; memory: {total_w:.1f} GB weights + {total_kv:.1f} GB KV cache in all",
+        f"strategy: {_strategy(p)}; memory: {total_w:.1f} GB weights + {total_kv:.1f} GB KV cache in all",
         f"decode: {e.decode_ms_per_token:.1f} ms/token alone ({e.decode_tok_s:.1f} tok/s, "
         f"{e.comm_ms_per_token:.2f} ms of it on links); {e.aggregate_tok_s:.1f} tok/s over "
         f"{plural(p.concurrency, 'request')} ({e.step_ms_at_concurrency:.1f} ms/token each); "
@@ -33,6 +33,14 @@ def format_table(p: Plan) -> str:
         f"why: {p.reason}",
     ]
     return "\n".join(lines)
+
+
+def _strategy(p: Plan) -> str:
+    """The strategy, and for a mixed plan which stage is expert-parallel over which nodes."""
+    k = p.expert_parallel_stage
+    if p.strategy != "mixed" or k is None:
+        return p.strategy
+    return f"mixed, stage {k} expert-parallel over {'+'.join(p.stages[k].nodes)} (chained combine)"
 
 
 def non_apple_note(p: Plan) -> str | None:

@@ -62,16 +62,18 @@ def clusters(draw, model=None):
 
 def independent_memory(model, stage_layers, ep_owned, first, last, shared=True):
     """Bytes a node holds, summed straight from the layer table (not the planner's prefix
-    sums). An expert-parallel member holds the shared experts only if it is the group's
-    first rank (`shared`), which runs them for all."""
+    sums). An expert-parallel member holds the shared experts only if it is the stage's
+    first member (`shared`), which runs them for all; every member holds the embedding if
+    the stage starts at layer 0 and the head if it ends at the last layer (whole-model EP:
+    both; a mixed plan's expert-parallel stage: at most the head)."""
     a, b = stage_layers
     layers = model.layers[a:b]
     if ep_owned is None:
-        w = sum(x.total_bytes for x in layers) + (model.embedding if first else 0) + (model.head if last else 0)
+        w = sum(x.total_bytes for x in layers)
     else:
         w = sum(x.replicated_bytes - (0 if shared else x.shared_experts) + ep_owned * x.expert_bytes
-                for x in layers) + model.embedding + model.head
-    return w
+                for x in layers)
+    return w + (model.embedding if first else 0) + (model.head if last else 0)
 
 
 @SETTINGS
@@ -174,10 +176,10 @@ def test_nodes_json_and_reserve() -> None:
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(model=models(), data=st.data(), strategy=st.sampled_from(["auto", "pipeline", "expert-parallel"]))
+@given(model=models(), data=st.data(), strategy=st.sampled_from(["auto", "pipeline", "expert-parallel", "mixed"]))
 def test_plan_json_round_trips(model, data, strategy) -> None:
     """Plan.from_json is the exact inverse of to_json, through JSON text, for planner plans
-    of every strategy (single, pipeline, expert-parallel)."""
+    of every strategy (single, pipeline, expert-parallel, mixed)."""
     cluster = data.draw(clusters(model))
     try:
         p = plan(model, cluster, Request(context=4096, concurrency=2, strategy=strategy))
@@ -219,7 +221,7 @@ def test_bad_plan_documents_are_named(tmp_path) -> None:
 def test_cli_plan_json_schema(tmp_path) -> None:
     nodes = tmp_path / "nodes.json"
     nodes.write_text(json.dumps({"nodes": [{"name": "mini", "chip": "M4 Pro", "memory_gb": 64, "count": 8}]}))
-    r = run_mlxdist("plan", "deepseek-r1", "--nodes", str(nodes), "--json", timeout=60)
+    r = run_mlxdist("plan", "deepseek-r1", "--nodes", str(nodes), "--json", "--strategy", "pipeline", timeout=60)
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     assert doc["strategy"] == "pipeline" and doc["group"] == [f"mini-{i}" for i in range(8)]
@@ -242,3 +244,24 @@ def test_cli_expert_parallel_json(tmp_path) -> None:
     (stage,) = json.loads(r.stdout)["stages"]
     assert stage["layers"] == [0, 61] and stage["nodes"] == ["a", "b"]
     assert stage["experts"] == {"a": list(range(128)), "b": list(range(128, 256))}
+
+
+def test_cli_mixed_json(tmp_path) -> None:
+    """An M3 Ultra and two M4 Pros: `plan` (auto) picks the mixed plan, the M4 Pros one
+    expert-parallel stage after the M3 Ultra's pipeline stage, each with half the experts."""
+    nodes = tmp_path / "nodes.json"
+    nodes.write_text(json.dumps({"nodes": [{"name": "studio", "chip": "M3 Ultra", "memory_gb": 512},
+                                           {"name": "mini", "chip": "M4 Pro", "memory_gb": 64, "count": 2}]}))
+    r = run_mlxdist("plan", "deepseek-r1", "--nodes", str(nodes), "--json", timeout=60)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["strategy"] == "mixed" and doc["group"] == ["studio", "mini-0", "mini-1"]
+    first, ep = doc["stages"]
+    assert first["nodes"] == ["studio"] and "experts" not in first and first["layers"][0] == 0
+    assert ep["nodes"] == ["mini-0", "mini-1"] and ep["layers"] == [first["layers"][1], 61]
+    assert ep["experts"] == {"mini-0": list(range(128)), "mini-1": list(range(128, 256))}
+    assert [n["rank"] for n in doc["nodes"]] == [0, 1, 2]
+    assert doc["reason"].startswith("mixed over 3 nodes, 2 stages, stage 1 (layers ")
+    assert Plan.from_json(doc).to_json() == doc
+    r = run_mlxdist("plan", "deepseek-r1", "--nodes", str(nodes), timeout=60)
+    assert "strategy: mixed, stage 1 expert-parallel over mini-0+mini-1 (chained combine);" in r.stdout, r.stdout
