@@ -1,5 +1,6 @@
 """`mlxdist run MODEL --ranks N -p PROMPT`: N local ranks (ring backend over 127.0.0.1),
-the answer streamed to stdout."""
+the answer streamed to stdout. `--plan plan.json` runs a plan's stages instead, one local
+rank per node: pipeline, expert-parallel, or mixed (runtime/mixed.py)."""
 
 from __future__ import annotations
 
@@ -21,9 +22,30 @@ def _parse_split(split: str | None) -> list[int] | None:
         raise UserError(f"--split must be comma-separated layer counts, like 20,25,16 (got {split!r})")
 
 
+def _from_plan(plan_file: str, ranks: int | None, split: list[int] | None,
+               config: EngineConfig) -> tuple[int, list[int] | None, EngineConfig]:
+    """Ranks, split and config for running a plan file's stages on local ranks."""
+    from mlxdist.placement.plan import Plan
+    from mlxdist.runtime.mixed import plan_run
+
+    if split is not None or config.expert_parallel:
+        raise UserError("--plan gives the stages: no --split or --expert-parallel with it")
+    plan = Plan.load(plan_file)
+    mixed = len(plan.stages) > 1 and any(st.expert_parallel for st in plan.stages)
+    if mixed and config.handoff != "messages":
+        raise UserError("a mixed plan runs with --handoff messages (its expert-parallel stage combines "
+                        "over neighbour links)")
+    if len(plan.stages) == 1 and plan.stages[0].expert_parallel and config.handoff != "messages":
+        raise UserError("--handoff is for pipeline stages; an expert-parallel plan has its own collectives")
+    run = plan_run(plan, config)
+    if ranks is not None and ranks != run.ranks:
+        raise UserError(f"--ranks {ranks}, but the plan runs on {plural(run.ranks, 'node')} (one rank each)")
+    return run.ranks, list(run.split) if run.split else None, run.config
+
+
 @click.command("run")
 @click.argument("model", type=click.Path())
-@click.option("--ranks", "-n", type=int, default=1, show_default=True, help="local ranks (processes)")
+@click.option("--ranks", "-n", type=int, default=None, help="local ranks (processes); default 1, or the plan's nodes")
 @click.option("--split", default=None, help="layers per rank, e.g. 20,25,16 (default: even)")
 @click.option("--prompt", "-p", required=True, help="the prompt (sent through the chat template)")
 @click.option("--max-tokens", "-m", type=click.IntRange(min=1), default=128, show_default=True,
@@ -39,10 +61,14 @@ def _parse_split(split: str | None) -> list[int] | None:
 @click.option("--stats", is_flag=True, help="print timing to stderr at the end")
 @click.option("--expert-parallel", is_flag=True,
               help="MoE models: every rank runs all layers with 1/N of the routed experts")
+@click.option("--plan", "plan_file", default=None, type=click.Path(dir_okay=False),
+              help="a plan from `mlxdist plan --json`: its stages on local ranks, one per node (pipeline, "
+                   "expert-parallel, or mixed: pipeline stages and one expert-parallel stage over some ranks)")
 @click.option("--handoff", default="messages", show_default=True, type=click.Choice(HANDOFFS), help=HANDOFF_HELP)
-def run_command(model: str, ranks: int, split: str | None, prompt: str, max_tokens: int, temp: float,
+def run_command(model: str, ranks: int | None, split: str | None, prompt: str, max_tokens: int, temp: float,
                 top_p: float, top_k: int, min_p: float, repetition_penalty: float, seed: int | None,
-                raw: bool, backend: str, stats: bool, expert_parallel: bool, handoff: str) -> None:
+                raw: bool, backend: str, stats: bool, expert_parallel: bool, plan_file: str | None,
+                handoff: str) -> None:
     """Generate an answer to PROMPT with MODEL spread over local ranks."""
     import time
 
@@ -53,9 +79,13 @@ def run_command(model: str, ranks: int, split: str | None, prompt: str, max_toke
 
     check_handoff(handoff, expert_parallel=expert_parallel)
     note_if_upcast(model)  # float16 -> float32 on the CPU backend, said here: workers log elsewhere
+    cut = _parse_split(split)
     try:
         config = EngineConfig(backend=backend, expert_parallel=expert_parallel, handoff=handoff)
-        engine = open_engine(model, config, ranks=ranks, split=_parse_split(split))
+        if plan_file:
+            ranks, cut, config = _from_plan(plan_file, ranks, cut, config)
+        ranks = 1 if ranks is None else ranks
+        engine = open_engine(model, config, ranks=ranks, split=cut)
     except WorkerFailure as e:
         raise UserError(str(e))
     try:

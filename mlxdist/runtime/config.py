@@ -31,6 +31,26 @@ def _bounds(lo: float, hi: float) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
+class StageLayout:
+    """One pipeline stage of a mixed plan (docs/placement.md "Mixed plans"): layers
+    [start, end) on `ranks` consecutive ranks. With more than one rank the stage is
+    expert-parallel over them: each holds the attention and every dense part, and
+    `experts[i]` are the routed experts of its i-th rank (empty: an even split)."""
+
+    start: int = field(metadata=_bounds(0, 1 << 20))
+    end: int = field(metadata=_bounds(1, 1 << 20))
+    ranks: int = field(default=1, metadata=_bounds(1, 1024))
+    experts: tuple[tuple[int, ...], ...] = field(default=(), metadata=_bounds(0, 1 << 20))
+
+    def __post_init__(self) -> None:
+        check_fields(self)  # types and bounds, then the shape
+        if self.start >= self.end:
+            raise ValueError(f"StageLayout: [{self.start}, {self.end}) is not a layer range")
+        if self.experts and len(self.experts) != self.ranks:
+            raise ValueError(f"StageLayout.experts: {len(self.experts)} ranks' experts for a stage of {self.ranks}")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     max_concurrent: int = field(default=8, metadata=_bounds(1, 1024))  # requests decoded together (slots)
     prefill_step: int = field(default=2048, metadata=_bounds(1, 1 << 20))  # prompt tokens per prefill chunk
@@ -42,6 +62,9 @@ class EngineConfig:
     expert_parallel: bool = False  # one stage: every rank all layers and 1/N of the routed experts
     # with expert_parallel: each rank's expert ids (e.g. ep_stage.experts_from_plan); (): an even split
     experts: tuple[tuple[int, ...], ...] = field(default=(), metadata=_bounds(0, 1 << 20))
+    # a mixed plan: the pipeline's stages in rank order, one of them expert-parallel over some
+    # ranks (not rank 0's); (): one rank per stage (open_engine's split). mixed.py: from a Plan
+    stages: tuple[StageLayout, ...] = ()
     heartbeat_timeout_s: float = field(default=5.0, metadata=_bounds(0.1, 3600))  # a silent rank fails the group
     startup_timeout_s: float = field(default=300.0, metadata=_bounds(1, 86400))  # every rank ready by then
     # restart a failed group here, requests carried over (GroupEngine._heal); None: where the ranks are
@@ -53,6 +76,9 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
+        if self.stages and (self.expert_parallel or self.handoff != "messages"):
+            raise ValueError("EngineConfig.stages: a mixed plan runs with handoff 'messages' (no lock-step "
+                             "runs) and without expert_parallel (its stages say which is)")
 
     def to_msgpack(self) -> bytes:
         return pack(self)
@@ -91,11 +117,21 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
         raise ValueError(f"{cls.__name__}: missing field {missing[0]!r}")
     values = dict(data)
     for name, value in data.items():
-        if dataclasses.is_dataclass(hints[name]):
-            if not isinstance(value, dict):
-                raise ValueError(f"{cls.__name__}.{name}: want a map")
-            values[name] = from_dict(hints[name], value)
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _nested(cls, name, hint, value)
+        elif typing.get_origin(hint) is tuple and dataclasses.is_dataclass(typing.get_args(hint)[0]):
+            if not isinstance(value, (list, tuple)):
+                raise ValueError(f"{cls.__name__}.{name}: want a list")
+            values[name] = tuple(_nested(cls, name, typing.get_args(hint)[0], v) for v in value)
     return cls(**values)
+
+
+def _nested(cls: type, name: str, hint: type, value: Any) -> Any:
+    """A nested dataclass field's value from its map."""
+    if not isinstance(value, dict):
+        raise ValueError(f"{cls.__name__}.{name}: want a map")
+    return from_dict(hint, value)
 
 
 def check_fields(obj: Any) -> None:

@@ -373,6 +373,8 @@ class GroupEngine:
 
                 owned = source.experts[p.rank] if source.experts else split_experts(total, len(source.stages))[p.rank]
                 experts = tuple(int(e) for e in owned)
+            elif source.mixed and source.experts[p.rank]:  # a member of the expert-parallel stage
+                experts = tuple(int(e) for e in source.experts[p.rank])
             stages.append(StageInfo(p.rank, names[p.rank], p.start, p.end, _stage_weight_bytes(source, p), experts,
                                     total if experts is not None else 0))
         nodes = tuple(dict.fromkeys((n, h) for n, h in zip(names, hosts)))
@@ -405,7 +407,8 @@ class GroupEngine:
         experts = self.config.experts
         source = resolve_source(Path(model_path or self.model_path), n, split,
                                 expert_parallel=self.config.expert_parallel,
-                                experts=experts if experts and n == len(experts) else None)
+                                experts=experts if experts and n == len(experts) else None,
+                                stages=self.config.stages)
         backend = make_backend(source, n, self.config, self._launcher)
         with self._events_lock:
             if self._closed:  # closed while the new group started: it goes too
@@ -460,7 +463,10 @@ def _stage_weight_bytes(source: Any, plan: Any) -> int:
     total = sum(f.stat().st_size for f in Path(source.root).glob("*.safetensors"))
     if source.expert_parallel:
         return total // max(1, len(source.stages))
-    return total * (plan.end - plan.start) // max(1, plan.num_layers)
+    share = total * (plan.end - plan.start) // max(1, plan.num_layers)
+    if source.mixed and source.experts[plan.rank]:  # its stage's share of the members
+        return share // sum(1 for p in source.stages if (p.start, p.end) == (plan.start, plan.end))
+    return share
 
 
 class _Detached:
@@ -530,7 +536,8 @@ def open_engine(model_path: str | os.PathLike, config: EngineConfig = EngineConf
     from mlxdist.runtime.source import resolve_source
 
     source = resolve_source(Path(model_path), ranks, split,
-                            expert_parallel=config.expert_parallel, experts=config.experts or None)
+                            expert_parallel=config.expert_parallel, experts=config.experts or None,
+                            stages=config.stages)
     tokenizer = source.load_tokenizer()
     backend = make_backend(source, ranks, config, launcher)
     engine = GroupEngine(source.root, tokenizer, backend, source.context_length, config,

@@ -43,7 +43,9 @@ class WorkerSpec:
     config: EngineConfig
     shard_root: str = ""  # shard directory holding manifest.json, when model_dir is a stage
     host: str = "127.0.0.1"  # how this rank is named in messages
-    experts: tuple[int, ...] = ()  # with config.expert_parallel: this rank's expert ids; (): an even split
+    # with config.expert_parallel: this rank's expert ids ((): an even split); with config.stages
+    # (a mixed plan): a member's of the expert-parallel stage, () on a pipeline stage's rank
+    experts: tuple[int, ...] = ()
     nccl: str = ""  # with handoff nccl: HOST:PORT of NCCL's rank 0
     # with config.expert_parallel, a rank running several parts of the stage (after a node
     # loss): their directories (`stages/<k>/nodes/<node>`), in row order, model_dir the first

@@ -39,8 +39,12 @@ class StageRunner:
     them. `caches` are the slots' own: prompts being prefilled and retained prefixes;
     `groups` the decoding rows, batched."""
 
-    def __init__(self, stage: LoadedStage):
+    def __init__(self, stage: LoadedStage, combines: bool = False):
         self.stage = stage
+        # the layers combine across ranks (an expert-parallel stage of a mixed plan): the
+        # last stage evaluates a prompt chunk's hidden state too, so that a combine in the
+        # last layer, which feeds no cache, runs on every member
+        self.combines = combines
         self.caches: dict[int, list[Any]] = {}
         self.samplers: dict[int, SlotSampler] = {}
         self.groups: dict[int, Batch] = {}
@@ -142,15 +146,20 @@ class StageRunner:
             return self.samplers[slot].sample(logits)
         h = self.stage.forward(x, cache)
         if self.stage.spec.is_last:  # prompt chunk: only the cache matters (as in mlx-lm)
-            return [c.state for c in cache]
+            return [h, *(c.state for c in cache)] if self.combines else [c.state for c in cache]
         return h
 
 
 def follower_loop(runner: StageRunner, link: RingLink, hidden_size: int,
-                  wait_for_wake: Callable[[int], None] = lambda kicks: None) -> None:
+                  wait_for_wake: Callable[[int], None] = lambda kicks: None, relay: bool = False) -> None:
     """Ranks 1..N-1: receive, compute, pass on, until STOP. On PARK (rank 0 has nothing to
     do) the rank waits for the engine's wake-up instead of sitting in a ring recv, which
-    the ring backend serves by polling a core."""
+    the ring backend serves by polling a core.
+
+    `relay`: a member of an expert-parallel stage that is not its last (mixed.py). It
+    passes every message on as it came, a FORWARD's input included (to the next member,
+    before any of that forward's combine messages), runs its layers for their share of
+    each combine, and sends nothing of its own; the stage's last member sends on."""
     last = runner.stage.spec.is_last
     prof = StepProfile(link.rank)
     while True:
@@ -158,7 +167,14 @@ def follower_loop(runner: StageRunner, link: RingLink, hidden_size: int,
         h = link.recv_header()
         t1 = time.perf_counter()
         op, slot, n, flags, dt, tag = (int(v) for v in (h[0], h[1], h[2], h[3], h[4], h[7]))
-        if op == OP_SETUP:
+        if relay and op == OP_FORWARD:
+            grouped = bool(flags & FLAG_GROUP)
+            x = link.recv_payload((len(runner.groups[slot]) if grouped else 1, n, hidden_size), DTYPES[dt])
+            mx.async_eval(link.send(mx.array(h), x))
+            out = runner.step(slot, x, False) if grouped else runner.forward(slot, x, False)
+            mx.async_eval(out)
+            prof.row(op, n, t0, t1, out)
+        elif op == OP_SETUP:
             words = link.recv_payload((n,), mx.int32)
             mx.eval(words)
             runner.setup(slot, np.array(words), int(h[5]) if flags & FLAG_REUSE else None, int(h[6]))

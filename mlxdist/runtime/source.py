@@ -1,5 +1,6 @@
 """Where each stage's weights come from: an mlx-lm directory cut by layer index, or a shard
-directory (docs/shard-format.md) with one self-contained directory per stage."""
+directory (docs/shard-format.md) with one self-contained directory per stage (or, for an
+expert-parallel stage, one part per node)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from mlxdist.errors import UserError, plural
+from mlxdist.runtime.config import StageLayout
 from mlxdist.shard_format import MANIFEST, Manifest, Part
 
 
@@ -35,7 +37,14 @@ class ModelSource:
     config: dict[str, Any]
     stages: tuple[StagePlan, ...]
     expert_parallel: bool = False  # every stage is all layers; the ranks divide the experts
-    experts: tuple[tuple[int, ...], ...] = ()  # per rank, when not the even split
+    # per rank, when not the even split; a mixed plan: the members' of its expert-parallel stage, () elsewhere
+    experts: tuple[tuple[int, ...], ...] = ()
+    # a mixed plan's stages (EngineConfig.stages, each member's experts filled in); (): not mixed
+    layout: tuple[StageLayout, ...] = ()
+
+    @property
+    def mixed(self) -> bool:
+        return bool(self.layout)
 
     @property
     def context_length(self) -> int:
@@ -59,7 +68,10 @@ def even_split(num_layers: int, ranks: int) -> list[int]:
 
 def resolve_source(path: Path, ranks: int, split: Sequence[int] | None = None,
                    expert_parallel: bool = False,
-                   experts: Sequence[Sequence[int]] | None = None) -> ModelSource:
+                   experts: Sequence[Sequence[int]] | None = None,
+                   stages: Sequence[StageLayout] = ()) -> ModelSource:
+    """Which rank loads what: `split` layers per rank (a pipeline), or with
+    `expert_parallel` every layer on every rank, or `stages`, a mixed plan."""
     path = Path(path).expanduser()
     if not (path / "config.json").exists():
         raise UserError(f"{path} is not a model directory (no config.json)")
@@ -67,6 +79,10 @@ def resolve_source(path: Path, ranks: int, split: Sequence[int] | None = None,
     num_layers = int(config.get("num_hidden_layers", 0))
     if ranks < 1:
         raise UserError("--ranks must be at least 1")
+    if stages:
+        if expert_parallel or split is not None:
+            raise UserError("a mixed plan gives every stage's layers and ranks itself: no --split or --expert-parallel")
+        return _mixed_source(path, config, ranks, tuple(stages))
     if expert_parallel and ranks > 1:
         return _expert_parallel_source(path, config, ranks, split, experts)
     if ranks > num_layers:
@@ -135,28 +151,99 @@ def _parts_source(path: Path, config: dict[str, Any], parts: Sequence[Part], ran
     `owned` (a re-placement may give a rank several parts), each rank's expert ids must be
     whole parts' ids concatenated: it loads those parts, its rows in that order."""
     num_layers = int(config["num_hidden_layers"])
-    nodes = ", ".join(p.node for p in parts)
     if not owned:
-        if ranks != len(parts):
-            raise UserError(f"{path} holds the experts in {plural(len(parts), 'part')} ({nodes}): "
-                            f"run it on {plural(len(parts), 'rank')}")
-        return ModelSource(path, config, tuple(StagePlan(r, 0, num_layers, num_layers, path / p.dir, True)
-                                               for r, p in enumerate(parts)),
-                           expert_parallel=True, experts=tuple(p.experts for p in parts))
+        _check_part_count(path, parts, ranks)
+        owned = tuple(p.experts for p in parts)
+    stages = tuple(_member_plan(path, parts, r, mine, 0, num_layers, num_layers) for r, mine in enumerate(owned))
+    return ModelSource(path, config, stages, expert_parallel=True, experts=owned)
+
+
+def _check_part_count(path: Path, parts: Sequence[Part], ranks: int) -> None:
+    if ranks != len(parts):
+        raise UserError(f"{path} holds the experts in {plural(len(parts), 'part')} "
+                        f"({', '.join(p.node for p in parts)}): run it on {plural(len(parts), 'rank')}")
+
+
+def _member_plan(path: Path, parts: Sequence[Part], rank: int, mine: Sequence[int], start: int, end: int,
+                 num_layers: int) -> StagePlan:
+    """The StagePlan of `rank`, a member of an expert-parallel stage cut into per-node
+    parts: its expert ids `mine` must be whole parts' ids concatenated, in their row order;
+    it loads those parts."""
     by_first = {p.experts[0]: p for p in parts}
-    stages = []
-    for r, mine in enumerate(owned):
-        held, i = [], 0
-        while i < len(mine):
-            p = by_first.get(mine[i])
-            if p is None or tuple(mine[i:i + len(p.experts)]) != p.experts:
-                raise UserError(f"{path}: rank {r}'s experts {list(mine)} are not whole parts' ({nodes}) in "
-                                f"their row order; a part holds only the experts it was converted with")
-            held.append(path / p.dir)
-            i += len(p.experts)
-        stages.append(StagePlan(r, 0, num_layers, num_layers, held[0], True,
-                                tuple(held) if len(held) > 1 else ()))
-    return ModelSource(path, config, tuple(stages), expert_parallel=True, experts=owned)
+    held, i = [], 0
+    while i < len(mine):
+        p = by_first.get(mine[i])
+        if p is None or tuple(mine[i:i + len(p.experts)]) != p.experts:
+            raise UserError(f"{path}: rank {rank}'s experts {list(mine)} are not whole parts' "
+                            f"({', '.join(p.node for p in parts)}) in their row order; a part holds only the "
+                            f"experts it was converted with")
+        held.append(path / p.dir)
+        i += len(p.experts)
+    return StagePlan(rank, start, end, num_layers, held[0], True, tuple(held) if len(held) > 1 else ())
+
+
+def _mixed_source(path: Path, config: dict[str, Any], ranks: int, layout: tuple[StageLayout, ...]) -> ModelSource:
+    """A mixed plan: pipeline stages on one rank each, and one expert-parallel stage over
+    consecutive ranks after rank 0's, whose members each keep their own experts (sliced on
+    load from an mlx-lm directory or the shard's whole stage, or the shard's part of each
+    member's node)."""
+    from mlxdist.runtime.expert_parallel import split_experts
+
+    num_layers = int(config.get("num_hidden_layers", 0))
+    n_experts = int(config.get("n_routed_experts") or config.get("num_experts") or 0)
+    bounds = [(s.start, s.end) for s in layout]
+    if [a for a, _ in bounds] != [0] + [b for _, b in bounds[:-1]] or bounds[-1][1] != num_layers:
+        raise UserError(f"the plan's stages {[list(b) for b in bounds]} must cut the model's {num_layers} "
+                        f"layers into contiguous ranges from 0")
+    wide = [k for k, s in enumerate(layout) if s.ranks > 1]
+    if len(wide) != 1:
+        raise UserError(f"a mixed plan has one expert-parallel stage (over several ranks); this one has {len(wide)}")
+    k = wide[0]
+    ep = layout[k]
+    if k == 0:
+        raise UserError("the expert-parallel stage of a mixed plan must come after the first stage: rank 0 "
+                        "runs a pipeline stage of its own (or run the whole model expert-parallel)")
+    if sum(s.ranks for s in layout) != ranks:
+        raise UserError(f"the plan's stages run on {plural(sum(s.ranks for s in layout), 'rank')}, not {ranks}")
+    if n_experts == 0:
+        raise UserError(f"{path}: an expert-parallel stage needs an MoE model (deepseek_v3, qwen3_moe); "
+                        f"config.json names no routed experts")
+    if ep.ranks > n_experts:
+        raise UserError(f"{plural(ep.ranks, 'rank')} but the model has only {plural(n_experts, 'routed expert')} "
+                        f"per layer")
+    manifest = _manifest(path)
+    entries = {st.layers: st for st in manifest.stages} if manifest else {}
+    use_shards = bool(entries) and all(b in entries for b in bounds)
+    parts = entries[bounds[k]].parts if use_shards else ()
+    if manifest and any(st.parts for st in manifest.stages) and not parts:
+        raise UserError(f"{path} holds expert-parallel parts for layers "
+                        f"{[list(st.layers) for st in manifest.stages if st.parts]}, not for this plan's "
+                        f"expert-parallel stage {list(bounds[k])}; convert it with this plan")
+    if parts and not ep.experts:  # the parts say who holds what
+        if len(parts) != ep.ranks:
+            raise UserError(f"{path} holds the experts of layers {list(bounds[k])} in "
+                            f"{plural(len(parts), 'part')} ({', '.join(p.node for p in parts)}): "
+                            f"run that stage on {plural(len(parts), 'rank')}")
+        owned = tuple(p.experts for p in parts)
+    else:
+        owned = ep.experts or tuple(tuple(e) for e in split_experts(n_experts, ep.ranks))
+    if sorted(e for mine in owned for e in mine) != list(range(n_experts)) or not all(owned):
+        raise UserError(f"the expert-parallel stage must give each of its {plural(ep.ranks, 'rank')} a non-empty "
+                        f"share, and every expert 0..{n_experts - 1} to exactly one rank")
+    first = sum(s.ranks for s in layout[:k])
+    plans, rank = [], 0
+    for j, (a, b) in enumerate(bounds):
+        for m in range(layout[j].ranks):
+            if not use_shards:
+                plans.append(StagePlan(rank, a, b, num_layers, path))
+            elif j == k and parts:
+                plans.append(_member_plan(path, parts, rank, owned[m], a, b, num_layers))
+            else:
+                plans.append(StagePlan(rank, a, b, num_layers, path / entries[(a, b)].dir, True))
+            rank += 1
+    experts = tuple(owned[r - first] if first <= r < first + ep.ranks else () for r in range(ranks))
+    filled = tuple(StageLayout(s.start, s.end, s.ranks, owned if j == k else ()) for j, s in enumerate(layout))
+    return ModelSource(path, config, tuple(plans), experts=experts, layout=filled)
 
 
 def _manifest(path: Path) -> Manifest | None:

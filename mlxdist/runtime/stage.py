@@ -30,11 +30,14 @@ LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
 
 @dataclass(frozen=True)
 class StageSpec:
-    """Which part of the model this process runs. `end` is exclusive."""
+    """Which part of the model this process runs. `end` is exclusive. `head`: whether the
+    model's last stage keeps the final norm and the head; False for a member of an
+    expert-parallel last stage that does not sample (mixed.py): it runs the layers only."""
 
     start: int
     end: int
     num_layers: int
+    head: bool = True
 
     @property
     def is_first(self) -> bool:
@@ -42,7 +45,8 @@ class StageSpec:
 
     @property
     def is_last(self) -> bool:
-        return self.end == self.num_layers
+        """Runs the final norm and the head (and samples)."""
+        return self.end == self.num_layers and self.head
 
 
 class _Passthrough(nn.Module):

@@ -118,6 +118,11 @@ def run(a: WorkerSpec, chan: Channel) -> None:
             verify_stage(Path(a.shard_root), replace(plan, model_dir=d))
     if a.config.expert_parallel:
         return run_expert_parallel(a, chan, plan)
+    if a.config.stages:
+        from mlxdist.runtime.mixed import members
+
+        if a.rank in (at := members(a.config.stages)):
+            return run_member(a, chan, plan, at)
     stage = load_stage(plan.model_dir, StageSpec(start, end, a.num_layers), presanitized=plan.shard)
 
     group = _join_group(a)
@@ -128,7 +133,7 @@ def run(a: WorkerSpec, chan: Channel) -> None:
     if a.rank == 0:
         coord = Coordinator(runner, link, chan.send, max_slots=a.config.max_concurrent,
                             prefill_step=a.config.prefill_step, prompt_cache=a.config.prompt_cache,
-                            groups=_decoding_groups())
+                            groups=_decoding_groups() or len(a.config.stages))  # a mixed plan: one per stage
         threading.Thread(target=_reader, args=(chan, coord.commands.put), daemon=True).start()
         chan.send({"t": "ready", "rank": a.rank})
         coord.run()
@@ -162,6 +167,31 @@ def run_expert_parallel(a: WorkerSpec, chan: Channel, plan) -> None:
         print(f"rank 0: done, {coord.stats}, {bcast.messages} broadcasts", file=sys.stderr, flush=True)
         return
     _follow(chan, a.rank, lambda wait_for_wake: ep_follower_loop(stage, bcast, wait_for_wake))
+
+
+def run_member(a: WorkerSpec, chan: Channel, plan, at) -> None:
+    """A member of a mixed plan's expert-parallel stage (mixed.py): join the group first
+    (the MoE blocks combine over it), load the stage's layers keeping this rank's experts,
+    then follow; every member but the last relays each message to the next one."""
+    from mlxdist.runtime.mixed import describe, load_member
+    from mlxdist.runtime.pipeline import StageRunner, follower_loop
+    from mlxdist.runtime.ring_link import RingLink
+    from mlxdist.runtime.stage import StageSpec
+
+    if a.config.handoff != "messages":
+        raise RuntimeError("a mixed plan runs with handoff messages (lock-step runs are off)")
+    if not a.experts:
+        raise RuntimeError(f"rank {a.rank} is a member of an expert-parallel stage but was given no experts")
+    group = _join_group(a)
+    relay = a.rank < at.last
+    spec = StageSpec(plan.start, plan.end, plan.num_layers, head=not relay)
+    stage = load_member(plan.model_dir, spec, a.experts, group, at, presanitized=plan.shard, parts=plan.parts)
+    link = RingLink(group, _inbound_sockets(a))
+    print(describe(a.rank, spec, at, a.experts, stage) + f", waiting on "
+          f"{plural(len(link.wait_on), 'inbound ring socket')}", file=sys.stderr, flush=True)
+    runner = StageRunner(stage, combines=True)
+    _follow(chan, a.rank, lambda wait_for_wake: follower_loop(
+        runner, link, int(stage.config["hidden_size"]), wait_for_wake, relay=relay))
 
 
 def _join_group(a: WorkerSpec):
