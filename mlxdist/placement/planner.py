@@ -134,13 +134,18 @@ def _ep_experts(p: Profile, nodes: list[NodeSpec], req: Request) -> list[int] | 
         room.append((budget(n, req.headroom) - rep) // per_expert if per_expert else 0)
     if min(room) < 1 or sum(room) < p.E:
         return None
-    counts = _largest_remainder(p.E, [n.bandwidth for n in nodes])
-    for _ in range(p.E * len(nodes)):  # move experts off nodes without room
-        over = [i for i in range(len(nodes)) if counts[i] > room[i]]
+    return _fit_experts(_largest_remainder(p.E, [n.bandwidth for n in nodes]), room, p.E)
+
+
+def _fit_experts(counts: list[int], room: list[int], experts: int) -> list[int] | None:
+    """`counts` with experts moved off members without room to the one with most room
+    left; None if that does not make every count fit (and be at least one)."""
+    for _ in range(experts * len(counts)):
+        over = [i for i in range(len(counts)) if counts[i] > room[i]]
         if not over:
             break
         i = over[0]
-        j = max((j for j in range(len(nodes)) if counts[j] < room[j]), key=lambda j: room[j] - counts[j])
+        j = max((j for j in range(len(counts)) if counts[j] < room[j]), key=lambda j: room[j] - counts[j])
         counts[i] -= 1
         counts[j] += 1
     return counts if all(0 < c <= r for c, r in zip(counts, room)) else None
@@ -229,15 +234,7 @@ def _stage_experts(p: Profile, members: Sequence[NodeSpec], a: int, b: int, req:
     counts = [max(1, c) for c in _largest_remainder(p.E, [n.bandwidth for n in members])]
     while sum(counts) > p.E:  # the ones given to members that got none
         counts[max(range(len(counts)), key=lambda t: counts[t])] -= 1
-    for _ in range(p.E * len(members)):
-        over = [t for t in range(len(members)) if counts[t] > room[t]]
-        if not over:
-            break
-        t = over[0]
-        to = max((u for u in range(len(members)) if counts[u] < room[u]), key=lambda u: room[u] - counts[u])
-        counts[t] -= 1
-        counts[to] += 1
-    return counts if all(0 < c <= r for c, r in zip(counts, room)) else None
+    return _fit_experts(counts, room, p.E)
 
 
 def _mixed_overflow(p: Profile, unit: Sequence[NodeSpec], a: int, b: int, req: Request) -> float:
