@@ -21,6 +21,13 @@ ones), so a long new prompt stalls the decoders for at most one chunk at a time.
 at most one multi-token message is in flight: large sends block until the neighbour
 receives, and a ring of blocked senders would deadlock.
 
+One stage where queueing computes (MLX's CPU backend, `queue_computes`): a batched prompt
+forward costs as much as the prompts one by one there, and only makes every prompt in it
+wait for all of them. So prompts run one at a time in arrival order, each alternating with
+one step of the decoding rows; a sequence joins its group as soon as only its last prompt
+token is left, and that step samples its first token beside the others' next ones (no
+forward of its own); and the step's tokens are read before the next prompt is queued.
+
 With a collective group (`RingLink.collective`), once every sequence is decoding, rank 0
 switches to lock-step runs over the groups (lockstep.py: RUN, ticks of all_sum, then TRIM).
 """
@@ -128,6 +135,12 @@ class Coordinator:
         # a ring's slot messages in flight (setups, chunks, first steps): room for a new
         # sequence's setup, one chunk and its first step back to back, plus one per stage
         self.max_inflight = self.num_stages + 2
+        # one stage on MLX's CPU backend, which computes as work is queued (async_eval
+        # returns when it is nearly done) and is compute bound at any batch: prompts run
+        # one at a time (a prompt batch saves nothing there and makes every prompt in it
+        # wait for all of them), each sequence's last prompt token rides in its group's
+        # next step, and a step's tokens are read before the next prompt's work is queued
+        self.queue_computes = self.link is None and queue_computes()
         # one group per stage when rows can share a forward; else each row is its own group
         self.max_groups = (self.groups or self.num_stages) if self.runner.batchable else self.max_slots
         self.seqs: dict[int, Sequence] = {}
@@ -276,12 +289,22 @@ class Coordinator:
             return "setup"
         if len(s.prompt) - s.pos > 1:
             return "chunk"
-        if s.generated == 0 and not s.awaiting:
+        if s.generated == 0 and not s.awaiting and not self._first_in_group():
             return "first"
         return None
 
     def _can_join(self, s: Sequence) -> bool:
-        return not s.finished and s.group is None and s.generated > 0 and not s.awaiting
+        """`s` joins a group once its first token is out, or (_first_in_group) once only
+        its last prompt token is left: that token then runs in the group's next step
+        beside the decoding rows, which samples its first token too."""
+        if s.finished or s.group is not None or s.awaiting:
+            return False
+        return s.generated > 0 or (self._first_in_group() and s.setup_sent and len(s.prompt) - s.pos == 1)
+
+    def _first_in_group(self) -> bool:
+        """Whether a sequence's first token comes from its group's step (queue_computes,
+        rows batchable) rather than from a FORWARD of its last prompt token alone."""
+        return self.queue_computes and self.runner.batchable
 
     def _step_ready(self, g: Group) -> bool:
         """A group's next step can go: none of its steps in flight, or one whose tokens feed
@@ -326,6 +349,9 @@ class Coordinator:
         self.admit()
         self._merge_groups()
         self._rebalance()
+        if self.queue_computes:  # one prompt's work (a chunk), then it joins and the step goes
+            while self._send_slot_message():
+                pass
         for s in sorted(self.seqs.values(), key=lambda s: s.slot):
             if self._can_join(s):
                 self._send_join(s)
@@ -356,7 +382,8 @@ class Coordinator:
 
     def _room_for(self, op: str, s: Sequence) -> bool:
         """Whether slot message `op` of `s` may go now. One stage: while the prompt tokens
-        queued stay within one chunk (a lone chunk always may), for two sequences at most.
+        queued stay within one chunk (a lone chunk always may), for two sequences at most;
+        with queue_computes, only when nothing is in flight.
         A ring: while fewer than max_inflight slot messages are out, and one multi-token
         message at a time."""
         n = 0 if op == "setup" else len(s.prompt) - s.pos if op == "first" else min(
@@ -366,6 +393,8 @@ class Coordinator:
             return len(slot_msgs) < self.max_inflight and not (n > 1 and any(f.tokens > 1 for f in slot_msgs))
         if op == "setup":
             return True  # no device work here
+        if self.queue_computes:  # one sequence's, and not queued behind a step (whose tokens wait)
+            return not self.inflight
         queued = sum(f.tokens for f in slot_msgs)
         # and prompt work of at most two sequences at once: the next one's is queued while
         # this one's first token is read (where queueing computes, as on MLX's CPU backend,
@@ -419,7 +448,7 @@ class Coordinator:
     def _send_join(self, s: Sequence) -> None:
         g = self._group_for_new_row()
         s.group = g.gid
-        s.feed = s.last_token
+        s.feed = s.last_token if s.generated else s.prompt[-1]  # (one stage: its last prompt token)
         g.rows.append(s)
         self.runner.join(g.gid, s.slot)
         if self.link is not None:
@@ -441,7 +470,7 @@ class Coordinator:
         two): they join a fresh group before their prompts run, and one right-padded
         forward runs them all (as mlx-lm's prompt batches do); the group's first step
         then samples their first tokens, and it is merged into another group later."""
-        if not self.runner.batchable or self.stopping:
+        if not self.runner.batchable or self.stopping or self.queue_computes:
             return
         busy = self._prompt_work()
         if self.link is not None and any(f.tokens > 1 for f in busy):
@@ -736,6 +765,12 @@ class Coordinator:
         if s.generated >= s.max_tokens or token in s.stop_ids:
             s.finished = True
         return token
+
+
+def queue_computes() -> bool:
+    """Whether queueing work computes it (MLX's CPU backend) rather than hands it to a
+    device that runs beside the host."""
+    return mx.default_device() == mx.cpu
 
 
 def _feed(rows: list[Sequence]) -> mx.array:
