@@ -91,6 +91,7 @@ def _row(v) -> dict:
                        "thunderbolt": i.thunderbolt} for i in v.interfaces],
             "shards": [f"{s['model']}/{s['stage']}" for s in v.shards],
             "held_bytes": sum(int(s.get("bytes") or 0) for s in v.shards),
+            "shard_bytes": {f"{s['model']}/{s['stage']}": int(s.get("bytes") or 0) for s in v.shards},
             "health": v.health, "role": v.role, "error": v.error,
             "peers": [{"name": p.get("name", ""), "node_id": p["node_id"],
                        "health": p["health"]} for p in v.peers]}

@@ -2,8 +2,9 @@
 finds the nodes (nodes.py), places the converted model's stages with the planner (the one
 placer: `placement.planner.plan_stages`, through `inventory.Conversion.plan_on`) or takes
 the user's `--plan` once it is checked against the conversion and the nodes that
-answered, and starts a `ClusterEngine` that runs exactly that plan: pipeline stages, or
-one expert-parallel stage whose nodes each hold only their own experts."""
+answered, and starts a `ClusterEngine` that runs exactly that plan: pipeline stages, one
+expert-parallel stage whose nodes each hold only their own experts, or a mixed plan
+(pipeline stages beside one expert-parallel stage over some of the nodes)."""
 
 from __future__ import annotations
 
@@ -24,19 +25,25 @@ from mlxdist.runtime.config import EngineConfig
 def checked_plan(plan: Plan, where: str, conversion: Conversion, views: Sequence[NodeView]) -> Plan:
     """The user's plan (`mlxdist plan --json`), if serve can run it as it is: cut where the
     conversion was cut, on nodes that answered, and either pipeline stages (one node each,
-    in rank order) or one expert-parallel stage over the whole group whose nodes and
-    experts are the conversion's parts (each node is sent only its part); else a one-line
-    UserError saying which of these it is not."""
+    in rank order), one expert-parallel stage over the whole group whose nodes and experts
+    are the conversion's parts (each node is sent only its part), or a mixed plan:
+    pipeline stages and one expert-parallel stage over consecutive ranks after rank 0,
+    whose members are the nodes of the conversion's parts for that stage (or, a
+    conversion without parts, any: each member slices the stage's directory on load);
+    else a one-line UserError saying which of these it is not."""
     ranges = [list(st.layers) for st in plan.stages]
     converted = [list(r) for r in conversion.ranges]
     if ranges != converted:
         raise UserError(f"--plan {where}: its layer ranges {ranges} are not the converted model's "
                         f"{converted}; convert with `mlxdist quantize --plan` first")
-    if any(st.expert_parallel for st in plan.stages):
+    ep = plan.expert_parallel_stage
+    if ep is not None and len(plan.stages) == 1:
         _check_expert_parts(plan, where, conversion)
+    elif ep is not None:
+        _check_mixed(plan, where, conversion)
     elif conversion.expert_parallel:
         raise UserError(f"--plan {where}: the conversion is cut into per-node expert parts; serve it "
-                        "with the expert-parallel plan it was converted with")
+                        "with the expert-parallel or mixed plan it was converted with")
     elif plan.group != tuple(st.nodes[0] for st in plan.stages):
         raise UserError(f"--plan {where}: its group {list(plan.group)} is not its stages' nodes in rank order")
     answered = {v.name for v in views}
@@ -47,20 +54,49 @@ def checked_plan(plan: Plan, where: str, conversion: Conversion, views: Sequence
 
 
 def _check_expert_parts(plan: Plan, where: str, conversion: Conversion) -> None:
-    """An expert-parallel plan runs on nodes only as one stage over the whole group, each
+    """An expert-parallel plan of one stage runs on nodes only over the whole group, each
     node's experts held in the part the conversion wrote for it (same nodes, same order,
     same expert ids in the same row order)."""
-    if len(plan.stages) != 1 or plan.stages[0].nodes != plan.group:
-        raise UserError(f"--plan {where}: nodes serve an expert-parallel stage only as the one stage "
-                        "over the whole group (no pipeline stage beside it)")
-    stage = plan.stages[0]
+    if plan.stages[0].nodes != plan.group:
+        raise UserError(f"--plan {where}: nodes serve a plan's one expert-parallel stage only over the whole "
+                        "group")
+    _check_parts(plan, 0, where, conversion, required=True)
+
+
+def _check_parts(plan: Plan, k: int, where: str, conversion: Conversion, required: bool) -> None:
+    """Stage `k` of `plan` is expert-parallel: the conversion's parts for it, if it has
+    any (`required`: it must), are its nodes' (same nodes in the same order, each with the
+    same expert ids in the same row order)."""
+    stage = plan.stages[k]
     wanted = tuple((n, tuple(stage.experts_of(n))) for n in stage.nodes)
-    parts = conversion.parts[0] if conversion.parts else ()
-    if parts != wanted:
+    parts = conversion.parts[k] if k < len(conversion.parts) else ()
+    if parts != wanted and (parts or required):
         held = "parts for " + ", ".join(f"{n} ({len(ids)} experts)" for n, ids in parts) if parts \
             else "no per-node parts"
         raise UserError(f"--plan {where}: its expert-parallel stage is not what the conversion holds "
                         f"({held}); convert with `mlxdist quantize --plan {where}` for this plan first")
+
+
+def _check_mixed(plan: Plan, where: str, conversion: Conversion) -> None:
+    """A mixed plan: one expert-parallel stage after rank 0's, its members consecutive
+    ranks (the runtime's layout rules, `mixed.layout_from_plan`), and parts, where the
+    conversion has any, for that stage and its nodes alone."""
+    from mlxdist.runtime.mixed import layout_from_plan
+
+    try:
+        layout = layout_from_plan(plan)
+    except UserError as e:
+        raise UserError(f"--plan {where}: {e}") from None
+    k = plan.expert_parallel_stage
+    if layout[0].ranks > 1:
+        raise UserError(f"--plan {where}: its expert-parallel stage includes rank 0 ({plan.group[0]}), whose "
+                        "coordinator runs a pipeline stage of its own")
+    other = [j for j, parts in enumerate(conversion.parts) if parts and j != k]
+    if other:
+        raise UserError(f"--plan {where}: the conversion holds per-node expert parts for stage {other[0]}, "
+                        f"not for the plan's expert-parallel stage {k}; convert with `mlxdist quantize "
+                        f"--plan {where}` for this plan first")
+    _check_parts(plan, k, where, conversion, required=False)
 
 
 def open_cluster_engine(model_path: str | Path, nodes: str = "auto", cluster: str | None = None,
@@ -110,9 +146,12 @@ def open_cluster_engine(model_path: str | Path, nodes: str = "auto", cluster: st
     conversion = Conversion.load(path)
     if plan is None and conversion.expert_parallel:
         raise UserError(f"{path} is cut into per-node expert parts: serve it with --plan, the "
-                        "expert-parallel plan it was converted with")
+                        "expert-parallel or mixed plan it was converted with")
     if plan is not None:
         chosen = checked_plan(Plan.load(plan), str(plan), conversion, ok)
+        if len(chosen.stages) > 1 and chosen.expert_parallel_stage is not None and config.handoff != "messages":
+            raise UserError(f"--plan {plan} is a mixed plan, which runs with --handoff messages (its "
+                            "expert-parallel stage combines over neighbour links)")
     else:
         chosen = conversion.plan_on(ok, conversion.request(config.max_concurrent))
     model = re.sub(r"[^A-Za-z0-9._-]", "-", path.resolve().name).strip(".-")[:64] or "model"

@@ -24,6 +24,14 @@ to a survivor with room, which is sent it, and the requests are carried over as 
 only when nothing fits does every request end with an error naming the node and its
 experts. The model does not move back to a node that returns (take-back is for pipeline
 plans only).
+
+A mixed plan (pipeline stages and one expert-parallel stage over some consecutive ranks
+after rank 0, docs/placement.md) runs its ranks in the plan's group order with the
+runtime's `EngineConfig.stages` (`mixed.layout_from_plan`), no split: each pipeline rank
+from its stage's directory, each member of the expert-parallel stage from its node's part
+(`stages/<k>/nodes/<node>/`), or, for a conversion without parts, from the stage's
+directory (sliced on load). A lost node's ranks move whole to nodes left with room
+(`Conversion.mixed_on`), the stages and experts unchanged; no take-back.
 """
 
 from __future__ import annotations
@@ -37,7 +45,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from mlxdist.cluster.client import NodeClient
-from mlxdist.cluster.inventory import Conversion
+from mlxdist.cluster.inventory import Conversion, rank_words, expert_ids
 from mlxdist.cluster.launcher import ClusterLauncher, Placement
 from mlxdist.cluster.nodes import NodeView, deliver, link_kind, where
 from mlxdist.errors import UserError
@@ -57,15 +65,65 @@ def ranks_on(plan: Plan, views: Sequence[NodeView]) -> list[NodeView]:
     return [by_name[n] for st in plan.stages for n in st.nodes]
 
 
-def expert_ids(ids: Sequence[int]) -> str:
-    """Expert ids compactly, runs as ranges: '0-4, 7'."""
-    runs: list[list[int]] = []
-    for e in ids:
-        if runs and e == runs[-1][-1] + 1:
-            runs[-1].append(e)
-        else:
-            runs.append([e])
-    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
+def plan_kind(plan: Plan) -> str:
+    """"pipeline" (one node per stage), "expert-parallel" (one stage over the whole
+    group) or "mixed" (pipeline stages and one expert-parallel stage over some ranks)."""
+    if not any(st.expert_parallel for st in plan.stages):
+        return "pipeline"
+    return "expert-parallel" if len(plan.stages) == 1 else "mixed"
+
+
+def rank_shards(plan: Plan, conversion: Conversion, out_dir: Path) -> list[list[tuple[Path, int]]]:
+    """What each rank of `plan` runs from, in rank (group) order: [(directory to deliver,
+    the stage number the node holds it as)], the first the one it is launched from.
+    A pipeline rank: its stage's directory `stages/<k>/`, as stage k. A member of an
+    expert-parallel stage k cut into per-node parts: the parts it runs, in its row order
+    (`stages/<k>/nodes/<node>/`, part i held as stage `conversion.held_as(k, i)`, so one
+    node can hold several); of a stage without parts (a mixed plan served from a
+    conversion cut by layers only): the stage's directory, sliced on load."""
+    out: list[list[tuple[Path, int]]] = []
+    for k, st in enumerate(plan.stages):
+        parts = conversion.parts[k] if k < len(conversion.parts) else ()
+        if not st.expert_parallel or not parts:
+            out += [[(out_dir / stage_dir(k), k)] for _ in st.nodes]
+            continue
+        out += [[(out_dir / part_dir(k, parts[i][0]), conversion.held_as(k, i)) for i in mine]
+                for mine in conversion.parts_of(plan, k)]
+    return out
+
+
+def config_for(plan: Plan, config: EngineConfig) -> EngineConfig:
+    """`config` running `plan`: an expert-parallel plan's experts per rank, a mixed plan's
+    stages (`mixed.layout_from_plan`, ranks in its group order); a pipeline's as it is."""
+    kind = plan_kind(plan)
+    if kind == "expert-parallel":
+        st = plan.stages[0]
+        return replace(config, expert_parallel=True, experts=tuple(st.experts_of(n) for n in st.nodes))
+    if kind == "mixed":
+        from mlxdist.runtime.mixed import layout_from_plan
+
+        return replace(config, expert_parallel=False, experts=(), stages=layout_from_plan(plan))
+    return config
+
+
+def ranks_moved(before: Plan, after: Plan) -> str:
+    """'rank 2 (layers 2-4, experts 4-7 of the expert-parallel stage 1) moved from n2 to
+    n0, ...' for the ranks of a mixed plan whose node changed."""
+    out = [f"{rank_words(before, r)} moved from {a} to {b}"
+           for r, (a, b) in enumerate(zip(before.group, after.group)) if a != b]
+    return ", ".join(out) or "no rank moved"
+
+
+def ranks_lost(plan: Plan, lost: Sequence[NodeView], alive: Sequence[NodeView], message: str,
+               refusal: str) -> str:
+    """The one-line error that ends the requests of a mixed `plan` when the ranks of the
+    `lost` nodes fit on no node left (`refusal`, the planner's numbers, says why)."""
+    gone = {v.name for v in lost}
+    held = ", ".join(rank_words(plan, r) for r, n in enumerate(plan.group) if n in gone)
+    left = ", ".join(v.name for v in alive) or "none"
+    first = (message.strip().splitlines() or [""])[0]
+    return (f"{', '.join(map(where, lost))} lost, which ran {held}; no node left ({left}) can take "
+            f"{'them' if ', rank' in held else 'it'}: {refusal} (first report: {first})")
 
 
 def experts_lost(stage: Stage, lost: Sequence[NodeView], alive: Sequence[NodeView], message: str,
@@ -116,9 +174,11 @@ class ClusterEngine:
         # A failed group is not the end of its requests: the runtime calls _on_failure,
         # which re-places and hands them over with GroupEngine.regroup (text state and all)
         self.conversion = conversion
-        # an expert-parallel plan: every rank all layers (no split), each its part's experts
-        self.expert_parallel = any(st.expert_parallel for st in plan.stages)
-        self.split = None if self.expert_parallel else conversion.split
+        # an expert-parallel plan: every rank all layers (no split), each its part's experts;
+        # a mixed plan: its stages in the config (no split)
+        self.kind = plan_kind(plan)
+        self.expert_parallel, self.mixed = self.kind == "expert-parallel", self.kind == "mixed"
+        self.split = conversion.split if self.kind == "pipeline" else None
         self.config = self._config_for(plan, replace(config, heartbeat_timeout_s=min(config.heartbeat_timeout_s, 2.5)))
         self.recoveries: list[dict] = []  # what happened, for tests and /metrics
         self._lock = threading.RLock()  # submits wait while the model moves
@@ -133,7 +193,7 @@ class ClusterEngine:
                                       split=self.split, launcher=self._group,
                                       on_failure=self._on_failure)
         self._stop = threading.Event()
-        if not self.expert_parallel:  # expert parts are not moved back to a returning node
+        if self.kind == "pipeline":  # expert parts and mixed ranks are not moved back to a returning node
             threading.Thread(target=self._take_back_loop, name="mlxdist-take-back",
                              daemon=True).start()
         self.model_name = config.model_name or model
@@ -143,15 +203,9 @@ class ClusterEngine:
 
     # -- placement and moving -------------------------------------------------------------
     def _shards(self, plan: Plan) -> list[list[tuple[Path, int]]]:
-        """What each rank of `plan` runs from: [(directory to deliver, held as stage)]. A
-        pipeline rank k: stage k's directory, as stage k; an expert-parallel rank: the
-        parts of stage 0 it runs, in its row order, part i held as stage i of the model
-        (so one node can hold several)."""
-        if not self.expert_parallel:
-            return [[(self.out_dir / stage_dir(k), k)] for k in range(len(plan.group))]
-        parts = self.conversion.parts[0]
-        return [[(self.out_dir / part_dir(0, parts[i][0]), i) for i in mine]
-                for mine in self.conversion.parts_of(plan)]
+        """What each rank of `plan` runs from: [(directory to deliver, held as stage)]
+        (`rank_shards`)."""
+        return rank_shards(plan, self.conversion, self.out_dir)
 
     def _launcher(self, plan: Plan) -> ClusterLauncher:
         """Deliver each node the stages (or parts) `plan` gives it; the launcher for rank
@@ -176,11 +230,9 @@ class ClusterEngine:
         self._group, self.plan, self.placement = launcher, plan, placement
 
     def _config_for(self, plan: Plan, config: EngineConfig) -> EngineConfig:
-        """`config` running an expert-parallel `plan`: each rank's experts as it gives them."""
-        if not self.expert_parallel:
-            return config
-        st = plan.stages[0]
-        return replace(config, expert_parallel=True, experts=tuple(st.experts_of(n) for n in st.nodes))
+        """`config` running `plan` (`config_for`): an expert-parallel plan's experts per
+        rank, a mixed plan's stages."""
+        return config_for(plan, config)
 
     def _replan(self, alive: Sequence[NodeView]) -> Plan:
         """The planner's placement on the nodes that answer, each stage (expert part) kept
@@ -188,6 +240,8 @@ class ClusterEngine:
         first = Request(context=self._home.context, concurrency=self._home.concurrency)
         if self.expert_parallel:
             return self.conversion.parts_on(alive, first, self._part_nodes(self.plan))
+        if self.mixed:
+            return self.conversion.mixed_on(alive, first, self.plan)
         return self.conversion.plan_on(alive, first, {k: v.name for k, v in enumerate(self.placement)})
 
     def _part_nodes(self, plan: Plan) -> dict[int, str]:
@@ -229,7 +283,7 @@ class ClusterEngine:
             before, before_plan, fatal = list(self.placement), self.plan, None
             if sum(r["reason"] != "nodes back" for r in self.recoveries) >= self.max_recoveries:
                 fatal = f"{what}: {message} (gave up after {self.max_recoveries} re-placements)"
-            elif self.expert_parallel and not lost:  # every node answers: start the group again where it ran
+            elif self.kind != "pipeline" and not lost:  # every node answers: start the group again where it ran
                 try:
                     self._move(self.plan)
                 except Exception as e:
@@ -239,6 +293,7 @@ class ClusterEngine:
                     self._move(self._replan(alive))
                 except UserError as e:
                     fatal = (experts_lost(self.plan.stages[0], lost, alive, message, str(e)) if self.expert_parallel
+                             else ranks_lost(self.plan, lost, alive, message, str(e)) if self.mixed
                              else f"{what}: {message}; the model no longer fits on the nodes left: {e}")
                 except Exception as e:
                     fatal = f"{what}: {message}; re-placement failed: {type(e).__name__}: {e}"
@@ -254,6 +309,7 @@ class ClusterEngine:
                 return
             change = (parts_moved(self.conversion.parts[0], self._part_nodes(before_plan),
                                   self._part_nodes(self.plan)) if self.expert_parallel
+                      else ranks_moved(before_plan, self.plan) if self.mixed
                       else moved(before, self.placement))
             log.warning("%s; %s; now on %s (in %.1f s; first report: %s)", what, change,
                         [v.name for v in self.placement], time.monotonic() - t0, message)

@@ -5,7 +5,9 @@ node already holds (resolved in its own data dir) and the hostfile (validated ad
 and carries the rank's `WorkerSpec` as the msgpack blob the worker will read: the node
 parses it with `WorkerSpec.from_msgpack` (types and bounds), checks what it must (layers
 inside the held stage, addresses, session, names, the options a node runs; expert
-parallel only from held parts of one stage whose experts, concatenated, are the spec's),
+parallel only from held parts of one stage whose experts, concatenated, are the spec's;
+a member of a mixed plan's expert-parallel stage from such parts, or from the whole held
+stage, which it slices on load),
 fills in what only it knows (its stage directories, hostfile path, shard root), and runs
 only `python -m mlxdist.runtime.worker`, the spec on its stdin.
 """
@@ -102,15 +104,32 @@ def _check_worker(w: WorkerSpec, ranks: int) -> None:
         raise LaunchError(f"handoff {w.config.handoff!r} not supported")
     if w.nccl:
         raise LaunchError("a node runs no NCCL ranks (one host's GPUs: local ranks only)")
-    if w.experts and not w.config.expert_parallel:
+    member = _member(w)
+    if w.experts and not (w.config.expert_parallel or member):
         raise LaunchError("bad spec: experts given for a rank that is not expert-parallel")
-    if w.parts and not w.config.expert_parallel:
+    if w.parts and not (w.config.expert_parallel or member):
         raise LaunchError("bad spec: parts given for a rank that is not expert-parallel")
+    if member and not w.experts:
+        raise LaunchError(f"bad spec: rank {w.rank} is a member of the mixed plan's expert-parallel stage "
+                          "but is given no experts")
     _check_endpoint(w.control)
     if not SESSION_RE.match(w.session):
         raise LaunchError("bad session")
     if not HOST_RE.match(w.host):
         raise LaunchError("bad host name")
+
+
+def _member(w: WorkerSpec) -> bool:
+    """Whether the rank is a member of a mixed plan's expert-parallel stage (its config's
+    `stages`, runtime/mixed.py)."""
+    if not w.config.stages:
+        return False
+    from mlxdist.runtime.mixed import members
+
+    try:
+        return w.rank in members(w.config.stages)
+    except ValueError:
+        raise LaunchError("bad spec: a mixed plan's stages without an expert-parallel stage") from None
 
 
 def stage_layers(stage_dir: Path) -> tuple[int, int, int]:
@@ -178,7 +197,11 @@ def worker_spec(spec: LaunchSpec, stage_dir: Path, hostfile_path: Path) -> Worke
     whole = (w.start, w.end) == (have_start, have_end)
     experts = held_experts(stage_dir)
     dirs = (stage_dir,)
-    if w.config.expert_parallel:
+    member = _member(w)
+    if member and experts is None:  # a mixed plan's member from the whole stage: it keeps its experts on load
+        if w.parts:
+            raise LaunchError("bad spec: parts given for a member that runs from a whole stage")
+    elif w.config.expert_parallel or member:
         if experts is None:
             raise LaunchError("an expert-parallel rank runs only from a held part of an expert-parallel "
                               "stage; this stage holds every expert")

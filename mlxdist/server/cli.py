@@ -32,11 +32,35 @@ def _plan_concurrency(plan_file: str) -> int:
     return value
 
 
+def local_plan(plan_file: str, local: int | None, config: EngineConfig):
+    """How a plan file's stages run on local ranks, one per node of the plan (pipeline: its
+    split; expert-parallel; mixed: `mixed.plan_run`); `--local`, if given, must be the
+    plan's node count. One-line UserError for a mismatch."""
+    from mlxdist.errors import plural
+    from mlxdist.placement.plan import Plan
+    from mlxdist.runtime.mixed import plan_run
+
+    if config.expert_parallel:
+        raise UserError("--plan gives the stages: no --expert-parallel with it")
+    plan = Plan.load(plan_file)
+    kind = ("pipeline" if plan.expert_parallel_stage is None else
+            "expert-parallel" if len(plan.stages) == 1 else "mixed")
+    if kind != "pipeline" and config.handoff != "messages":
+        raise UserError(f"--plan {plan_file} is {'a mixed' if kind == 'mixed' else 'an expert-parallel'} plan, "
+                        "which runs with --handoff messages")
+    run = plan_run(plan, config)
+    if local is not None and local != run.ranks:
+        raise UserError(f"--local {local}, but --plan {plan_file} runs on {plural(run.ranks, 'node')} "
+                        f"(one local rank each): give --local {run.ranks} or leave it out")
+    return run
+
+
 def open_engine_for(model: str, local: int | None, nodes: str | None, config: EngineConfig,
                     progress=print, plan: str | None = None):
     """The engine for MODEL: `demo` is the built-in demo model; `--nodes` asks the
     cluster package (with `plan`, its nodes in its order); otherwise one process (or
-    `--local N` ranks) on this machine."""
+    `--local N` ranks, or with `plan` its stages on one local rank per node) on this
+    machine."""
     if local is not None and local < 1:
         raise UserError("--local must be at least 1")
     if model == "demo":
@@ -64,6 +88,12 @@ def open_engine_for(model: str, local: int | None, nodes: str | None, config: En
         raise UserError("this build has no runtime engine (mlxdist.runtime.engine)")
     from mlxdist.runtime.stage import note_if_upcast
 
+    if plan is not None:
+        run = local_plan(plan, local, config)
+        progress(f"loading {path} on {run.ranks} rank{'s' if run.ranks > 1 else ''} as {plan} places it ...")
+        note_if_upcast(path)
+        return start_engine(open_engine, str(path), run.config, ranks=run.ranks,
+                            split=list(run.split) if run.split else None)
     ranks = local or 1
     progress(f"loading {path} on {ranks} rank{'s' if ranks > 1 else ''} ...")
     note_if_upcast(path)  # the ranks' own stderr goes to their logs
@@ -118,8 +148,9 @@ def start_engine(opener: Callable[..., Any], *args: Any, **kw: Any) -> Any:
 @click.option("--local", type=int, default=None, help="Run N ranks on this machine.")
 @click.option("--nodes", default=None, help="'auto' (discover with mDNS) or a comma-separated list of nodes.")
 @click.option("--plan", "plan", default=None, type=click.Path(dir_okay=False),
-              help="With --nodes: a plan from `mlxdist plan --json` (the one the model was "
-                   "converted with); its nodes run the stages, in its order.")
+              help="A plan from `mlxdist plan --json` (the one the model was converted with): with "
+                   "--nodes, its nodes run the stages, in its order; else its stages run on local ranks, "
+                   "one per node of the plan (pipeline, expert-parallel or mixed; --local must match).")
 @click.option("--api-key", default=None, envvar="MLXDIST_API_KEY", help="Require this bearer key.")
 @click.option("--concurrency", default=None, type=click.IntRange(1, 1024),
               help="Requests decoded together, one batched forward per step (the batch width); more wait "
@@ -155,8 +186,8 @@ def serve_command(model: str, host: str, port: int, local: int | None, nodes: st
 
     if local is not None and nodes:
         raise UserError("give --local or --nodes, not both")
-    if plan and not nodes:
-        raise UserError("--plan places stages on cluster nodes: give --nodes too")
+    if plan and expert_parallel:
+        raise UserError("--plan gives the stages: no --expert-parallel with it")
     if expert_parallel and nodes:
         raise UserError("--expert-parallel runs with --local N; the cluster launches pipeline stages only")
     check_handoff(handoff, nodes=bool(nodes), expert_parallel=expert_parallel)

@@ -6,13 +6,22 @@ OUT --nodes auto --plan plan.json` asked through the official openai client. The
 reference is single-process mlx-lm on the same model converted whole. Each node is sent
 only its own part (part i held as stage i of the model), and `mlxdist cluster` reports
 the bytes it holds. A node lost mid-generation: its part goes whole to a survivor with
-room and the request finishes with mlx-lm's tokens."""
+room and the request finishes with mlx-lm's tokens.
+
+Then a mixed plan on the same nodes (`mlxdist plan --strategy mixed`: n0 a pipeline stage,
+n1 and n2 one expert-parallel stage), converted with `quantize --plan` and served the same
+way: mlx-lm's tokens, n0 holding its stage alone and each member its part alone (bytes
+from `mlxdist cluster`, safetensors headers read here, the workers' own lines); the
+relaying member lost mid-generation: its rank and part move to n0 and the request
+finishes with mlx-lm's tokens."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
+import struct
 import subprocess
 import sys
 import time
@@ -124,46 +133,84 @@ def test_plan_nodes_auto_places_the_experts_over_the_discovered_nodes(ep):
     assert all(f"{n} (" in r.stderr for n in ("n0", "n1", "n2")), r.stderr
 
 
-def test_served_over_openai_each_node_holding_only_its_experts(ep):
-    """`mlxdist serve OUT --nodes auto --plan plan.json`: the greedy completion is the text
-    of mlx-lm's tokens (the server's detokenizer's); each node's store holds its part alone (its experts' rows only),
-    byte-equal to the conversion's; `mlxdist cluster` reports the bytes each holds."""
-    from mlx_lm.utils import load_tokenizer
-
-    from mlxdist.shard_format import read_safetensors_header
-
-    serve = ep.net.popen(0, [sys.executable, "-m", "mlxdist", "serve", str(ep.out), "--nodes", "auto",
-                             "--plan", str(ep.plan_file), "--port", "8097", "--quiet"], env=ep.env,
+def serve_and_ask(ep, out: Path, plan_file: Path, port: int, model: str) -> tuple[str, int, dict, list[dict]]:
+    """`mlxdist serve OUT --nodes auto --plan PLAN` from n0, one greedy completion through
+    the official openai client, then `/v1/cluster` and `mlxdist cluster --json`'s nodes;
+    the server is stopped after. Returns (text, completion tokens, cluster view, nodes)."""
+    serve = ep.net.popen(0, [sys.executable, "-m", "mlxdist", "serve", str(out), "--nodes", "auto",
+                             "--plan", str(plan_file), "--port", str(port), "--quiet"], env=ep.env,
                          cwd=str(ROOT), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         wait_serving(serve, 120)
-        n = ep.max_tokens
         code = ("import json; from openai import OpenAI; "
-                "c = OpenAI(base_url='http://127.0.0.1:8097/v1', api_key='x'); "
-                f"r = c.completions.create(model='moe', prompt={PROMPT}, max_tokens={n}, temperature=0); "
-                "import urllib.request; v = json.load(urllib.request.urlopen('http://127.0.0.1:8097/v1/cluster')); "
+                f"c = OpenAI(base_url='http://127.0.0.1:{port}/v1', api_key='x'); "
+                f"r = c.completions.create(model='{model}', prompt={PROMPT}, max_tokens={ep.max_tokens}, "
+                "temperature=0); "
+                f"import urllib.request; v = json.load(urllib.request.urlopen('http://127.0.0.1:{port}/v1/cluster')); "
                 "print(json.dumps([r.choices[0].text, r.usage.completion_tokens, v]))")
         r = ep.net.run(0, [sys.executable, "-c", code], env=ep.env, timeout=120)
         assert r.returncode == 0, r.stderr[-2000:]
         text, count, view = json.loads(r.stdout)
-        experts = ep.plan["stages"][0]["experts"]  # layout() and events() over the nodes
-        assert [(st["node"], st["experts"]["owned"]) for st in view["stages"]] == [
-            (node, experts[node]) for node in ep.plan["group"]], view["stages"]
-        assert view["events"][0]["event"] == "placed" and "n0, n1, n2" in view["events"][0]["message"]
-        detok = load_tokenizer(ep.tokenizer_dir).detokenizer  # as the server writes text (ids it
-        detok.reset()  # has no bytes for show as "!", which `decode` drops)
-        for t in ep.expected:
-            detok.add_token(t)
-        detok.finalize()
-        assert count == n and text == detok.text, (text, ep.expected)
-
         r = ep.net.run(0, [sys.executable, "-m", "mlxdist", "cluster", "--cluster", CLUSTER, "--secret-file",
                            str(ep.secret_file), "--address", ep.net.hosts[0].ip, "--browse", "3", "--json"],
                        env=ep.env, timeout=60)
         assert r.returncode == 0, r.stderr
-        held = {n["name"]: (n["shards"], n["held_bytes"], n["role"]) for n in json.loads(r.stdout)["nodes"]}
+        return text, count, view, json.loads(r.stdout)["nodes"]
     finally:
         stop_process(serve)
+
+
+def expected_text(ep) -> str:
+    """mlx-lm's greedy tokens as the server writes text (ids it has no bytes for show as
+    "!", which `decode` drops)."""
+    from mlx_lm.utils import load_tokenizer
+
+    detok = load_tokenizer(ep.tokenizer_dir).detokenizer
+    detok.reset()
+    for t in ep.expected:
+        detok.add_token(t)
+    detok.finalize()
+    return detok.text
+
+
+def serve_through_a_loss(ep, out: Path, plan_file: Path, lose: int) -> tuple[dict, dict, float]:
+    """The driver serves one long greedy request; once it has progressed, everything in
+    node n<lose>'s namespace is killed. Returns the request's result, its one recovery and
+    when the kill was."""
+    p = ep.net.popen(0, [sys.executable, DRIVER, "serve", json.dumps({
+        "cluster": CLUSTER, "secret_file": str(ep.secret_file), "address": ep.net.hosts[0].ip,
+        "out": str(out), "plan": str(plan_file), "prompt": PROMPT, "max_tokens": len(ep.long),
+        "progress_at": 4})], env=ep.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+    events = Events(p)
+    try:
+        first = events.until(lambda ev: any("progress" in e for e in ev), 120)
+        assert first and first[0]["placement"] == ["n0", "n1", "n2"], first
+        t_kill = time.time()
+        netns.kill_processes(ep.net.hosts[lose].ns)
+        [result] = events.until(lambda ev: len(ev) >= 1, 120)
+        assert result["error"] is None and result["tokens"] == ep.long, json.dumps(result)[-3000:]
+        [rec] = result["recoveries"]
+        assert p.wait(timeout=60) == 0
+        return result, rec, t_kill
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(timeout=5)
+
+
+def test_served_over_openai_each_node_holding_only_its_experts(ep):
+    """`mlxdist serve OUT --nodes auto --plan plan.json`: the greedy completion is the text
+    of mlx-lm's tokens (the server's detokenizer's); each node's store holds its part alone (its experts' rows only),
+    byte-equal to the conversion's; `mlxdist cluster` reports the bytes each holds."""
+    from mlxdist.shard_format import read_safetensors_header
+
+    text, count, view, nodes = serve_and_ask(ep, ep.out, ep.plan_file, 8097, "moe")
+    experts = ep.plan["stages"][0]["experts"]  # layout() and events() over the nodes
+    assert [(st["node"], st["experts"]["owned"]) for st in view["stages"]] == [
+        (node, experts[node]) for node in ep.plan["group"]], view["stages"]
+    assert view["events"][0]["event"] == "placed" and "n0, n1, n2" in view["events"][0]["message"]
+    assert count == ep.max_tokens and text == expected_text(ep), (text, ep.expected)
+    held = {n["name"]: (n["shards"], n["held_bytes"], n["role"]) for n in nodes}
     (stage,) = Manifest.load(ep.out).stages
     for rank, part in enumerate(stage.parts):
         i = int(part.node[1:])
@@ -188,26 +235,9 @@ def test_node_lost_its_part_moves_and_the_request_finishes(ep):
     """Everything in n2's namespace dies mid-generation: its part goes whole to a survivor
     with room (sent it, sha256-equal to the conversion's), the group is n0, n1, and the
     request, re-prefilled there, finishes with exactly mlx-lm's greedy tokens."""
-    p = ep.net.popen(0, [sys.executable, DRIVER, "serve", json.dumps({
-        "cluster": CLUSTER, "secret_file": str(ep.secret_file), "address": ep.net.hosts[0].ip,
-        "out": str(ep.out), "plan": str(ep.plan_file), "prompt": PROMPT, "max_tokens": len(ep.long),
-        "progress_at": 4})], env=ep.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
-    events = Events(p)
-    try:
-        first = events.until(lambda ev: any("progress" in e for e in ev), 120)
-        assert first and first[0]["placement"] == ["n0", "n1", "n2"], first
-        t_kill = time.time()
-        netns.kill_processes(ep.net.hosts[2].ns)
-        [result] = events.until(lambda ev: len(ev) >= 1, 120)
-        assert result["error"] is None and result["tokens"] == ep.long, result
-        [rec] = result["recoveries"]
-        assert rec["lost"] == ["n2"] and rec["fatal"] is None and rec["group"] == ["n0", "n1"], rec
-        assert result["placement"] == ["n0", "n1"]
-        assert p.wait(timeout=60) == 0
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait(timeout=5)
+    result, rec, t_kill = serve_through_a_loss(ep, ep.out, ep.plan_file, 2)
+    assert rec["lost"] == ["n2"] and rec["fatal"] is None and rec["group"] == ["n0", "n1"], rec
+    assert result["placement"] == ["n0", "n1"]
     (stage,) = Manifest.load(ep.out).stages
     lost = stage.parts[2]
     assert lost.node == "n2"
@@ -219,3 +249,114 @@ def test_node_lost_its_part_moves_and_the_request_finishes(ep):
         assert (copy / f.name).read_bytes() == f.read_bytes(), f.name
     print(f"\nn2 lost: its part re-placed on n{adopted[0]} in {rec['seconds']:.1f} s "
           f"(noticed {rec['noticed_at'] - t_kill:.1f} s after the kill); {len(result['tokens'])} tokens exact")
+
+
+# -- a mixed plan: rank 0's pipeline stage on n0, one expert-parallel stage over n1 and n2 ------
+
+
+def safetensors_table(path: Path) -> dict[str, dict]:
+    """A safetensors file's tensor table, read here from the format itself (8-byte
+    little-endian header length, then JSON): name -> {dtype, shape, data_offsets}."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        table = json.loads(f.read(n))
+    table.pop("__metadata__", None)
+    return table
+
+
+def routed_bytes_in(path: Path, layers: range) -> int:
+    """Bytes of the routed experts' tensors of `layers` in a safetensors file."""
+    return sum(t["data_offsets"][1] - t["data_offsets"][0] for name, t in safetensors_table(path).items()
+               if ".switch_mlp." in name and int(name.split(".")[2]) in layers)
+
+
+class Mixed:
+    """The mixed plan for the three nodes (`mlxdist plan --strategy mixed`) and the
+    conversion it cut (`mlxdist quantize --plan`: stages/0, stages/1/nodes/{n1,n2})."""
+
+    def __init__(self, ep: EPCluster) -> None:
+        self.plan_file = ep.tmp / "mixed.json"
+        self.plan_file.write_text(mlxdist("plan", str(ep.ckpt), "--nodes", str(ep.tmp / "nodes.json"), "--strategy",
+                                          "mixed", "--context", "128", "--concurrency", "8", "--json"))
+        self.plan = json.loads(self.plan_file.read_text())
+        self.out = ep.tmp / "mixed"
+        mlxdist("quantize", str(ep.ckpt), str(self.out), "--plan", str(self.plan_file), "--quiet")
+
+
+@pytest.fixture(scope="module")
+def mixed(ep):
+    """The mixed conversion, with all three nodes answering (a test before may have
+    killed n2: it is started again, with its data dir, and waited for)."""
+    for i, p in ep.procs.items():
+        if p.poll() is not None:
+            ep.start_node(i)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        views = ep.driver("discover", expect=3, browse=3)[0]
+        if sorted(v["name"] for v in views if v["health"] == "ok") == ["n0", "n1", "n2"]:
+            break
+    else:
+        pytest.fail(f"the three nodes do not answer: {views}")
+    return Mixed(ep)
+
+
+def test_mixed_plan_served_over_openai_each_member_holding_only_its_experts(ep, mixed):
+    """`mlxdist serve OUT --nodes auto --plan mixed.json`: n0 runs layers [0, k) as rank 0,
+    n1 and n2 the expert-parallel stage over [k, 5) as ranks 1 and 2. The greedy completion
+    is the text of mlx-lm's tokens on the unsliced conversion. n0 is sent its stage alone,
+    each member its part alone: `mlxdist cluster --json` reports per node exactly those
+    bytes, each held copy's routed tensors have its experts' rows only (its routed bytes the
+    whole stage's times its share, from the unsliced conversion's safetensors header), and
+    each member's worker says it holds those routed bytes."""
+    first, stage = mixed.plan["stages"]
+    assert mixed.plan["group"] == ["n0", "n1", "n2"] and first["nodes"] == ["n0"] and stage["nodes"] == ["n1", "n2"]
+    text, count, view, nodes = serve_and_ask(ep, mixed.out, mixed.plan_file, 8096, "mixed")
+    assert [(st["node"], st["layers"], st["experts"] and st["experts"]["owned"]) for st in view["stages"]] == [
+        ("n0", first["layers"], None), ("n1", stage["layers"], stage["experts"]["n1"]),
+        ("n2", stage["layers"], stage["experts"]["n2"])], view["stages"]
+    assert count == ep.max_tokens and text == expected_text(ep), (text, ep.expected)
+    held = {n["name"]: {k: b for k, b in n["shard_bytes"].items() if k.startswith("mixed/")} for n in nodes}
+    manifest = Manifest.load(mixed.out)
+    a, b = stage["layers"]
+    whole = routed_bytes_in(ep.tokenizer_dir / "stages" / "0" / "weights.safetensors", range(a, b))
+    assert whole > 0
+    sent = {"n0": (0, mixed.out / "stages" / "0")}
+    sent.update({p.node: (1 + 2 * r, mixed.out / p.dir) for r, p in enumerate(manifest.stages[1].parts)})
+    for node, (key, src) in sent.items():
+        files = sorted(f for f in src.iterdir() if f.is_file()) + [mixed.out / "manifest.json"]
+        assert held[node] == {f"mixed/{key}": sum(f.stat().st_size for f in files)}, held
+        copy = ep.data_dir(int(node[1:])) / "shards" / "mixed" / str(key)
+        for f in files:
+            assert hashlib.sha256((copy / f.name).read_bytes()).digest() == hashlib.sha256(f.read_bytes()).digest()
+        if node == "n0":
+            assert routed_bytes_in(copy / "weights.safetensors", range(a, b)) == 0
+            continue
+        experts = stage["experts"][node]
+        table = safetensors_table(copy / "weights.safetensors")
+        routed = [t["shape"][0] for name, t in table.items() if ".switch_mlp." in name]
+        assert routed and set(routed) == {len(experts)}, routed
+        mine = routed_bytes_in(copy / "weights.safetensors", range(a, b))
+        assert mine == whole * len(experts) // 8, (mine, whole)
+        logs = [p.read_text() for p in (ep.data_dir(int(node[1:])) / "jobs").glob("*/rank*/worker.log")]
+        said = [m for log in logs for m in re.findall(r"experts (\[[\d, ]+\]), routed rows per MoE layer "
+                                                      r"\[[\d, ]+\], routed bytes (\d+)", log)]
+        assert said == [(str(experts), str(mine))], said
+        print(f"\n{node}: experts {experts}, {held[node]} held, routed bytes {mine} of the stage's {whole}")
+
+
+def test_mixed_plan_member_lost_its_rank_moves_and_the_request_finishes(ep, mixed):
+    """Everything in n1's namespace (the stage's relaying member) dies mid-generation: its
+    rank, with its part, goes whole to n0 (n2 runs the stage's other member), the group
+    becomes n0, n0, n2, n0 is sent n1's part (sha256-equal to the conversion's), and the
+    request, re-prefilled there, finishes with exactly mlx-lm's greedy tokens."""
+    result, rec, t_kill = serve_through_a_loss(ep, mixed.out, mixed.plan_file, 1)
+    assert rec["lost"] == ["n1"] and rec["fatal"] is None and rec["group"] == ["n0", "n0", "n2"], rec
+    assert result["placement"] == ["n0", "n0", "n2"]
+    part = Manifest.load(mixed.out).stages[1].parts[0]
+    assert part.node == "n1"
+    copy = ep.data_dir(0) / "shards" / "mixed" / "1"
+    assert json.loads((copy / "stage.json").read_text())["node"] == "n1"
+    for f in sorted((mixed.out / part.dir).iterdir()):
+        assert (copy / f.name).read_bytes() == f.read_bytes(), f.name
+    print(f"\nn1 lost: its rank re-placed on n0 in {rec['seconds']:.1f} s (noticed {rec['noticed_at'] - t_kill:.1f} s "
+          f"after the kill); {len(result['tokens'])} tokens exact")

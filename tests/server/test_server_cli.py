@@ -57,3 +57,13 @@ def test_serve_bad_reasoning_budgets_and_missing_verifier(tmp_path):
     from mlxdist.server.cli import parse_efforts
 
     assert parse_efforts("low=7, high=99") == {"none": 0, "minimal": 256, "low": 7, "medium": 4096, "high": 99}
+
+
+def test_serve_plan_refusals(tmp_path):
+    """`--plan` gives the stages: `--expert-parallel` beside it is one line; a file that is
+    not a plan is one line (before anything loads)."""
+    (tmp_path / "plan.json").write_text("not json")
+    one_line_error(run_mlxdist("serve", str(tmp_path), "--plan", str(tmp_path / "plan.json"), "--expert-parallel",
+                               "--local", "2", timeout=60), "no --expert-parallel with it")
+    one_line_error(run_mlxdist("serve", str(tmp_path), "--plan", str(tmp_path / "plan.json"), "--local", "2",
+                               timeout=60), "not a plan")
