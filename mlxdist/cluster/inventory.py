@@ -178,7 +178,8 @@ class Conversion:
             (a, b), kv = plan.stages[k].layers, p.kv_bytes(*plan.stages[k].layers, req.context, req.concurrency)
             if t is None:
                 return self.stage_bytes[k] + kv
-            return p.member_weights(a, b, len(plan.stages[k].experts_of(node)), shared=t == 0) + kv
+            return p.member_weights(a, b, len(plan.stages[k].experts_of(node)), shared=t == 0,
+                                    head=t == len(plan.stages[k].nodes) - 1) + kv
 
         orphans = sorted((r for r, (_, _, node) in enumerate(ranks) if node not in cap), key=lambda r: (-need(r), r))
         if not orphans:

@@ -77,13 +77,15 @@ class Profile:
         held = self.s(self.rep, a, b) - (0 if shared else self.s(self.shared, a, b))
         return held + owned * self.s(self.xbytes, a, b) + ends
 
-    def member_weights(self, a: int, b: int, owned: int, shared: bool) -> int:
+    def member_weights(self, a: int, b: int, owned: int, shared: bool, head: bool = True) -> int:
         """A member of an expert-parallel stage over layers [a, b) (whole-model or in a
         mixed plan): the layers' non-expert weights, `owned` experts per MoE layer, the
-        embedding if a == 0 and the head if b == L (every member's part holds them), the
-        shared experts only where `shared` (the stage's first member runs them for all)."""
+        embedding if a == 0, the head if b == L and `head` (a mixed plan's last stage: its
+        last member only, the one that samples; every part holds it on disk), the shared
+        experts only where `shared` (the stage's first member runs them for all)."""
         held = self.s(self.rep, a, b) - (0 if shared else self.s(self.shared, a, b))
-        return held + owned * self.s(self.xbytes, a, b) + self.ends(a, b)
+        ends = self.ends(a, b) if head else self.ends(a, b) - (self.model.head if b == self.L else 0)
+        return held + owned * self.s(self.xbytes, a, b) + ends
 
     def kv_bytes(self, a: int, b: int, context: int, concurrency: int) -> int:
         return self.s(self.kv, a, b) * kv_tokens(context) * concurrency

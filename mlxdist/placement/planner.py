@@ -209,9 +209,10 @@ def expert_parallel_plan(model: ModelSpec, cluster: Cluster, experts: tuple[tupl
 # -- mixed plans: pipeline stages and one expert-parallel stage over consecutive ranks -------
 
 
-def _member_fixed(p: Profile, a: int, b: int, first: bool, req: Request) -> int:
-    """What a member of an expert-parallel stage over [a, b) holds before any expert."""
-    return p.member_weights(a, b, 0, shared=first) + p.kv_bytes(a, b, req.context, req.concurrency)
+def _member_fixed(p: Profile, a: int, b: int, first: bool, last: bool, req: Request) -> int:
+    """What a member of a mixed plan's expert-parallel stage over [a, b) holds before any
+    expert (the head, if the stage is last, on its last member only)."""
+    return p.member_weights(a, b, 0, shared=first, head=last) + p.kv_bytes(a, b, req.context, req.concurrency)
 
 
 def _stage_room(p: Profile, members: Sequence[NodeSpec], a: int, b: int, req: Request) -> list[int] | None:
@@ -220,7 +221,7 @@ def _stage_room(p: Profile, members: Sequence[NodeSpec], a: int, b: int, req: Re
     per_expert = p.s(p.xbytes, a, b)
     if b <= a or not per_expert:
         return None
-    return [(budget(n, req.headroom) - _member_fixed(p, a, b, t == 0, req)) // per_expert
+    return [(budget(n, req.headroom) - _member_fixed(p, a, b, t == 0, t == len(members) - 1, req)) // per_expert
             for t, n in enumerate(members)]
 
 
@@ -251,7 +252,8 @@ def _mixed_overflow(p: Profile, unit: Sequence[NodeSpec], a: int, b: int, req: R
     if room is None:
         return float("inf")
     x = p.s(p.xbytes, a, b)
-    spare = [budget(n, req.headroom) - _member_fixed(p, a, b, t == 0, req) - x for t, n in enumerate(unit)]
+    spare = [budget(n, req.headroom) - _member_fixed(p, a, b, t == 0, t == len(unit) - 1, req) - x
+             for t, n in enumerate(unit)]
     if min(spare) < 0:
         return -min(spare)
     if sum(room) < p.E:
@@ -379,7 +381,7 @@ def mixed_plan(model: ModelSpec, cluster: Cluster, stages: Sequence[Stage], req:
             node = cluster.node(name)
             if s.expert_parallel:
                 k = len(s.experts_of(name))
-                w = p.member_weights(a, b, k, shared=t == 0)
+                w = p.member_weights(a, b, k, shared=t == 0, head=t == len(s.nodes) - 1)
             else:
                 k, w = p.E, p.stage_weights(a, b)
             loads.append(NodeLoad(name, node.chip, w, kv, node.usable_bytes, ms * 1e3, ((a, b),), k))

@@ -129,9 +129,17 @@ def routed_bytes(stage: LoadedStage) -> int:
     return sum(v.nbytes for k, v in tree_flatten(stage.model.parameters()) if ".switch_mlp." in k)
 
 
+def resident_bytes(stage: LoadedStage) -> int:
+    """Bytes of every array a loaded stage holds (its weights, as loaded)."""
+    from mlx.utils import tree_flatten
+
+    return sum(v.nbytes for _, v in tree_flatten(stage.model.parameters()))
+
+
 def describe(rank: int, spec: StageSpec, at: Members, owned: Sequence[int], stage: LoadedStage) -> str:
-    """The member's line in its log: layers, members, experts, what it holds of them."""
+    """The member's line in its log: layers, members, experts, what it holds of them, and
+    all the weight bytes it holds."""
     role = "relays to the next member" if rank < at.last else "samples" if spec.is_last else "sends on"
     return (f"rank {rank}: layers {spec.start}:{spec.end}, expert parallel over ranks {at.first}..{at.last}, "
             f"experts {list(owned)}, routed rows per MoE layer {routed_rows(stage)}, routed bytes "
-            f"{routed_bytes(stage)}, {role}")
+            f"{routed_bytes(stage)}, {role}, resident bytes {resident_bytes(stage)}")

@@ -39,8 +39,9 @@ def test_a_model_no_pipeline_holds_fits_with_one_stages_experts_split():
     """a (6 GiB) holds layer 0 and the embedding (4 GiB) but not layer 1 (11 GiB with the
     head), nor can b or c (8 GiB) alone; whole-group EP would put 6 GiB of non-expert
     weights on each node. Split between b and c, layer 1 fits: b holds its attention, the
-    shared experts (the stage's first member runs them), the head and 4 experts (7 GiB),
-    c the same without the shared experts (6 GiB). The only plan that fits."""
+    shared experts (the stage's first member runs them) and 4 experts (6 GiB), c its
+    attention, the head (the last member samples) and 4 experts (6 GiB). The only plan
+    that fits."""
     cl = cluster_from_nodes([node("a", 6), node("b", 8), node("c", 8)])
     for strategy in ("pipeline", "expert-parallel"):
         with pytest.raises(UserError, match="does not fit"):
@@ -50,7 +51,7 @@ def test_a_model_no_pipeline_holds_fits_with_one_stages_experts_split():
     assert [(s.layers, s.nodes) for s in p.stages] == [((0, 1), ("a",)), ((1, 2), ("b", "c"))]
     assert p.stages[1].experts == (("b", (0, 1, 2, 3)), ("c", (4, 5, 6, 7)))
     assert [(ld.node, ld.weight_bytes, ld.n_experts, ld.layers) for ld in p.loads] == [
-        ("a", 4 * GiB, 8, ((0, 1),)), ("b", 7 * GiB, 4, ((1, 2),)), ("c", 6 * GiB, 4, ((1, 2),))]
+        ("a", 4 * GiB, 8, ((0, 1),)), ("b", 6 * GiB, 4, ((1, 2),)), ("c", 6 * GiB, 4, ((1, 2),))]
     assert p.reason.startswith("mixed over 3 nodes, 2 stages, stage 1 (layer 1) expert-parallel over b+c "
                                "(4/4 experts, chained combine); ")
     assert "the only plan that fits" in p.reason
@@ -207,8 +208,8 @@ def test_every_mixed_plan_fits_and_places_each_expert_once(model, data, context,
             kv = sum(x.kv_bytes_per_token for x in model.layers[slice(*s.layers)]) * kv_tokens(context) * concurrency
             for t, name in enumerate(s.nodes):
                 owned = len(s.experts_of(name)) if s.expert_parallel else None
-                w = independent_memory(model, s.layers, owned, s.layers[0] == 0, s.layers[1] == model.num_layers,
-                                       shared=t == 0)
+                head = s.layers[1] == model.num_layers and t == len(s.nodes) - 1  # (the sampling member)
+                w = independent_memory(model, s.layers, owned, s.layers[0] == 0, head, shared=t == 0)
                 load = next(ld for ld in p.loads if ld.node == name)
                 assert (load.weight_bytes, load.kv_bytes) == (w, kv)
                 assert w + kv <= budget(cluster.node(name), req.headroom)

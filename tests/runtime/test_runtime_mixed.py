@@ -67,9 +67,10 @@ def member_lines(log_dir: Path, ranks: range) -> dict[int, dict]:
     for r in ranks:
         text = (log_dir / f"rank{r}.log").read_text()
         m = re.search(r"experts (\[[\d, ]+\]), routed rows per MoE layer (\[[\d, ]+\]), routed bytes (\d+), "
-                      r"([a-z ]+)", text)
+                      r"([a-z ]+), resident bytes (\d+)", text)
         assert m, text
-        out[r] = {"experts": json.loads(m[1]), "rows": json.loads(m[2]), "bytes": int(m[3]), "role": m[4]}
+        out[r] = {"experts": json.loads(m[1]), "rows": json.loads(m[2]), "bytes": int(m[3]), "role": m[4],
+                  "resident": int(m[5])}
     return out
 
 
@@ -169,6 +170,15 @@ def test_per_node_parts_of_a_mixed_conversion(tmp_path):
         assert eng.generate(PROMPTS[0], max_tokens=8) == reference_tokens(whole, PROMPTS[0], 8)
     held = member_lines(logs, range(1, 3))
     assert held[1]["rows"] == [5, 5] and held[2]["rows"] == [3, 3]
+    # each member's resident weights (summed over its loaded arrays) are what the planner
+    # counts for it within 2%: shared experts on the first member, the head on the last
+    from mlxdist.placement.cost import Profile
+    from mlxdist.placement.model import load_model
+
+    profile = Profile(load_model(str(ckpt)))
+    for r, t, owned in ((1, 0, 5), (2, 1, 3)):
+        planned = profile.member_weights(3, 5, owned, shared=t == 0, head=t == 1)
+        assert abs(held[r]["resident"] / planned - 1) < 0.02, (r, held[r]["resident"], planned)
 
 
 def test_run_cli_with_a_mixed_plan(tiny_deepseek, tmp_path):
