@@ -45,11 +45,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from mlxdist.cluster.client import NodeClient
-from mlxdist.cluster.inventory import Conversion, rank_words, expert_ids
+from mlxdist.cluster.inventory import Conversion
 from mlxdist.cluster.launcher import ClusterLauncher, Placement
 from mlxdist.cluster.nodes import NodeView, deliver, link_kind, where
 from mlxdist.errors import UserError
-from mlxdist.placement.plan import Plan, Stage
+from mlxdist.placement.plan import Plan, Stage, expert_ids, rank_words
 from mlxdist.placement.planner import Request
 from mlxdist.runtime.api import GenerationRequest, Health, Layout, NodeInfo
 from mlxdist.runtime.config import EngineConfig

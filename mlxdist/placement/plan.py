@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from mlxdist.errors import UserError
 
@@ -297,3 +297,28 @@ def _load_from_json(n: Any, where: str, group: tuple[str, ...]) -> NodeLoad:
     if _field(n, w, "fraction_of_usable", float) != round(load.fraction, 4):
         raise ValueError(f"{where}.fraction_of_usable is not (weight_bytes + kv_bytes) / usable_bytes")
     return load
+
+
+def rank_words(plan: Plan, r: int) -> str:
+    """'rank 2 (layers 2-4, experts 4-7 of the expert-parallel stage 1)' or 'rank 0 (stage 0, layers 0-1)'."""
+    at = 0
+    for k, st in enumerate(plan.stages):
+        if r < at + len(st.nodes):
+            a, b = st.layers
+            if st.expert_parallel:
+                ids = st.experts_of(st.nodes[r - at])
+                return f"rank {r} (layers {a}-{b - 1}, experts {expert_ids(ids)} of the expert-parallel stage {k})"
+            return f"rank {r} (stage {k}, layers {a}-{b - 1})"
+        at += len(st.nodes)
+    raise IndexError(r)
+
+
+def expert_ids(ids: Sequence[int]) -> str:
+    """Expert ids compactly, runs as ranges: '0-4, 7'."""
+    runs: list[list[int]] = []
+    for e in ids:
+        if runs and e == runs[-1][-1] + 1:
+            runs[-1].append(e)
+        else:
+            runs.append([e])
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)

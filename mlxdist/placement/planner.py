@@ -36,7 +36,7 @@ from mlxdist.placement.cost import (
 )
 from mlxdist.placement.specs import GB, LINK_PRESETS, GiB, Cluster, LinkSpec, NodeSpec
 from mlxdist.placement.model import ModelSpec
-from mlxdist.placement.plan import Estimate, NodeLoad, Plan, Stage
+from mlxdist.placement.plan import Estimate, NodeLoad, Plan, Stage, rank_words
 
 HEADROOM = 0.05  # of each node's usable memory, left for activations and fragmentation
 
@@ -839,3 +839,89 @@ def plan_expert_parts(model: ModelSpec, cluster: Cluster, parts: Sequence[tuple[
                     f"({offer} GiB usable; each node needs {p.ep_weights(0, p.L, 0, shared=False) / GiB:.2f} "
                     f"GiB + {kv / GiB:.2f} GiB of KV cache before any expert, "
                     f"{p.s(p.xbytes, 0, p.L) / GiB:.3f} GiB per expert)")
+
+
+# -- re-placing a mixed plan after a node loss ----------------------------------------
+
+
+def replace_mixed(model: ModelSpec, cluster: Cluster, plan: Plan, req: Request, stage_bytes: Sequence[int]) -> Plan:
+    """A mixed `plan` (pipeline stages and one expert-parallel stage over some ranks)
+    re-placed on `cluster` (ring order; the nodes that answer): the same stages, layers
+    and experts per rank, every rank whose node is in `cluster` kept there, each other
+    rank moved whole (a member with its part, which holds its experts alone) to a node
+    left with room, never to a node already running a member of the same stage (its
+    experts are named by node). Candidates: the lost ranks largest first on the node
+    with the most room, or all on one node; the cost model (`mixed_times`) picks. A
+    node fits what it runs when, by the planner's numbers, the pipeline stages' bytes
+    on disk, the members' weights (`member_weights`) and their KV caches for context x
+    concurrency stay within its budget. Nothing fits: a one-line UserError."""
+    p = Profile(model)
+    cl = _self_linked(cluster)
+    cap = {n.name: budget(n, req.headroom) for n in cl.nodes}
+    # every rank: (stage, member index or None, its node now)
+    ranks = [(k, t if st.expert_parallel else None, node)
+             for k, st in enumerate(plan.stages) for t, node in enumerate(st.nodes)]
+
+    def need(r: int) -> int:
+        k, t, node = ranks[r]
+        (a, b), kv = plan.stages[k].layers, p.kv_bytes(*plan.stages[k].layers, req.context, req.concurrency)
+        if t is None:
+            return stage_bytes[k] + kv
+        return p.member_weights(a, b, len(plan.stages[k].experts_of(node)), shared=t == 0,
+                                head=t == len(plan.stages[k].nodes) - 1) + kv
+
+    orphans = sorted((r for r, (_, _, node) in enumerate(ranks) if node not in cap), key=lambda r: (-need(r), r))
+    if not orphans:
+        return plan
+    used = {n: 0 for n in cap}
+    for r, (_, _, node) in enumerate(ranks):
+        if node in cap:
+            used[node] += need(r)
+
+    def place(only: str | None) -> dict[int, str] | None:
+        assign, load = {r: node for r, (_, _, node) in enumerate(ranks) if node in cap}, dict(used)
+        for r in orphans:
+            k, t, _ = ranks[r]
+            taken = {assign[q] for q in assign if ranks[q][0] == k} if t is not None else set()
+            fits = [n for n in ([only] if only else cap) if n not in taken and load[n] + need(r) <= cap[n]]
+            if not fits:
+                return None
+            to = max(fits, key=lambda n: (cap[n] - load[n], -list(cap).index(n)))
+            assign[r], load[to] = to, load[to] + need(r)
+        return assign
+
+    pool = [("the lost ranks on the nodes with most room", place(None))]
+    pool += [(f"the lost ranks on {name}", place(name)) for name in cap]
+    seen: dict[tuple[str, ...], str] = {}
+    for why, assign in pool:
+        if assign is not None:
+            seen.setdefault(tuple(assign[r] for r in range(len(ranks))), why)
+    if not seen:
+        r = orphans[0]
+        k, t, node = ranks[r]
+        offer = ", ".join(f"{n} {(cap[n] - used[n]) / GiB:.2f}" for n in cap)
+        members = [n for n in plan.stages[k].nodes if n in cap] if t is not None else []
+        also = f"; {', '.join(members)} {'runs' if len(members) == 1 else 'run'} stage {k} already" if members \
+            else ""
+        raise UserError(f"{model.name}: {rank_words(plan, r)} needs {need(r) / GiB:.2f} GiB, which no "
+                        f"node left has beside what it runs ({offer} GiB free{also})")
+    plans = []
+    for group, why in seen.items():
+        stages, at = [], 0
+        for st in plan.stages:
+            nodes = group[at:at + len(st.nodes)]
+            experts = tuple((n, st.experts_of(old)) for n, old in zip(nodes, st.nodes)) if st.expert_parallel else ()
+            stages.append(Stage(st.layers, nodes, experts))
+            at += len(st.nodes)
+        plans.append(mixed_plan(model, cl, stages, req, CostParams(), p,
+                                f"the mixed plan's stages kept, {why}"))
+    best, _ = fastest(plans)
+    return best
+
+
+def _self_linked(cluster: Cluster) -> Cluster:
+    """`cluster` with a loopback link from each node to itself: two ranks on one node
+    (after a re-placement) hand over inside it."""
+    own = {link.a for link in cluster.links if link.a == link.b}
+    extra = tuple(LinkSpec(n.name, n.name, *LINK_PRESETS["loopback"]) for n in cluster.nodes if n.name not in own)
+    return replace(cluster, links=(*cluster.links, *extra))
