@@ -65,14 +65,6 @@ def ranks_on(plan: Plan, views: Sequence[NodeView]) -> list[NodeView]:
     return [by_name[n] for st in plan.stages for n in st.nodes]
 
 
-def plan_kind(plan: Plan) -> str:
-    """"pipeline" (one node per stage), "expert-parallel" (one stage over the whole
-    group) or "mixed" (pipeline stages and one expert-parallel stage over some ranks)."""
-    if not any(st.expert_parallel for st in plan.stages):
-        return "pipeline"
-    return "expert-parallel" if len(plan.stages) == 1 else "mixed"
-
-
 def rank_shards(plan: Plan, conversion: Conversion, out_dir: Path) -> list[list[tuple[Path, int]]]:
     """What each rank of `plan` runs from, in rank (group) order: [(directory to deliver,
     the stage number the node holds it as)], the first the one it is launched from.
@@ -95,7 +87,7 @@ def rank_shards(plan: Plan, conversion: Conversion, out_dir: Path) -> list[list[
 def config_for(plan: Plan, config: EngineConfig) -> EngineConfig:
     """`config` running `plan`: an expert-parallel plan's experts per rank, a mixed plan's
     stages (`mixed.layout_from_plan`, ranks in its group order); a pipeline's as it is."""
-    kind = plan_kind(plan)
+    kind = plan.kind
     if kind == "expert-parallel":
         st = plan.stages[0]
         return replace(config, expert_parallel=True, experts=tuple(st.experts_of(n) for n in st.nodes))
@@ -176,7 +168,7 @@ class ClusterEngine:
         self.conversion = conversion
         # an expert-parallel plan: every rank all layers (no split), each its part's experts;
         # a mixed plan: its stages in the config (no split)
-        self.kind = plan_kind(plan)
+        self.kind = plan.kind
         self.expert_parallel, self.mixed = self.kind == "expert-parallel", self.kind == "mixed"
         self.split = conversion.split if self.kind == "pipeline" else None
         self.config = self._config_for(plan, replace(config, heartbeat_timeout_s=min(config.heartbeat_timeout_s, 2.5)))

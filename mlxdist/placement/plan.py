@@ -87,6 +87,15 @@ class Plan:
     link: str
 
     @property
+    def kind(self) -> str:
+        """How its stages run: "pipeline" (one node each; one stage on one node too),
+        "expert-parallel" (one stage over the whole group) or "mixed" (pipeline stages and
+        one expert-parallel stage over some of the nodes)."""
+        if self.expert_parallel_stage is None:
+            return "pipeline"
+        return "expert-parallel" if len(self.stages) == 1 else "mixed"
+
+    @property
     def expert_parallel_stage(self) -> int | None:
         """The index of the expert-parallel stage (a plan has at most one), or None."""
         return next((k for k, s in enumerate(self.stages) if s.expert_parallel), None)

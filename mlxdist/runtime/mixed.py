@@ -88,9 +88,9 @@ def plan_run(plan: Plan, config: EngineConfig) -> PlanRun:
     """Any plan from `mlxdist plan --json` on local ranks, one per node: pipeline stages (a
     split), one expert-parallel stage over the whole group, or a mixed plan."""
     ranks = len(plan.group)
-    if not any(st.expert_parallel for st in plan.stages):
+    if plan.kind == "pipeline":
         return PlanRun(ranks, tuple(st.layers[1] - st.layers[0] for st in plan.stages), config)
-    if len(plan.stages) == 1:
+    if plan.kind == "expert-parallel":
         st = plan.stages[0]
         return PlanRun(ranks, None, replace(config, expert_parallel=True,
                                             experts=tuple(tuple(st.experts_of(n)) for n in st.nodes)))

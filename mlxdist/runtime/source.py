@@ -115,21 +115,13 @@ def _expert_parallel_source(path: Path, config: dict[str, Any], ranks: int, spli
     mlx-lm directory, or a shard's single all-layer stage) and keeps its own experts, or,
     from a conversion cut into per-node parts, its own part (holding its experts only)."""
     num_layers = int(config.get("num_hidden_layers", 0))
-    n_experts = int(config.get("n_routed_experts") or config.get("num_experts") or 0)
     if split is not None:
         raise UserError("--split is for pipeline stages; expert parallel runs every layer on every rank")
-    if n_experts == 0:
-        raise UserError(f"{path}: --expert-parallel needs an MoE model (deepseek_v3, qwen3_moe); "
-                        f"config.json names no routed experts")
-    if ranks > n_experts:
-        raise UserError(f"{plural(ranks, 'rank')} but the model has only {plural(n_experts, 'routed expert')} per layer")
+    n_experts = _routed_experts(path, config, ranks, "--expert-parallel")
     owned: tuple[tuple[int, ...], ...] = ()
     if experts is not None:
         owned = tuple(tuple(int(e) for e in mine) for mine in experts)
-        flat = sorted(e for mine in owned for e in mine)
-        if len(owned) != ranks or flat != list(range(n_experts)) or not all(owned):
-            raise UserError(f"experts must give each of the {plural(ranks, 'rank')} a non-empty share, and "
-                            f"every expert 0..{n_experts - 1} to exactly one rank")
+        _check_shares(owned, ranks, n_experts, "experts")
     manifest = _manifest(path)
     if manifest is None:
         stages = tuple(StagePlan(r, 0, num_layers, num_layers, path) for r in range(ranks))
@@ -156,6 +148,25 @@ def _parts_source(path: Path, config: dict[str, Any], parts: Sequence[Part], ran
         owned = tuple(p.experts for p in parts)
     stages = tuple(_member_plan(path, parts, r, mine, 0, num_layers, num_layers) for r, mine in enumerate(owned))
     return ModelSource(path, config, stages, expert_parallel=True, experts=owned)
+
+
+def _routed_experts(path: Path, config: dict[str, Any], ranks: int, what: str) -> int:
+    """The model's routed experts per layer, enough for `ranks` to share; `what` (the
+    option or stage that asks) names the need in the UserError otherwise."""
+    n_experts = int(config.get("n_routed_experts") or config.get("num_experts") or 0)
+    if n_experts == 0:
+        raise UserError(f"{path}: {what} needs an MoE model (deepseek_v3, qwen3_moe); "
+                        f"config.json names no routed experts")
+    if ranks > n_experts:
+        raise UserError(f"{plural(ranks, 'rank')} but the model has only {plural(n_experts, 'routed expert')} per layer")
+    return n_experts
+
+
+def _check_shares(owned: Sequence[Sequence[int]], ranks: int, n_experts: int, who: str) -> None:
+    """`owned` gives each of `ranks` a non-empty share and every expert to exactly one."""
+    if len(owned) != ranks or sorted(e for mine in owned for e in mine) != list(range(n_experts)) or not all(owned):
+        raise UserError(f"{who} must give each of the {plural(ranks, 'rank')} a non-empty share, and "
+                        f"every expert 0..{n_experts - 1} to exactly one rank")
 
 
 def _check_part_count(path: Path, parts: Sequence[Part], ranks: int) -> None:
@@ -190,7 +201,6 @@ def _mixed_source(path: Path, config: dict[str, Any], ranks: int, layout: tuple[
     from mlxdist.runtime.expert_parallel import split_experts
 
     num_layers = int(config.get("num_hidden_layers", 0))
-    n_experts = int(config.get("n_routed_experts") or config.get("num_experts") or 0)
     bounds = [(s.start, s.end) for s in layout]
     if [a for a, _ in bounds] != [0] + [b for _, b in bounds[:-1]] or bounds[-1][1] != num_layers:
         raise UserError(f"the plan's stages {[list(b) for b in bounds]} must cut the model's {num_layers} "
@@ -205,12 +215,7 @@ def _mixed_source(path: Path, config: dict[str, Any], ranks: int, layout: tuple[
                         "runs a pipeline stage of its own (or run the whole model expert-parallel)")
     if sum(s.ranks for s in layout) != ranks:
         raise UserError(f"the plan's stages run on {plural(sum(s.ranks for s in layout), 'rank')}, not {ranks}")
-    if n_experts == 0:
-        raise UserError(f"{path}: an expert-parallel stage needs an MoE model (deepseek_v3, qwen3_moe); "
-                        f"config.json names no routed experts")
-    if ep.ranks > n_experts:
-        raise UserError(f"{plural(ep.ranks, 'rank')} but the model has only {plural(n_experts, 'routed expert')} "
-                        f"per layer")
+    n_experts = _routed_experts(path, config, ep.ranks, "an expert-parallel stage")
     manifest = _manifest(path)
     entries = {st.layers: st for st in manifest.stages} if manifest else {}
     use_shards = bool(entries) and all(b in entries for b in bounds)
@@ -227,9 +232,7 @@ def _mixed_source(path: Path, config: dict[str, Any], ranks: int, layout: tuple[
         owned = tuple(p.experts for p in parts)
     else:
         owned = ep.experts or tuple(tuple(e) for e in split_experts(n_experts, ep.ranks))
-    if sorted(e for mine in owned for e in mine) != list(range(n_experts)) or not all(owned):
-        raise UserError(f"the expert-parallel stage must give each of its {plural(ep.ranks, 'rank')} a non-empty "
-                        f"share, and every expert 0..{n_experts - 1} to exactly one rank")
+    _check_shares(owned, ep.ranks, n_experts, "the expert-parallel stage")
     first = sum(s.ranks for s in layout[:k])
     plans, rank = [], 0
     for j, (a, b) in enumerate(bounds):
