@@ -36,10 +36,9 @@ def checked_plan(plan: Plan, where: str, conversion: Conversion, views: Sequence
     if ranges != converted:
         raise UserError(f"--plan {where}: its layer ranges {ranges} are not the converted model's "
                         f"{converted}; convert with `mlxdist quantize --plan` first")
-    ep = plan.expert_parallel_stage
-    if ep is not None and len(plan.stages) == 1:
+    if plan.kind == "expert-parallel":
         _check_expert_parts(plan, where, conversion)
-    elif ep is not None:
+    elif plan.kind == "mixed":
         _check_mixed(plan, where, conversion)
     elif conversion.expert_parallel:
         raise UserError(f"--plan {where}: the conversion is cut into per-node expert parts; serve it "
@@ -149,7 +148,7 @@ def open_cluster_engine(model_path: str | Path, nodes: str = "auto", cluster: st
                         "expert-parallel or mixed plan it was converted with")
     if plan is not None:
         chosen = checked_plan(Plan.load(plan), str(plan), conversion, ok)
-        if len(chosen.stages) > 1 and chosen.expert_parallel_stage is not None and config.handoff != "messages":
+        if chosen.kind == "mixed" and config.handoff != "messages":
             raise UserError(f"--plan {plan} is a mixed plan, which runs with --handoff messages (its "
                             "expert-parallel stage combines over neighbour links)")
     else:

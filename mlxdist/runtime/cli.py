@@ -30,14 +30,7 @@ def _from_plan(plan_file: str, ranks: int | None, split: list[int] | None,
 
     if split is not None or config.expert_parallel:
         raise UserError("--plan gives the stages: no --split or --expert-parallel with it")
-    plan = Plan.load(plan_file)
-    mixed = len(plan.stages) > 1 and any(st.expert_parallel for st in plan.stages)
-    if mixed and config.handoff != "messages":
-        raise UserError("a mixed plan runs with --handoff messages (its expert-parallel stage combines "
-                        "over neighbour links)")
-    if len(plan.stages) == 1 and plan.stages[0].expert_parallel and config.handoff != "messages":
-        raise UserError("--handoff is for pipeline stages; an expert-parallel plan has its own collectives")
-    run = plan_run(plan, config)
+    run = plan_run(Plan.load(plan_file), config)
     if ranks is not None and ranks != run.ranks:
         raise UserError(f"--ranks {ranks}, but the plan runs on {plural(run.ranks, 'node')} (one rank each)")
     return run.ranks, list(run.split) if run.split else None, run.config

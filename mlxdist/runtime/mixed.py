@@ -86,7 +86,11 @@ class PlanRun:
 
 def plan_run(plan: Plan, config: EngineConfig) -> PlanRun:
     """Any plan from `mlxdist plan --json` on local ranks, one per node: pipeline stages (a
-    split), one expert-parallel stage over the whole group, or a mixed plan."""
+    split), one expert-parallel stage over the whole group, or a mixed plan. One-line
+    UserError for an expert-parallel or mixed plan with lock-step hand-offs (`handoff`)."""
+    if plan.kind != "pipeline" and config.handoff != "messages":
+        raise UserError(f"{'a mixed' if plan.kind == 'mixed' else 'an expert-parallel'} plan runs with --handoff "
+                        "messages (its expert-parallel stage combines by collectives of its own)")
     ranks = len(plan.group)
     if plan.kind == "pipeline":
         return PlanRun(ranks, tuple(st.layers[1] - st.layers[0] for st in plan.stages), config)

@@ -40,15 +40,7 @@ def local_plan(plan_file: str, local: int | None, config: EngineConfig):
     from mlxdist.placement.plan import Plan
     from mlxdist.runtime.mixed import plan_run
 
-    if config.expert_parallel:
-        raise UserError("--plan gives the stages: no --expert-parallel with it")
-    plan = Plan.load(plan_file)
-    kind = ("pipeline" if plan.expert_parallel_stage is None else
-            "expert-parallel" if len(plan.stages) == 1 else "mixed")
-    if kind != "pipeline" and config.handoff != "messages":
-        raise UserError(f"--plan {plan_file} is {'a mixed' if kind == 'mixed' else 'an expert-parallel'} plan, "
-                        "which runs with --handoff messages")
-    run = plan_run(plan, config)
+    run = plan_run(Plan.load(plan_file), config)
     if local is not None and local != run.ranks:
         raise UserError(f"--local {local}, but --plan {plan_file} runs on {plural(run.ranks, 'node')} "
                         f"(one local rank each): give --local {run.ranks} or leave it out")
