@@ -232,10 +232,7 @@ def _stage_experts(p: Profile, members: Sequence[NodeSpec], a: int, b: int, req:
     room = _stage_room(p, members, a, b, req)
     if room is None or min(room) < 1 or sum(room) < p.E or len(members) > p.E:
         return None
-    counts = [max(1, c) for c in _largest_remainder(p.E, [n.bandwidth for n in members])]
-    while sum(counts) > p.E:  # the ones given to members that got none
-        counts[max(range(len(counts)), key=lambda t: counts[t])] -= 1
-    return _fit_experts(counts, room, p.E)
+    return _fit_experts(_at_least_one(_largest_remainder(p.E, [n.bandwidth for n in members])), room, p.E)
 
 
 def _mixed_overflow(p: Profile, unit: Sequence[NodeSpec], a: int, b: int, req: Request) -> float:
