@@ -100,14 +100,15 @@ def _byte_of(char: str) -> int:
 
 def make_tiny_model(
     out: str | Path, arch: str = "llama", layers: int = 6, hidden: int = 64,
-    bits: int | None = None, group_size: int = 32, seed: int = 0,
+    bits: int | None = None, group_size: int = 32, seed: int = 0, overrides: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a random `arch` model to `out` (an mlx-lm model directory) and return it."""
+    """Write a random `arch` model to `out` (an mlx-lm model directory) and return it.
+    `overrides`: config entries to change (e.g. head sizes that a 4-bit group divides)."""
     from mlx_lm.utils import _get_classes, quantize_model, save_config, save_model
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    config = tiny_config(arch, layers, hidden)
+    config = {**tiny_config(arch, layers, hidden), **(overrides or {})}
     model_class, args_class = _get_classes(config)
     mx.random.seed(seed)
     model = model_class(args_class.from_dict(config))

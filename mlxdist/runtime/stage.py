@@ -23,6 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlxdist.errors import UserError, plural
+from mlxdist.runtime.wide_products import reads_weights_per_row, widen
 from mlxdist.shard_format import read_safetensors_header
 
 LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
@@ -254,6 +255,8 @@ def load_stage(model_dir: str | Path, spec: StageSpec, files: list[str] | None =
         prepare(model)
     # after prepare: expert parallel has cut the stacked experts, so only what stays is converted
     note_float32_upcast(_upcast_half(model))  # CPU backend only: norms, embeddings, scales, biases
+    if reads_weights_per_row():  # CUDA: a batch's rows as one matrix in every quantized product
+        widen(model)
     mx.eval(model.parameters())
     return LoadedStage(model, spec, config)
 

@@ -29,6 +29,11 @@ def _tiny_models() -> dict[str, Path]:
         "qwen3": make_tiny_model(root / "qwen3", "qwen3", layers=4),
         "qwen3_moe": make_tiny_model(root / "qwen3_moe", "qwen3_moe", layers=4),
         "llama_q4": make_tiny_model(root / "llama_q4", "llama", layers=4, bits=4, seed=1),
+        # MLA's head sizes a multiple of the 4-bit group, so its per-head products are quantized too
+        "deepseek_v3_q4": make_tiny_model(root / "deepseek_v3_q4", "deepseek_v3", layers=4, bits=4, seed=2,
+                                          overrides={"qk_nope_head_dim": 32, "v_head_dim": 32, "q_lora_rank": 64}),
+        "qwen3_q4": make_tiny_model(root / "qwen3_q4", "qwen3", layers=4, bits=4, seed=3),  # a tied head
+        "qwen3_moe_q4": make_tiny_model(root / "qwen3_moe_q4", "qwen3_moe", layers=4, bits=4, seed=4),
     }
 
 
