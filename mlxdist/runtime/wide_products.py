@@ -24,10 +24,11 @@ where the heads-leading form is within 0.4 %: tools/check_wide_products.py), so 
 DeepSeek-V3/R1 attention computes batched rows wrongly on CUDA.
 
 `widen(model)` switches the model's quantized linear layers, a tied head's embedding and
-MLA's per-head products to these calls. Metal and the CPU backend already treat every
-leading row as one matrix (and compute the broadcast form right), so there nothing changes
-(`reads_weights_per_row` is False); MLXDIST_WIDE_PRODUCTS=1 or 0 forces it either way
-(tests, A/B runs).
+MLA's per-head products to these calls. Metal and the CPU backend treat every leading row
+as one matrix already, so there nothing changes (`reads_weights_per_row` is False); the
+CPU computes the broadcast per-head form right, and Metal's is not measured here
+(tools/check_wide_products.py on a Mac says). MLXDIST_WIDE_PRODUCTS=1 or 0 forces it
+either way (tests, A/B runs).
 """
 
 from __future__ import annotations
