@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import mlx.core as mx
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU, _gather_sort, _scatter_unsort
+from probe_qmm import time_it  # tools/: one timing loop for the probes
 
 HIDDEN, INTER, EXPERTS, TOP_K, GROUP, BITS = 7168, 2048, 256, 8, 64, 4
 DTYPE = [mx.bfloat16]  # float32 with --float32 (MLX's CPU gather kernels)
@@ -88,15 +87,7 @@ def glu_sorted(glu: SwitchGLU, x: mx.array, indices: mx.array, sort: bool) -> mx
 
 def time_variant(fn, layers: list, x: mx.array, idx: list[mx.array], reps: int) -> float:
     """Median ms per layer of one eval over every layer (each on its own routing)."""
-    run = lambda: mx.eval([fn(layer, x, i) for layer, i in zip(layers, idx)])  # noqa: E731
-    run()
-    run()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        run()
-        times.append((time.perf_counter() - t) * 1000 / len(layers))
-    return statistics.median(times)
+    return time_it([lambda layer=layer, i=i: fn(layer, x, i) for layer, i in zip(layers, idx)], reps)
 
 
 def main() -> None:

@@ -87,7 +87,7 @@ def multi_variants(x: mx.array, wsb) -> dict:
 
 
 def time_it(fns: list, reps: int) -> float:
-    """Median ms per product of one evaluation over every copy."""
+    """Median ms per call of one evaluation over all of `fns` (after two warm-ups)."""
     run = lambda: mx.eval([f() for f in fns])  # noqa: E731
     run()
     run()
