@@ -71,7 +71,7 @@ def rows_as_matrix(x: mx.array, product: Callable[[mx.array], mx.array]) -> mx.a
 
 
 class WideQuantizedLinear(nn.QuantizedLinear):
-    """mlx's QuantizedLinear, its rows as one matrix (same arrays, same results)."""
+    """mlx's QuantizedLinear, a batch's rows as one matrix (the same arrays)."""
 
     def __call__(self, x: mx.array) -> mx.array:
         return rows_as_matrix(x, super().__call__)

@@ -77,7 +77,7 @@ def test_heads_leading_equals_each_heads_product(batch, heads_in, length, transp
     np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-4, atol=1e-4)
 
 
-def test_widen_switches_quantized_linears_and_tied_heads_only(tiny_models, monkeypatch):
+def test_widen_switches_the_products_it_serves_and_no_others(tiny_models, monkeypatch):
     """Forced on, a loaded 4-bit stage's linear layers, MLA's per-head products and a tied
     head's embedding become the wide classes (same arrays); MoE experts stay as they were."""
     from mlxdist.runtime.stage import StageSpec, load_stage
