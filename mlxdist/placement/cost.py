@@ -6,14 +6,20 @@ FLOPs over the compute it achieves, whichever is larger, plus a fixed overhead p
 for kernel launches. Links cost latency + bytes / bandwidth per message; an `all_sum`
 over G ranks is a ring all-reduce: 2(G-1) messages of 1/G of the buffer each.
 Routing is taken as uniform: a batch of b tokens touches E*(1-(1-k/E)^b) distinct experts
-of a layer, spread evenly over the experts' owners (real routing is skewed, so
-expert-parallel estimates are optimistic; docs/placement.md says by how much).
+of a layer. Where several ranks share a layer's experts (expert parallel), each one's share
+of them varies from step to step, and the slowest sets the pace: a layer is priced at the
+expected slowest member (`member_times`: each member's time taken as normal, with the
+spread of its distinct-expert count, `expert_spread`), not at the average. Real routing is
+also skewed (popular experts), which this does not model, so expert-parallel estimates
+stay somewhat optimistic (docs/placement.md).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from itertools import accumulate
+from typing import Sequence
 
 from mlxdist.placement.specs import Cluster, NodeSpec
 from mlxdist.placement.model import ModelSpec
@@ -97,13 +103,26 @@ class Profile:
         owned = self.E if owned is None else owned
         return owned * (1.0 - (1.0 - self.k / self.E) ** tokens)
 
+    def expert_spread(self, tokens: int, owned: float) -> float:
+        """Standard deviation of how many of `owned` experts a batch of `tokens` touches
+        (each token picks k distinct experts of E at random): from P(an expert untouched)
+        and P(two given experts both untouched)."""
+        if not self.E or owned <= 0:
+            return 0.0
+        E, k = self.E, self.k
+        q = (1 - k / E) ** tokens
+        q2 = ((E - k) * (E - k - 1) / (E * (E - 1))) ** tokens
+        return math.sqrt(max(0.0, owned * q * (1 - q) + owned * (owned - 1) * (q2 - q * q)))
+
     def busy_time(self, node: NodeSpec, cl: Cluster, cp: CostParams, a: int, b: int, tokens: int,
-                  position: int, owned: int | None = None, head: bool = False) -> float:
+                  position: int, owned: float | None = None, head: bool = False, experts: float | None = None) -> float:
         """Seconds `node` spends on layers [a, b) for a batch of `tokens`, each attending
-        over `position` cached tokens; `owned` = experts it holds (None: all)."""
+        over `position` cached tokens; `owned` = experts it holds (None: all); `experts`:
+        the distinct experts per layer it reads (default: the expected number)."""
         if b <= a and not head:
             return 0.0
-        read = (self.s(self.rep, a, b) + self.distinct_experts(tokens, owned) * self.s(self.xbytes, a, b)
+        touched = self.distinct_experts(tokens, owned) if experts is None else experts
+        read = (self.s(self.rep, a, b) + touched * self.s(self.xbytes, a, b)
                 + self.s(self.kv, a, b) * position * tokens)
         share = 1.0 if owned is None or not self.E else owned / self.E
         flops = 2 * tokens * (self.s(self.rep_params, a, b) + self.k * share * self.s(self.xparams, a, b))
@@ -115,6 +134,40 @@ class Profile:
         t_mem = read / (node.bandwidth * cl.efficiency)
         t_flop = flops / (node.flops * cp.compute_efficiency)
         return max(t_mem, t_flop) + (b - a) * cp.layer_overhead_s
+
+
+    def member_times(self, cl: Cluster, cp: CostParams, members: Sequence[tuple[NodeSpec, float]], a: int, b: int,
+                     tokens: int, position: int) -> tuple[float, list[float]]:
+        """Layers [a, b) split over expert-parallel `members` (node, experts it owns), for a
+        batch of `tokens`: (the expected time of the slowest member, each member's expected
+        time). A member's time varies with how many of its experts the batch touches; it
+        is taken as normal with that count's spread, and the slowest as the expected
+        maximum of those (independent: slightly low, as the counts pull against each other)."""
+        mean = [self.busy_time(n, cl, cp, a, b, tokens, position, owned=o) for n, o in members]
+        if len(members) == 1:
+            return mean[0], mean
+        high = [self.busy_time(n, cl, cp, a, b, tokens, position, owned=o,
+                               experts=self.distinct_experts(tokens, o) + self.expert_spread(tokens, o))
+                for n, o in members]
+        return expected_max(mean, [h - m for h, m in zip(high, mean)]), mean
+
+
+def expected_max(means: Sequence[float], sds: Sequence[float], points: int = 257) -> float:
+    """E[max] of independent normal variables N(means[i], sds[i]^2): hi - the integral of
+    the product of their CDFs over [lo, hi] (8 standard deviations either side)."""
+    if not any(sd > 0 for sd in sds):
+        return max(means)
+    lo = min(m - 8 * sd for m, sd in zip(means, sds))
+    hi = max(m + 8 * sd for m, sd in zip(means, sds))
+    step = (hi - lo) / (points - 1)
+    area = 0.0
+    for i in range(points):
+        t = lo + i * step
+        cdf = 1.0
+        for m, sd in zip(means, sds):
+            cdf *= (0.5 * (1 + math.erf((t - m) / (sd * math.sqrt(2))))) if sd > 0 else float(t >= m)
+        area += cdf * (0.5 if i in (0, points - 1) else 1.0)
+    return hi - area * step
 
 
 def hop_time(cl: Cluster, a: str, b: str, nbytes: float) -> float:
@@ -178,6 +231,11 @@ def pipeline_times(p: Profile, cl: Cluster, cp: CostParams, stages: list[tuple[s
     return single, cycle, prefill, sum(h1), b1
 
 
+def _layer_key(x) -> tuple:
+    return (x.replicated_bytes, x.expert_bytes, x.kv_bytes_per_token, x.params_active, x.experts_per_token,
+            x.expert_params, x.attn_flops_per_position)
+
+
 def ep_times(p: Profile, cl: Cluster, cp: CostParams, group: tuple[str, ...], owned: dict[str, int],
              context: int, concurrency: int) -> tuple[float, float, float, float, list[float]]:
     """The whole model as one expert-parallel stage over `group`: every rank runs every
@@ -192,10 +250,14 @@ def ep_times(p: Profile, cl: Cluster, cp: CostParams, group: tuple[str, ...], ow
         # per layer the slowest rank sets the pace; dense layers run replicated
         total = 0.0
         busy = [0.0] * len(nodes)
+        cache: dict[tuple, tuple[float, list[float]]] = {}
         for i in range(p.L):
-            ts = [p.busy_time(nd, cl, cp, i, i + 1, tokens, pos_, owned=owned[nd.name]) for nd in nodes]
+            key = _layer_key(p.model.layers[i])
+            if key not in cache:
+                cache[key] = p.member_times(cl, cp, [(nd, owned[nd.name]) for nd in nodes], i, i + 1, tokens, pos_)
+            slowest, ts = cache[key]
             busy = [x + y for x, y in zip(busy, ts)]
-            total += max(ts)
+            total += slowest
         c = len(moe_layers) * allsum_time(cl, group, act * tokens) + allsum_time(cl, group, 4 * tokens)
         heads = [p.busy_time(nd, cl, cp, 0, 0, tokens, 0, head=True) for nd in nodes]
         total += max(heads)
@@ -215,11 +277,6 @@ def chain_time(cl: Cluster, members: tuple[str, ...], nbytes: float) -> float:
     return sum(2 * hop_time(cl, a, b, nbytes) for a, b in zip(members, members[1:]))
 
 
-def _layer_key(x) -> tuple:
-    return (x.replicated_bytes, x.expert_bytes, x.kv_bytes_per_token, x.params_active, x.experts_per_token,
-            x.expert_params, x.attn_flops_per_position)
-
-
 def mixed_times(p: Profile, cl: Cluster, cp: CostParams,
                 stages: list[tuple[tuple[str, ...], int, int, dict[str, int] | None]],
                 context: int, concurrency: int) -> tuple[float, float, float, float, list[list[float]]]:
@@ -231,7 +288,7 @@ def mixed_times(p: Profile, cl: Cluster, cp: CostParams,
 
     A stage's time for a step of b tokens: a pipeline stage, its node's busy time; an
     expert-parallel stage, per layer the slowest member (each reads every non-expert
-    weight and its share of the experts touched), plus per MoE layer one chained sum of
+    weight and its share of the experts touched; `Profile.member_times`), plus per MoE layer one chained sum of
     the b hidden rows (`chain_time`: 2(m-1) hops). The hidden state goes round the ring
     once: one hop per rank to the next (stage to stage, and inside an expert-parallel
     stage member to member, so that every member has it), the last rank sending the
@@ -258,10 +315,10 @@ def mixed_times(p: Profile, cl: Cluster, cp: CostParams,
         for layer in range(a, b):
             key = _layer_key(p.model.layers[layer])
             if key not in cache:
-                cache[key] = [p.busy_time(cl.node(n), cl, cp, layer, layer + 1, tokens, pos_, owned=owned[n])
-                              for n in members]
-            ts = cache[key]
-            slowest += max(ts)
+                cache[key] = p.member_times(cl, cp, [(cl.node(n), owned[n]) for n in members], layer, layer + 1,
+                                            tokens, pos_)
+            t, ts = cache[key]
+            slowest += t
             own = [x + y for x, y in zip(own, ts)]
         if last:  # the last member samples
             head = p.busy_time(cl.node(members[-1]), cl, cp, 0, 0, tokens, 0, head=True)
