@@ -169,7 +169,6 @@ class ClusterEngine:
         # an expert-parallel plan: every rank all layers (no split), each its part's experts;
         # a mixed plan: its stages in the config (no split)
         self.kind = plan.kind
-        self.expert_parallel, self.mixed = self.kind == "expert-parallel", self.kind == "mixed"
         self.split = conversion.split if self.kind == "pipeline" else None
         self.config = self._config_for(plan, replace(config, heartbeat_timeout_s=min(config.heartbeat_timeout_s, 2.5)))
         self.recoveries: list[dict] = []  # what happened, for tests and /metrics
@@ -230,9 +229,9 @@ class ClusterEngine:
         """The planner's placement on the nodes that answer, each stage (expert part) kept
         where it runs now if it fits there, KV caches for what the first plan counted."""
         first = Request(context=self._home.context, concurrency=self._home.concurrency)
-        if self.expert_parallel:
+        if self.kind == "expert-parallel":
             return self.conversion.parts_on(alive, first, self._part_nodes(self.plan))
-        if self.mixed:
+        if self.kind == "mixed":
             return self.conversion.mixed_on(alive, first, self.plan)
         return self.conversion.plan_on(alive, first, {k: v.name for k, v in enumerate(self.placement)})
 
@@ -284,8 +283,9 @@ class ClusterEngine:
                 try:
                     self._move(self._replan(alive))
                 except UserError as e:
-                    fatal = (experts_lost(self.plan.stages[0], lost, alive, message, str(e)) if self.expert_parallel
-                             else ranks_lost(self.plan, lost, alive, message, str(e)) if self.mixed
+                    fatal = (experts_lost(self.plan.stages[0], lost, alive, message, str(e))
+                             if self.kind == "expert-parallel"
+                             else ranks_lost(self.plan, lost, alive, message, str(e)) if self.kind == "mixed"
                              else f"{what}: {message}; the model no longer fits on the nodes left: {e}")
                 except Exception as e:
                     fatal = f"{what}: {message}; re-placement failed: {type(e).__name__}: {e}"
@@ -300,8 +300,8 @@ class ClusterEngine:
                 engine.fail(fatal)
                 return
             change = (parts_moved(self.conversion.parts[0], self._part_nodes(before_plan),
-                                  self._part_nodes(self.plan)) if self.expert_parallel
-                      else ranks_moved(before_plan, self.plan) if self.mixed
+                                  self._part_nodes(self.plan)) if self.kind == "expert-parallel"
+                      else ranks_moved(before_plan, self.plan) if self.kind == "mixed"
                       else moved(before, self.placement))
             log.warning("%s; %s; now on %s (in %.1f s; first report: %s)", what, change,
                         [v.name for v in self.placement], time.monotonic() - t0, message)

@@ -169,10 +169,12 @@ def _check_shares(owned: Sequence[Sequence[int]], ranks: int, n_experts: int, wh
                         f"every expert 0..{n_experts - 1} to exactly one rank")
 
 
-def _check_part_count(path: Path, parts: Sequence[Part], ranks: int) -> None:
+def _check_part_count(path: Path, parts: Sequence[Part], ranks: int, layers: tuple[int, int] | None = None) -> None:
+    """One rank per part: of the whole model, or of a mixed plan's stage over `layers`."""
     if ranks != len(parts):
-        raise UserError(f"{path} holds the experts in {plural(len(parts), 'part')} "
-                        f"({', '.join(p.node for p in parts)}): run it on {plural(len(parts), 'rank')}")
+        where, run = (f" of layers {list(layers)}", "that stage") if layers else ("", "it")
+        raise UserError(f"{path} holds the experts{where} in {plural(len(parts), 'part')} "
+                        f"({', '.join(p.node for p in parts)}): run {run} on {plural(len(parts), 'rank')}")
 
 
 def _member_plan(path: Path, parts: Sequence[Part], rank: int, mine: Sequence[int], start: int, end: int,
@@ -225,10 +227,7 @@ def _mixed_source(path: Path, config: dict[str, Any], ranks: int, layout: tuple[
                         f"{[list(st.layers) for st in manifest.stages if st.parts]}, not for this plan's "
                         f"expert-parallel stage {list(bounds[k])}; convert it with this plan")
     if parts and not ep.experts:  # the parts say who holds what
-        if len(parts) != ep.ranks:
-            raise UserError(f"{path} holds the experts of layers {list(bounds[k])} in "
-                            f"{plural(len(parts), 'part')} ({', '.join(p.node for p in parts)}): "
-                            f"run that stage on {plural(len(parts), 'rank')}")
+        _check_part_count(path, parts, ep.ranks, bounds[k])
         owned = tuple(p.experts for p in parts)
     else:
         owned = ep.experts or tuple(tuple(e) for e in split_experts(n_experts, ep.ranks))
