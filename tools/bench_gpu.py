@@ -16,6 +16,8 @@ weights:
                         `model_floor_ms_per_step`: mlx-lm's model alone in a bare loop
                         over merged batch caches, no scheduler (what a step costs at least)
     mlxdist_1rank       mlxdist's engine, one rank, on one GPU, single stream and B streams
+    mlxdist_1rank_plain the same with mlx-lm's own quantized product calls
+                        (MLXDIST_WIDE_PRODUCTS=0): what runtime/wide_products.py gains
     mlxdist_2rank_1gpu_messages  two ranks sharing GPU 0 (--gpus 1, or --shared-gpu-row)
     mlxdist_2rank       two ranks on two GPUs, ring messages per step (--handoff messages)
     mlxdist_2rank_nccl  two ranks on two GPUs, lock-step runs summing over NCCL (--handoff nccl)
@@ -52,6 +54,7 @@ per row and B, how many streams match, and where the others first differ).
 Ratios (`ratios`), all within this run: `*_speed_vs_mlxlm_1gpu` (single stream, mlx-lm
 ms / ours), `mlxdist_1rank_single_vs_mlxlm_generate_step`, `{row}_B{b}_vs_mlxlm_batch_B{b}`
 (aggregate over mlx-lm BatchGenerator's at the same B), `mlxlm_batch_B{b}_vs_mlxlm_generate_step`,
+`mlxdist_1rank_B{b}_vs_mlxdist_1rank_plain_B{b}` (wide products on against off),
 `mlxdist_2rank_1gpu_messages_B8_vs_mlxdist_1rank_B8` (2 ranks sharing one GPU against 1
 rank, both 8 streams), on 2 GPUs `mlxdist_2rank[_nccl]_B16_vs_mlxdist_1rank_B8` (16 streams
 over two GPUs against 8 on one), and the older `{row}_{c}streams_aggregate_vs_mlxlm_1stream`.
@@ -96,7 +99,7 @@ R1 = dict(
 PROMPT = [0, 17, 4242, 99, 1234, 5, 77, 31337]
 FIRST_TOKENS = 16  # greedy tokens each row reports, to compare with mlx-lm's
 # rows `all` runs besides mlx-lm's generate_step and batch rows (--rows picks some)
-ROWS = ("copybw", "ours1", "ours2_1gpu", "handoff", "ours2", "ours2_nccl", "mlxlm_pipe")
+ROWS = ("copybw", "ours1", "ours1_plain", "ours2_1gpu", "handoff", "ours2", "ours2_nccl", "mlxlm_pipe")
 STEADY_SKIP = 5  # batch rows: tokens of the last stream to start before the steady window opens
 MIN_WINDOW_TOKENS = 4  # ... and the fewest tokens per stream the window must hold to count
 
@@ -539,6 +542,9 @@ def ratios_of(res: dict, ours: list[str], concurrency: list[int]) -> dict:
             mine = agg(k, b)
             if mine and theirs:
                 ratios[f"{k}_B{b}_vs_mlxlm_batch_B{b}"] = mine / theirs
+        wide, plain = agg("mlxdist_1rank", b), agg("mlxdist_1rank_plain", b)
+        if wide and plain:
+            ratios[f"mlxdist_1rank_B{b}_vs_mlxdist_1rank_plain_B{b}"] = wide / plain
     one8 = agg("mlxdist_1rank", 8)
     for k, b in (("mlxdist_2rank_1gpu_messages", 8), ("mlxdist_2rank", 16), ("mlxdist_2rank_nccl", 16)):
         mine = agg(k, b)
@@ -638,6 +644,9 @@ def main() -> None:
         res["mlxlm_batch_1gpu"] = sub("mlxlm batch", ["mlxlm-batch", *common], one)
         if "ours1" in rows:
             res["mlxdist_1rank"] = sub("ours 1", ["ours", *common, "--ranks", "1"], one)
+        if "ours1_plain" in rows:  # the A/B of runtime/wide_products.py, same weights, same run
+            res["mlxdist_1rank_plain"] = sub("ours 1 plain", ["ours", *common, "--ranks", "1"],
+                                             {**one, "MLXDIST_WIDE_PRODUCTS": "0"})
         two = ["ours", *common, "--ranks", "2"]
         if "ours2_1gpu" in rows:  # the code path on CUDA, both ranks on GPU 0 (not the 2-GPU targets)
             res["mlxdist_2rank_1gpu_messages"] = sub("ours 2 on 1 GPU", [*two, "--gpus", "1"], one)
