@@ -135,7 +135,6 @@ class Profile:
         t_flop = flops / (node.flops * cp.compute_efficiency)
         return max(t_mem, t_flop) + (b - a) * cp.layer_overhead_s
 
-
     def member_times(self, cl: Cluster, cp: CostParams, members: Sequence[tuple[NodeSpec, float]], a: int, b: int,
                      tokens: int, position: int) -> tuple[float, list[float]]:
         """Layers [a, b) split over expert-parallel `members` (node, experts it owns), for a
@@ -247,7 +246,7 @@ def ep_times(p: Profile, cl: Cluster, cp: CostParams, group: tuple[str, ...], ow
     moe_layers = [i for i in range(p.L) if p.model.layers[i].is_moe]
 
     def step(tokens: int, pos_: int) -> tuple[float, float, list[float]]:
-        # per layer the slowest rank sets the pace; dense layers run replicated
+        # per layer the (expected) slowest rank sets the pace; dense layers run replicated
         total = 0.0
         busy = [0.0] * len(nodes)
         cache: dict[tuple, tuple[float, list[float]]] = {}
@@ -287,11 +286,12 @@ def mixed_times(p: Profile, cl: Cluster, cp: CostParams,
     routed experts per MoE layer.
 
     A stage's time for a step of b tokens: a pipeline stage, its node's busy time; an
-    expert-parallel stage, per layer the slowest member (each reads every non-expert
-    weight and its share of the experts touched; `Profile.member_times`), plus per MoE layer one chained sum of
-    the b hidden rows (`chain_time`: 2(m-1) hops). The hidden state goes round the ring
-    once: one hop per rank to the next (stage to stage, and inside an expert-parallel
-    stage member to member, so that every member has it), the last rank sending the
+    expert-parallel stage, per layer the expected slowest member (each reads every
+    non-expert weight and its share of the experts touched: `Profile.member_times`), plus
+    per MoE layer one chained sum of the b hidden rows (`chain_time`: 2(m-1) hops). The
+    hidden state goes round the ring once: one hop per rank to the next (stage to stage,
+    and inside an expert-parallel stage member to member, so that every member has it),
+    the last rank sending the
     sampled token back to rank 0; the last stage's last rank runs the head. Streams share
     the stages as in `pipeline_times`: m = min(c, S) micro-batches of ceil(c/m) tokens, a
     step max(sum of stages, m x slowest stage)."""
