@@ -53,7 +53,8 @@ def reads_weights_per_row() -> bool:
     forced = os.environ.get(ENV, "")
     if forced in ("0", "1"):
         return forced == "1"
-    return mx.default_device() == mx.gpu and mx.cuda.is_available()
+    cuda = getattr(mx, "cuda", None)  # MLX builds bind it everywhere (a stub off CUDA); never fail a load on it
+    return mx.default_device() == mx.gpu and cuda is not None and cuda.is_available()
 
 
 def rows_as_matrix(x: mx.array, product: Callable[[mx.array], mx.array]) -> mx.array:

@@ -88,6 +88,14 @@ def test_widen_switches_the_products_it_serves_and_no_others(tiny_models, monkey
     assert not reads_weights_per_row()
     monkeypatch.delenv(ENV)
     assert not reads_weights_per_row()  # the CPU backend reads weights once for all rows already
+    with monkeypatch.context() as m:  # a GPU: CUDA's says yes, Metal's (no CUDA, or no mx.cuda at all) no
+        m.setattr(mx, "default_device", lambda: mx.gpu)
+        m.setattr(mx, "cuda", type("FakeCuda", (), {"is_available": staticmethod(lambda: True)}))
+        assert reads_weights_per_row()
+        m.setattr(mx.cuda, "is_available", staticmethod(lambda: False))
+        assert not reads_weights_per_row()
+        m.delattr(mx, "cuda")
+        assert not reads_weights_per_row()
 
     monkeypatch.setenv(ENV, "1")
     stage = load_stage(tiny_models["qwen3_moe_q4"], StageSpec(0, 4, 4))
