@@ -21,16 +21,9 @@ import mlx.core as mx
 
 from mlxdist.runtime.wide_products import heads_leading, rows_as_matrix
 
-GROUP, BITS, HEADS = 64, 4, 128
+from probe_qmm import BITS, GROUP, packed  # tools/: the probe's random packed weights
 
-
-def packed(*shape: int) -> tuple[mx.array, mx.array, mx.array]:
-    """Random packed 4-bit weights of `shape` (..., N, K), bf16 scales and biases."""
-    *lead, n, k = shape
-    w = mx.random.randint(0, 2 ** 31, (*lead, n, k * BITS // 32)).astype(mx.uint32)
-    s = (mx.random.uniform(shape=(*lead, n, k // GROUP)) * 0.01).astype(mx.bfloat16)
-    b = (mx.random.uniform(shape=(*lead, n, k // GROUP)) * -0.004).astype(mx.bfloat16)
-    return w, s, b
+HEADS = 128
 
 
 def rel(got: mx.array, ref: mx.array) -> float:
@@ -41,7 +34,7 @@ def main() -> None:
     mx.random.seed(0)
     res: dict = {"device": str(mx.default_device()), "mlx": mx.__version__}
     for name, n, k in (("embed_q", 512, 128), ("unembed_out", 128, 512)):
-        w, s, b = packed(HEADS, n, k)
+        w, s, b = packed(n, k, mx.bfloat16, (HEADS,))
         full = mx.dequantize(w, s, b, group_size=GROUP, bits=BITS).astype(mx.float32)
         for transpose in (True, False):
             def prod(v: mx.array, t: bool = transpose) -> mx.array:
@@ -52,7 +45,7 @@ def main() -> None:
                 ref = x.astype(mx.float32) @ (full.swapaxes(-1, -2) if transpose else full)
                 res[f"{name} t={transpose} B={rows} h={h} L={length}"] = {
                     "mlx_lm_call": rel(prod(x), ref), "heads_leading": rel(heads_leading(x, prod, HEADS), ref)}
-    w, s, b = packed(7168, 2048)
+    w, s, b = packed(7168, 2048, mx.bfloat16)
     full = mx.dequantize(w, s, b, group_size=GROUP, bits=BITS).astype(mx.float32)
 
     def linear(v: mx.array) -> mx.array:

@@ -32,6 +32,8 @@ import time
 
 import mlx.core as mx
 
+from mlxdist.runtime.wide_products import heads_leading
+
 GROUP, BITS = 64, 4
 # (name, out N, in K, how many of it one R1-shaped 6-layer step multiplies by)
 SHAPES = [
@@ -45,6 +47,7 @@ MIN_BYTES = 600e6  # each timed evaluation reads at least this much weight (L2 i
 
 
 def packed(n: int, k: int, dtype: mx.Dtype, heads: tuple[int, ...] = ()) -> tuple[mx.array, mx.array, mx.array]:
+    """Random packed 4-bit weights (*heads, n, k) with `dtype` scales and biases, evaluated."""
     w = mx.random.randint(0, 2 ** 31, (*heads, n, k * BITS // 32)).astype(mx.uint32)
     s = (mx.random.uniform(shape=(*heads, n, k // GROUP)) * 0.01).astype(dtype)
     b = (mx.random.uniform(shape=(*heads, n, k // GROUP)) * -0.004).astype(dtype)
@@ -75,15 +78,11 @@ def variants(x: mx.array, wsb) -> dict:
 
 def multi_variants(x: mx.array, wsb) -> dict:
     """x (B, H, 1, K) against per-head weights (H, N, K): as mlx-lm broadcasts it, and with
-    the heads leading so each head's weight meets all B rows in one product."""
+    the heads leading (the runtime's `heads_leading`) so each head's weight meets all B rows
+    in one product."""
     w, s, b = wsb
-    rows, heads, _, k = x.shape
-
-    def heads_major():
-        y = qmm(x.reshape(rows, heads, k).transpose(1, 0, 2), w, s, b)  # (H, B, N)
-        return y.transpose(1, 0, 2)[:, :, None, :]
-
-    return {"qmm": lambda: qmm(x, w, s, b), "heads_major": heads_major}
+    return {"qmm": lambda: qmm(x, w, s, b),
+            "heads_major": lambda: heads_leading(x, lambda v: qmm(v, w, s, b), x.shape[1])}
 
 
 def time_it(fns: list, reps: int) -> float:
