@@ -10,7 +10,8 @@ with B. The variants, all MLX ops on the same packed weights:
 - `flat`: the same on (1, B, K);
 - `pairs`: rows two at a time, concatenated; `rows`: one at a time;
 - `dequant`: `mx.dequantize` then a bf16 matmul (reads 4-bit, writes and reads bf16);
-- `gather`: `mx.gather_qmm` with every row on "expert" 0, sorted (the MoE kernels' path).
+- `gather`: `mx.gather_qmm` with every row on "expert" 0, sorted (the MoE kernels' path);
+- `padded` (fewer than 8 rows): the runtime's `rows_as_matrix`, zero rows added up to 8.
 
 MLA's per-head products (mlx-lm's QuantizedMultiLinear at decode, x (B, H, 1, K) against
 weights (H, N, K)) as mlx-lm broadcasts them (`qmm`) and with the heads leading
@@ -32,7 +33,8 @@ import time
 
 import mlx.core as mx
 
-from mlxdist.runtime.wide_products import heads_leading
+from mlxdist.runtime import wide_products
+from mlxdist.runtime.wide_products import heads_leading, rows_as_matrix
 
 GROUP, BITS = 64, 4
 # (name, out N, in K, how many of it one R1-shaped 6-layer step multiplies by)
@@ -70,6 +72,8 @@ def variants(x: mx.array, wsb) -> dict:
                                         rhs_indices=mx.zeros((rows, 1), mx.uint32), transpose=True,
                                         group_size=GROUP, bits=BITS, sorted_indices=True)[:, 0],
     }
+    if rows < wide_products.PAD_ROWS:  # the runtime's own call: padded to a matrix of PAD_ROWS rows
+        out["padded"] = lambda: rows_as_matrix(x, lambda v: qmm(v, w, s, b), min_rows=1)
     if rows > 2:
         out["pairs"] = lambda: mx.concatenate([qmm(x[i:i + 2], w, s, b) for i in range(0, rows, 2)])
         out["rows"] = lambda: mx.concatenate([qmm(x[i:i + 1], w, s, b) for i in range(rows)])

@@ -114,8 +114,8 @@ SHARED_DEVICE_ENV = "MLXDIST_SHARED_DEVICE"  # set for local ranks that share on
 
 def shares_device(rank_envs: list[dict[str, str]]) -> bool:
     """Whether local ranks with these environments share a device: not each given a GPU
-    of its own (CUDA_VISIBLE_DEVICES unset, or the same for two of them). Rank 0 is told
-    (it then runs one decoding group on a GPU: worker.py)."""
+    of its own (CUDA_VISIBLE_DEVICES unset, or the same for two of them). Every rank is
+    told; rank 0 then runs one decoding group on a GPU (worker.py)."""
     seen = [env.get("CUDA_VISIBLE_DEVICES") for env in rank_envs]
     return len(seen) > 1 and (None in seen or len(set(seen)) < len(seen))
 

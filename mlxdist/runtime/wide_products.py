@@ -11,9 +11,10 @@ the same bits. Measured on an H200 (tools/probe_qmm.py, docs/performance.md): R1
 alone. From 8 rows the results are mlx-lm's bits; at 4-7 rows they are the matrix
 kernel's rounding instead (0.23 % from the float32 product, mlx-lm's call 0.32 %:
 tools/check_wide_products.py).
-One sequence's own call ((1, L, K): a lone decode row, a prompt chunk) and 2 or 3 rows
-are left as mlx-lm makes them (there the padded matrix cost more than it saved, measured
-in the model), so a lone sequence runs mlx-lm's kernels bit for bit.
+One sequence's own call ((1, L, K): a lone decode row, a prompt chunk) is left as mlx-lm
+makes it, so a lone sequence runs mlx-lm's kernels bit for bit; so are 2 or 3 rows, except
+against a weight of BIG_WEIGHT_BYTES or more (a big model's head): for the others the
+padded matrix cost more than it saved there, measured in the model (tools/probe_wide.py).
 
 MLA's per-head products (mlx-lm's QuantizedMultiLinear: x (B, H, L, K) against weights
 (H, N, K)) go the other way round: with the heads leading, (H, B*L, K), each head's
@@ -44,6 +45,12 @@ PAD_ROWS = 8  # the fewest rows MLX's CUDA quantized product serves with its mat
 # Fewer rows than this keep mlx-lm's call: at 2 rows the padded matrix lost to it in the
 # model (316.7 against 355.6 tok/s, same run), at 4 it won (1.21 x mlx-lm, two runs)
 MIN_ROWS = 4
+# ... except a weight this big, from 2 rows: padding adds a few small dependent kernels to
+# every product (pad, slice), which one read of a big weight outweighs at any width. In
+# the model (tools/probe_wide.py, H200), R1's 0.46 GB head padded at 2 rows saved 0.26 and
+# 0.57 ms per step (two machines), at 3 rows 1.09 ms; its attention projections and MLPs
+# (6-66 MB each), padded together at 2 rows, lost 0.4-1.0 ms.
+BIG_WEIGHT_BYTES = 128e6
 ENV = "MLXDIST_WIDE_PRODUCTS"
 
 
@@ -57,12 +64,12 @@ def reads_weights_per_row() -> bool:
     return mx.default_device() == mx.gpu and cuda is not None and cuda.is_available()
 
 
-def rows_as_matrix(x: mx.array, product: Callable[[mx.array], mx.array]) -> mx.array:
+def rows_as_matrix(x: mx.array, product: Callable[[mx.array], mx.array], min_rows: int | None = None) -> mx.array:
     """`product(x)` for x of shape (B, ..., K), computed on all its rows as one (1, rows, K)
     matrix of at least PAD_ROWS rows (zero rows added, their results dropped). One
-    sequence's call (B = 1), and fewer than MIN_ROWS rows, are left as they are."""
+    sequence's call (B = 1), and fewer than `min_rows` rows (MIN_ROWS), are left as they are."""
     rows = x.size // x.shape[-1]
-    if x.ndim < 3 or x.shape[0] == 1 or rows < MIN_ROWS:
+    if x.ndim < 3 or x.shape[0] == 1 or rows < (MIN_ROWS if min_rows is None else min_rows):
         return product(x)
     flat = x.reshape(1, rows, x.shape[-1])
     if rows < PAD_ROWS:
@@ -71,18 +78,23 @@ def rows_as_matrix(x: mx.array, product: Callable[[mx.array], mx.array]) -> mx.a
     return y[:, :rows].reshape(*x.shape[:-1], y.shape[-1])
 
 
+def min_rows_for(weight: mx.array) -> int:
+    """The fewest rows from which a product with this (packed) weight takes one matrix."""
+    return 2 if weight.nbytes >= BIG_WEIGHT_BYTES else MIN_ROWS
+
+
 class WideQuantizedLinear(nn.QuantizedLinear):
     """mlx's QuantizedLinear, a batch's rows as one matrix (the same arrays)."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        return rows_as_matrix(x, super().__call__)
+        return rows_as_matrix(x, super().__call__, min_rows_for(self["weight"]))
 
 
 class WideQuantizedEmbedding(nn.QuantizedEmbedding):
     """mlx's QuantizedEmbedding whose use as a tied head takes its rows as one matrix."""
 
     def as_linear(self, x: mx.array) -> mx.array:
-        return rows_as_matrix(x, super().as_linear)
+        return rows_as_matrix(x, super().as_linear, min_rows_for(self["weight"]))
 
 
 def heads_leading(x: mx.array, product: Callable[[mx.array], mx.array], heads: int) -> mx.array:

@@ -38,9 +38,10 @@ def packed(rng, *shape: int) -> tuple[mx.array, mx.array, mx.array]:
             mx.array(rng.uniform(-0.004, 0, (*lead, n, k // GROUP)).astype(np.float32)))
 
 
+@pytest.mark.parametrize("min_rows", [None, 2])
 @pytest.mark.parametrize("shape", [(1, 1), (2, 1), (3, 1), (4, 1), (7, 1), (8, 1), (9, 1), (16, 1), (2, 5),
                                    (1, 3), (1, 12)])
-def test_rows_as_matrix_equals_the_product_row_by_row(shape):
+def test_rows_as_matrix_equals_the_product_row_by_row(shape, min_rows):
     """Every leading row's result equals numpy's product with the unpacked weight, however
     the rows are laid out, padded to PAD_ROWS or not."""
     n, k = 48, 128
@@ -49,12 +50,12 @@ def test_rows_as_matrix_equals_the_product_row_by_row(shape):
     x = mx.array(rng.normal(size=(*shape, k)).astype(np.float32))
     product = lambda v: mx.quantized_matmul(v, w, s, b, transpose=True, group_size=GROUP, bits=BITS)  # noqa: E731
     seen = []
-    got = rows_as_matrix(x, lambda v: seen.append(v.shape) or product(v))
+    got = rows_as_matrix(x, lambda v: seen.append(v.shape) or product(v), min_rows)
     ref = np.asarray(x, np.float64) @ unpack_affine(np.asarray(w), np.asarray(s), np.asarray(b)).T
     assert got.shape == (*shape, n)
     np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-4, atol=1e-4)
     rows = shape[0] * shape[1]
-    if rows >= MIN_ROWS and shape[0] > 1:  # several sequences' rows reach the kernel as one matrix
+    if rows >= (min_rows or MIN_ROWS) and shape[0] > 1:  # several sequences' rows reach the kernel as one matrix
         assert seen == [(1, max(rows, PAD_ROWS), k)]
     else:  # one sequence's call, or a few rows: as the caller made it
         assert seen == [(*shape, k)]
@@ -112,6 +113,28 @@ def test_widen_switches_the_products_it_serves_and_no_others(tiny_models, monkey
     before = plain(x)
     assert widen(plain) == 1 and isinstance(plain, WideQuantizedLinear)
     assert mx.array_equal(plain(x), before)  # the bias too
+
+
+def test_a_big_weight_takes_one_matrix_from_two_rows(monkeypatch):
+    """At 2-3 rows only a weight of BIG_WEIGHT_BYTES or more (a big model's head) takes the
+    padded matrix; a smaller one keeps the caller's rows. Both as numpy computes them."""
+    from mlxdist.runtime import wide_products
+
+    rng = np.random.default_rng(5)
+    w, s, b = packed(rng, 48, 128)
+    layer = nn.QuantizedLinear(128, 48, bias=False, group_size=GROUP, bits=BITS)
+    layer.update({"weight": w, "scales": s, "biases": b})
+    widen(layer)
+    seen = []
+    monkeypatch.setattr(mx, "quantized_matmul", lambda v, *a, _f=mx.quantized_matmul, **k: seen.append(v.shape)
+                        or _f(v, *a, **k))
+    x = mx.array(rng.normal(size=(2, 1, 128)).astype(np.float32))
+    ref = np.asarray(x, np.float64) @ unpack_affine(np.asarray(w), np.asarray(s), np.asarray(b)).T
+    for big, want in ((w.nbytes + 1, (2, 1, 128)), (w.nbytes, (1, PAD_ROWS, 128))):
+        monkeypatch.setattr(wide_products, "BIG_WEIGHT_BYTES", big)
+        seen.clear()
+        np.testing.assert_allclose(np.asarray(layer(x)), ref, rtol=1e-4, atol=1e-4)
+        assert seen == [want]
 
 
 @pytest.mark.parametrize("arch,ranks,split", [
