@@ -48,8 +48,8 @@ MIN_ROWS = 4
 # ... except a weight this big, from 2 rows: padding adds a few small dependent kernels to
 # every product (pad, slice), which one read of a big weight outweighs at any width. In
 # the model (tools/probe_wide.py, H200), R1's 0.46 GB head padded at 2 rows saved 0.26 and
-# 0.57 ms per step (two machines), at 3 rows 1.09 ms; its attention projections and MLPs
-# (6-66 MB each), padded together at 2 rows, lost 0.4-1.0 ms.
+# 0.57 ms per step (two machines), at 3 rows 1.09 ms; at 2 rows its attention projections
+# and its MLPs (6-66 MB each) lost 0.95 and 0.40 ms.
 BIG_WEIGHT_BYTES = 128e6
 ENV = "MLXDIST_WIDE_PRODUCTS"
 
