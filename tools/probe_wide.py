@@ -26,12 +26,11 @@ import argparse
 import json
 import statistics
 import sys
-import time
 
 import mlx.core as mx
 import mlx.nn as nn
+from bench_gpu import model_floor_ms  # tools/: the same bare decode loop as the bench's floor
 from mlx_lm import load
-from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.models.mla import QuantizedMultiLinear
 
 from mlxdist.runtime import wide_products as wp
@@ -66,25 +65,8 @@ def switch(model: nn.Module, group: str) -> int:
 
 
 def step_ms(model, b: int, steps: int) -> float:
-    prompts = [[1 + (7 * i + 13 * j) % 1000 for j in range(24)] for i in range(b)]
-    caches = []
-    for p in prompts:
-        c = make_prompt_cache(model)
-        model(mx.array(p[:-1])[None], cache=c)
-        mx.eval([x.state for x in c])
-        caches.append(c)
-    batch = caches[0] if b == 1 else [type(cs[0]).merge(list(cs)) for cs in zip(*caches)]
-    step = lambda y: mx.argmax(model(y[:, None], cache=batch)[:, -1, :], axis=-1)  # noqa: E731
-    nxt = step(mx.array([p[-1] for p in prompts]))
-    mx.async_eval(nxt)
-    stamps = []
-    for _ in range(steps):
-        cur, nxt = nxt, step(nxt)
-        mx.async_eval(nxt)
-        cur.tolist()
-        stamps.append(time.perf_counter())
-    gaps = [(t1 - t0) * 1e3 for t0, t1 in zip(stamps[4:], stamps[5:])]
-    return statistics.median(gaps)
+    """ms per decode step of `b` rows, mlx-lm's model in a bare loop (bench_gpu's floor)."""
+    return model_floor_ms(model, [[1 + (7 * i + 13 * j) % 1000 for j in range(24)] for i in range(b)], steps)
 
 
 def main() -> None:
