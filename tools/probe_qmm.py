@@ -33,8 +33,7 @@ import time
 
 import mlx.core as mx
 
-from mlxdist.runtime import wide_products
-from mlxdist.runtime.wide_products import heads_leading, rows_as_matrix
+from mlxdist.runtime.wide_products import PAD_ROWS, heads_leading, rows_as_matrix
 
 GROUP, BITS = 64, 4
 # (name, out N, in K, how many of it one R1-shaped 6-layer step multiplies by)
@@ -72,7 +71,7 @@ def variants(x: mx.array, wsb) -> dict:
                                         rhs_indices=mx.zeros((rows, 1), mx.uint32), transpose=True,
                                         group_size=GROUP, bits=BITS, sorted_indices=True)[:, 0],
     }
-    if rows < wide_products.PAD_ROWS:  # the runtime's own call: padded to a matrix of PAD_ROWS rows
+    if rows < PAD_ROWS:  # the runtime's own call: padded to a matrix of PAD_ROWS rows
         out["padded"] = lambda: rows_as_matrix(x, lambda v: qmm(v, w, s, b), min_rows=1)
     if rows > 2:
         out["pairs"] = lambda: mx.concatenate([qmm(x[i:i + 2], w, s, b) for i in range(0, rows, 2)])
