@@ -12,7 +12,7 @@ from quantize_helpers import ROOT, make_checkpoint
 
 # The converter's own peak: VmHWM, its address space's high-water mark. (Linux's ru_maxrss
 # would also count the parent's, which a child inherits across fork and exec: a test
-# session's pytest past 1.5 GB made a 175 MB conversion read 1.5 GB.)
+# session's pytest past 1.5 GB made a 90 MB conversion read 1.5 GB.)
 MEASURE = """
 import resource, sys
 from quantize.convert import convert
