@@ -31,15 +31,12 @@ import threading
 import time
 
 import mlx.core as mx
+from bench_gpu import _steady_ms  # tools/: the bench's median gap between tokens
 from mlx_lm import load
 from mlx_lm.generate import generate_step
 
 PROMPT = [1 + (7 * j) % 1000 for j in range(24)]
 SKIP = 10  # tokens before the steady part
-
-
-def steady_ms(stamps: list[float]) -> float:
-    return statistics.median((b - a) * 1e3 for a, b in zip(stamps[SKIP:], stamps[SKIP + 1:]))
 
 
 def loop(model, tokens: int, out: list[float], hand=None) -> None:
@@ -82,7 +79,7 @@ def variant(name: str, model, tokens: int, engine=None) -> float:
 
         for _ in engine.submit(GenerationRequest(tuple(PROMPT), tokens)):
             stamps.append(time.perf_counter())
-    return steady_ms(stamps)
+    return _steady_ms(stamps, SKIP)
 
 
 def main() -> None:

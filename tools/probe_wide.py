@@ -15,7 +15,8 @@ group of modules at a time, everything else as mlx-lm calls it:
   products (heads leading); `mlp`: dense MLPs and shared experts.
 
 `--min-rows` lowers the row count from which linear layers take the padded matrix (the
-runtime's MIN_ROWS) so that 2 and 3 rows can be tried.
+runtime's MIN_ROWS) so that 2 and 3 rows can be tried (a weight of BIG_WEIGHT_BYTES or
+more, a big head, takes it from 2 rows anyway).
 
     python tools/probe_wide.py MODEL_DIR --widths 2,4,8 --min-rows 2
 """
